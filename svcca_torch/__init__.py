@@ -1,0 +1,20 @@
+"""svcca-torch: SVCCA, PWCCA and CKA for PyTorch, and a Lightning callback that watches
+how each layer of a network learns.
+
+Activations are ``(datapoints, neurons)`` (batch-first), or ``(N, C, H, W)`` for conv layers.
+"""
+from .functional import (
+    CCAResult,
+    ReducedBasis,
+    SVCCAResult,
+    cca,
+    linear_cka,
+    n_directions,
+    pwcca,
+    similarity_matrix,
+    svcca,
+    svd_reduce,
+)
+from .utils.validation import FewDatapointsWarning
+
+__version__ = "0.1.0"

@@ -1,0 +1,135 @@
+"""Similarity of every pair of layers, each layer reduced once."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from ..utils.validation import check_activations, check_choice, check_same_datapoints, warn_if_few_datapoints
+from .cka import linear_cka
+from .pwcca import pwcca
+from .svcca import ReducedBasis, svd_reduce
+
+METHODS = ("svcca", "cca", "pwcca", "cka")
+Layers = Union[Sequence[Any], Mapping[str, Any]]
+
+
+def _as_list(layers: Layers, name: str) -> list:
+    items = list(layers.values()) if isinstance(layers, Mapping) else list(layers)
+    if not items:
+        raise ValueError(f"`{name}` is empty: pass a sequence (or dict) of layer activations.")
+    return items
+
+
+def similarity_matrix(
+    xs: Layers,
+    ys: Optional[Layers] = None,
+    method: str = "svcca",
+    *,
+    keep: Union[int, float] = 0.99,
+    keep_rule: str = "singular_values",
+    dtype: Optional[torch.dtype] = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Similarity of every layer in ``xs`` with every layer in ``ys``.
+
+    Args:
+        xs: a sequence (or dict, in its order) of activations ``(datapoints, neurons)``,
+            all on the same datapoints; for ``method="svcca"`` also :class:`ReducedBasis`
+            objects (e.g. from a :class:`RepresentationStore`), used as they are.
+        ys: the same for the other axis; default ``xs`` (a layers-by-layers matrix).
+        method: ``"svcca"``, ``"cca"``, ``"pwcca"`` or ``"cka"`` (linear CKA).
+        keep, keep_rule: SVCCA's truncation (see :func:`svcca`).
+        dtype: compute dtype.
+        **kwargs: passed to :func:`pwcca` (``method=``) or :func:`linear_cka` (``debiased=``).
+
+    Returns:
+        float64 tensor ``(len(xs), len(ys))``; entry ``[i, j]`` compares ``xs[i]`` with ``ys[j]``
+        (for the asymmetric PWCCA, weights come from ``xs[i]``'s side per :func:`pwcca`).
+
+    SVCCA and CCA reduce each layer to an orthonormal basis once; a pair then costs one
+    ``(k_i, k_j)`` block of a single ``Bxᵀ By`` product and its singular values (batched
+    over all pairs). CKA centres each layer once and costs one cross product per pair.
+    PWCCA is computed pair by pair.
+    """
+    check_choice(method, "method", METHODS)
+    lx = _as_list(xs, "xs")
+    ly = lx if ys is None else _as_list(ys, "ys")
+    if method in ("svcca", "cca"):
+        if method == "cca":
+            keep, keep_rule = 10**9, "singular_values"  # every direction above the rank threshold
+        bx = [_basis(z, f"xs[{i}]", keep, keep_rule, dtype) for i, z in enumerate(lx)]
+        by = bx if ys is None else [_basis(z, f"ys[{j}]", keep, keep_rule, dtype) for j, z in enumerate(ly)]
+        return _matrix_from_bases(bx, by)
+    if method == "cka":
+        return _cka_matrix(lx, ly, ys is None, dtype, **kwargs)
+    out = torch.empty(len(lx), len(ly), dtype=torch.float64)
+    for i, a in enumerate(lx):
+        for j, b in enumerate(ly):
+            out[i, j] = pwcca(a, b, dtype=dtype, **kwargs)
+    return out
+
+
+def _basis(z: Any, name: str, keep, keep_rule: str, dtype) -> ReducedBasis:
+    if isinstance(z, ReducedBasis):
+        return z
+    try:
+        return svd_reduce(check_activations(z, name, dtype=dtype), keep, keep_rule=keep_rule, dtype=dtype)
+    except ValueError as err:
+        raise ValueError(str(err).replace("`x`", f"`{name}`")) from None
+
+
+def _matrix_from_bases(bx: Sequence[ReducedBasis], by: Sequence[ReducedBasis]) -> torch.Tensor:
+    n = {b.n_datapoints for b in list(bx) + list(by)}
+    if len(n) != 1:
+        raise ValueError(
+            f"all layers must be activations of the same datapoints; got datapoint counts {sorted(n)}."
+        )
+    kmax = max(b.k for b in list(bx) + list(by))
+    warn_if_few_datapoints(n.pop(), kmax, "layers")
+    device = bx[0].basis.device
+    big_x = torch.cat([b.basis.to(device, torch.float64) for b in bx], 1)
+    big_y = big_x if by is bx else torch.cat([b.basis.to(device, torch.float64) for b in by], 1)
+    cross = big_x.mT @ big_y
+    # Zero-padding a block to (kmax, kmax) adds zero singular values only, so every
+    # pair's singular values come out of one batched call.
+    blocks = cross.new_zeros(len(bx), len(by), kmax, kmax)
+    ox = [0]
+    for b in bx:
+        ox.append(ox[-1] + b.k)
+    oy = [0]
+    for b in by:
+        oy.append(oy[-1] + b.k)
+    for i, a in enumerate(bx):
+        for j, b in enumerate(by):
+            blocks[i, j, : a.k, : b.k] = cross[ox[i] : ox[i + 1], oy[j] : oy[j + 1]]
+    sv = torch.linalg.svdvals(blocks).clamp(0.0, 1.0)
+    kx = torch.tensor([b.k for b in bx], device=device)
+    ky = torch.tensor([b.k for b in by], device=device)
+    r = torch.minimum(kx[:, None], ky[None, :])
+    valid = torch.arange(kmax, device=device) < r[..., None]
+    return ((sv * valid).sum(-1) / r).cpu()
+
+
+def _cka_matrix(lx: list, ly: list, square: bool, dtype, debiased: bool = False) -> torch.Tensor:
+    if debiased:
+        return torch.tensor([[linear_cka(a, b, debiased=True, dtype=dtype) for b in ly] for a in lx],
+                            dtype=torch.float64)
+    ref = check_activations(lx[0], "xs[0]", dtype=dtype)
+    cx = [_centred(a, ref, f"xs[{i}]", dtype) for i, a in enumerate(lx)]
+    cy = cx if square else [_centred(b, ref, f"ys[{j}]", dtype) for j, b in enumerate(ly)]
+    nx = [(a.mT @ a).double().norm() for a in cx]
+    ny = nx if square else [(b.mT @ b).double().norm() for b in cy]
+    out = torch.empty(len(cx), len(cy), dtype=torch.float64)
+    for i, a in enumerate(cx):
+        for j, b in enumerate(cy):
+            out[i, j] = (a.mT @ b).double().square().sum() / (nx[i] * ny[j])
+    return out
+
+
+def _centred(z: Any, ref: torch.Tensor, name: str, dtype) -> torch.Tensor:
+    t = check_activations(z, name, dtype=dtype)
+    check_same_datapoints(t, ref, (name, "xs[0]"))
+    if float(t.var(0).sum()) == 0:
+        raise ValueError(f"`{name}` has zero variance: every neuron is constant over the datapoints.")
+    return t - t.mean(0)

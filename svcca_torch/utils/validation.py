@@ -1,0 +1,205 @@
+"""Argument validation, in one place (the scikit-learn habit).
+
+Every public entry point of :mod:`svcca_torch` checks its inputs here, so that an
+error always names the argument at fault and says how to fix it.
+
+Activations are ``(datapoints, neurons)`` (PyTorch's batch-first layout), or
+``(N, C, H, W)`` for convolutional layers where a function says it accepts them.
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+#: CCA needs several datapoints per kept direction; below this many it reports
+#: spuriously high similarity (two independent Gaussian layers of 50 neurons on
+#: 2,000 datapoints already give a mean CCA of about 0.13).
+MIN_DATAPOINTS_PER_DIRECTION = 5
+
+
+class FewDatapointsWarning(UserWarning):
+    """Too few datapoints per kept direction: CCA similarities are inflated."""
+
+
+def as_tensor(x: Any, name: str) -> torch.Tensor:
+    """Turn ``x`` (tensor, numpy array or nested list) into a tensor, keeping its device."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray) or isinstance(x, (list, tuple)):
+        arr = np.asarray(x)
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise TypeError(f"`{name}` must hold numbers, got an array of dtype {arr.dtype}.")
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    raise TypeError(
+        f"`{name}` must be a torch.Tensor or a numpy array of shape (datapoints, neurons), "
+        f"got {type(x).__name__}."
+    )
+
+
+def compute_dtype(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The floating dtype to compute in: ``dtype`` if given, else ``x``'s, half types upcast."""
+    if dtype is not None:
+        if not (dtype.is_floating_point or dtype.is_complex):
+            raise ValueError(f"`dtype` must be a floating dtype such as torch.float64, got {dtype}.")
+        return dtype
+    if x.dtype in (torch.float16, torch.bfloat16) or not (x.dtype.is_floating_point or x.dtype.is_complex):
+        return torch.float32
+    return x.dtype
+
+
+def check_activations(
+    x: Any,
+    name: str = "x",
+    *,
+    dtype: Optional[torch.dtype] = None,
+    allow_conv: bool = False,
+    min_datapoints: int = 2,
+) -> torch.Tensor:
+    """Validate one layer's activations and return them as a floating tensor.
+
+    Args:
+        x: activations ``(datapoints, neurons)``; ``(N, C, H, W)`` too if ``allow_conv``.
+        name: the argument's name, used in error messages.
+        dtype: dtype to cast to (default: ``x``'s own, float16/bfloat16 upcast to float32).
+        allow_conv: accept 4-D convolutional activations.
+        min_datapoints: the fewest datapoints accepted.
+
+    Raises:
+        ValueError: wrong number of dimensions, too few datapoints, no neurons, NaN or Inf.
+    """
+    t = as_tensor(x, name)
+    dims = (2, 4) if allow_conv else (2,)
+    if t.ndim not in dims:
+        layout = "(datapoints, neurons)" + (" or (N, C, H, W)" if allow_conv else "")
+        hint = ""
+        if t.ndim == 1:
+            hint = " For a single neuron use x[:, None]."
+        elif t.ndim == 4 and not allow_conv:
+            hint = " Reduce conv maps first with svcca_torch.conv_to_datapoints or conv_pair_to_datapoints."
+        elif t.ndim > 2:
+            hint = " Flatten the trailing dimensions with x.flatten(1) or reduce them first."
+        raise ValueError(f"`{name}` must have shape {layout}, got {t.ndim} dimensions {tuple(t.shape)}.{hint}")
+    if t.shape[0] < min_datapoints:
+        raise ValueError(
+            f"`{name}` has {t.shape[0]} datapoints (rows); at least {min_datapoints} are needed. "
+            "Activations are (datapoints, neurons): if yours are (neurons, datapoints), pass x.T."
+        )
+    if t.shape[1] < 1 or t[0].numel() == 0:
+        raise ValueError(f"`{name}` has no neurons (shape {tuple(t.shape)}).")
+    t = t.to(compute_dtype(t, dtype))
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"`{name}` contains {bad} NaN or Inf values; remove those datapoints or fix the model "
+            "(e.g. torch.nan_to_num) before comparing."
+        )
+    return t
+
+
+def check_same_datapoints(x: torch.Tensor, y: torch.Tensor, names: Tuple[str, str] = ("x", "y")) -> None:
+    """Both sides must describe the same datapoints, in the same order."""
+    if x.shape[0] != y.shape[0]:
+        a, b = names
+        raise ValueError(
+            f"`{a}` has {x.shape[0]} datapoints and `{b}` has {y.shape[0]}: both must be activations "
+            "of the same inputs, (datapoints, neurons) each. If one is (neurons, datapoints), transpose it."
+        )
+    if x.device != y.device:
+        raise ValueError(f"`{names[0]}` is on {x.device} and `{names[1]}` on {y.device}; move them to one device.")
+
+
+def check_keep(keep: Any, name: str = "keep") -> Union[int, float]:
+    """``keep`` is an int >= 1 (number of directions) or a float in (0, 1] (a fraction)."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise ValueError(f"`{name}` must be an int >= 1 or a float in (0, 1], got {keep!r}.")
+    if isinstance(keep, numbers.Integral):
+        if keep < 1:
+            raise ValueError(f"`{name}` as an int is a number of directions and must be >= 1, got {keep}.")
+        return int(keep)
+    keep = float(keep)
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(
+            f"`{name}` as a float is a fraction and must lie in (0, 1], got {keep}. "
+            "Pass an int to keep a fixed number of directions."
+        )
+    return keep
+
+
+def check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
+    return value
+
+
+def warn_if_few_datapoints(n: int, k: int, name: str = "x", stacklevel: int = 3) -> None:
+    """Warn when fewer than ~5 datapoints back each kept direction."""
+    if k > 0 and n < MIN_DATAPOINTS_PER_DIRECTION * k:
+        warnings.warn(
+            f"`{name}`: {n} datapoints for {k} directions ({n / k:.1f} per direction; "
+            f"at least {MIN_DATAPOINTS_PER_DIRECTION} are advised). CCA then reports spuriously high "
+            "similarity; use more probe datapoints or keep fewer directions (`keep`).",
+            FewDatapointsWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` is an int >= ``minimum`` (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_fraction(value: Any, name: str, *, low_inclusive: bool = False, high_inclusive: bool = False) -> float:
+    """``value`` is a real number in the interval (0, 1), ends included where asked."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = (v >= 0.0 if low_inclusive else v > 0.0) and (v <= 1.0 if high_inclusive else v < 1.0)
+    if not ok:
+        interval = ("[" if low_inclusive else "(") + "0, 1" + ("]" if high_inclusive else ")")
+        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}.")
+    return float(value)
+
+
+def check_conv_activations(x: Any, name: str = "x", *, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Validate convolutional activations ``(N, C, H, W)`` and return them as a floating tensor."""
+    t = as_tensor(x, name)
+    if t.ndim != 4:
+        hint = " Fully connected activations (datapoints, neurons) need no folding." if t.ndim == 2 else ""
+        raise ValueError(
+            f"`{name}` must be convolutional activations of shape (N, C, H, W), got {t.ndim} "
+            f"dimensions {tuple(t.shape)}.{hint}"
+        )
+    if min(t.shape[2:]) < 1:
+        raise ValueError(f"`{name}` has an empty spatial map (shape {tuple(t.shape)}).")
+    return check_activations(t, name, dtype=dtype, allow_conv=True)
+
+
+def check_spatial_size(size: Any, name: str = "size") -> Tuple[int, int]:
+    """``size`` is an int ``s`` (meaning ``(s, s)``) or a pair ``(h, w)`` of ints >= 1."""
+    pair = (size, size) if isinstance(size, numbers.Integral) and not isinstance(size, bool) else size
+    ok = (
+        isinstance(pair, (tuple, list))
+        and len(pair) == 2
+        and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in pair)
+    )
+    if not ok:
+        raise ValueError(f"`{name}` must be an int >= 1 or a pair (h, w) of ints >= 1, got {size!r}.")
+    return int(pair[0]), int(pair[1])
+
+
+def check_optional_positive_int(value: Any, name: str) -> Optional[int]:
+    """``value`` is None or an int >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be None or an int >= 1, got {value!r}.")
+    return int(value)
