@@ -5,9 +5,14 @@ Activations are ``(datapoints, neurons)`` (batch-first), or ``(N, C, H, W)`` for
 """
 from .functional import (
     CCAResult,
+    DFTCCAResult,
     ReducedBasis,
     SVCCAResult,
     cca,
+    conv_datapoint_indices,
+    conv_pair_to_datapoints,
+    conv_to_datapoints,
+    dft_cca,
     linear_cka,
     n_directions,
     pwcca,
