@@ -37,7 +37,9 @@ def pwcca(
     Returns:
         ``Σ_i α_i ρ_i`` with weights ``α`` normalised to sum 1, a float in [0, 1].
 
-    Zero-variance (dead) neurons are dropped first, as in the reference. Computed from the
+    Zero-variance (dead) neurons are dropped first, as in the reference; on layers with
+    linearly dependent neurons only the true canonical pairs are weighted (the reference also
+    weights null-space directions with ρ = 0, so a layer against itself scores below 1). Computed from the
     three Gram matrices only: the in-order QR of the projected directions is obtained from
     a Cholesky factor of their Gram matrix (a Householder QR over the datapoints is the
     fallback when that is ill-conditioned); nothing is inverted explicitly.
@@ -65,24 +67,27 @@ def pwcca(
     # numpy's do in the reference: the added-back means make the weights sign-dependent.
     m_sym = (vs @ (ws.mT @ sso @ wo) @ vo.mT).to("cpu", torch.float64)
     u, rho, _ = torch.linalg.svd(m_sym, full_matrices=False)
-    u, rho = u.to(sss.device, sss.dtype), rho.to(sss.device, sss.dtype)
+    # Only the min(rank_s, rank_o) true canonical pairs: the reference also keeps directions
+    # in the null space of a rank-deficient side (duplicate neurons), with ρ = 0, which pulls
+    # a layer's similarity to itself below 1. On full-rank layers nothing changes.
+    r = int(min(ms.sum(), mo.sum()))
+    u, rho = u[:, :r].to(sss.device, sss.dtype), rho[:r].to(sss.device, sss.dtype)
     n = s.shape[0]
     mu = mu.to(sss.dtype)
-    # D = (S - μ) u + 1 μᵀ (datapoints x directions); D = P R in order.
+    # D = (S - μ) u + 1 μ[:r]ᵀ (datapoints x directions); D = P R in order.
     # DᵀD and Dᵀ S follow from the Grams because the centred part is orthogonal to 1.
-    mumu = n * torch.outer(mu, mu)
-    dtd = u.mT @ sss @ u + mumu
-    dts = u.mT @ sss + mumu
+    dtd = u.mT @ sss @ u + n * torch.outer(mu[:r], mu[:r])
+    dts = u.mT @ sss + n * torch.outer(mu[:r], mu)
     chol, info = torch.linalg.cholesky_ex(dtd)
     diag = chol.diagonal() if int(info) == 0 else None
     if diag is not None and float(diag.min()) > 1e-4 * float(diag.max()):
         proj = torch.linalg.solve_triangular(chol, dts, upper=False)  # Pᵀ S
     else:
         sd = s.to(sss.dtype)
-        d = (sd - mu) @ u + mu
+        d = (sd - mu) @ u + mu[:r]
         proj = torch.linalg.qr(d).Q.mT @ sd
     weights = proj.abs().sum(1)
-    return float((weights / weights.sum() * rho[: weights.numel()]).sum())
+    return float((weights / weights.sum() * rho).sum())
 
 
 def _drop_dead(t: torch.Tensor, name: str) -> torch.Tensor:
