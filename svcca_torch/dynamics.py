@@ -1,0 +1,436 @@
+"""Learning dynamics, network comparison and class sensitivity from stored representations.
+
+Everything here works on SVD-reduced bases (:class:`~svcca_torch.ReducedBasis`), either
+from a :class:`~svcca_torch.RepresentationStore` or reduced on the fly from activations
+``(datapoints, neurons)`` (conv layers folded, e.g. by :class:`~svcca_torch.ActivationRecorder`).
+Each basis is loaded or reduced once and then compared with many others through
+:func:`svcca_torch.similarity_matrix`.
+
+Typical use after (or during) training::
+
+    dyn = learning_dynamics(store)            # (checkpoints, layers, layers) vs final
+    curves = similarity_to_final(store)       # (checkpoints, layers)
+    online = similarity_to_previous(store)    # what a freeze policy can see during training
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .functional.matrix import similarity_matrix
+from .functional.svcca import ReducedBasis, svcca, svd_reduce
+from .store import Checkpoint, CheckpointRef, RepresentationStore
+from .utils.validation import (
+    as_tensor,
+    check_activations,
+    check_keep,
+    check_positive_int,
+    check_same_datapoints,
+)
+
+Representations = Mapping[str, Union[torch.Tensor, ReducedBasis]]
+Source = Union[RepresentationStore, Representations]
+
+
+@dataclass
+class LearningDynamics:
+    """The paper's learning-dynamics matrices.
+
+    Attributes:
+        layers: layer names, bottom-up (the store's order).
+        steps, fractions: one per checkpoint (fraction of training, from the store).
+        matrices: ``(checkpoints, layers, layers)`` float64; ``matrices[c, i, j]`` is the
+            SVCCA similarity between layer ``i`` at the final checkpoint and layer ``j`` at
+            checkpoint ``c`` (NaN where a layer is missing at a checkpoint).
+    """
+
+    layers: List[str]
+    steps: List[int]
+    fractions: List[float]
+    matrices: torch.Tensor
+
+    def to_final(self) -> torch.Tensor:
+        """``(checkpoints, layers)``: each layer's similarity to its own final state."""
+        return torch.diagonal(self.matrices, dim1=1, dim2=2)
+
+    def nearest(self, fraction: float) -> int:
+        """Index of the checkpoint whose fraction of training is nearest ``fraction``."""
+        return min(range(len(self.fractions)), key=lambda c: abs(self.fractions[c] - fraction))
+
+
+@dataclass
+class LayerCurves:
+    """One value per (checkpoint, layer), e.g. similarity to the final or previous state.
+
+    Attributes:
+        layers: layer names, bottom-up.
+        steps, fractions: one per checkpoint.
+        values: ``(checkpoints, layers)`` float64 (NaN where undefined).
+    """
+
+    layers: List[str]
+    steps: List[int]
+    fractions: List[float]
+    values: torch.Tensor
+
+    def layer(self, name: str) -> torch.Tensor:
+        """The curve of one layer over checkpoints."""
+        if name not in self.layers:
+            raise ValueError(f"`name` {name!r} is not one of the layers {self.layers}.")
+        return self.values[:, self.layers.index(name)]
+
+
+def _layers(store: RepresentationStore, layers: Optional[Sequence[str]]) -> List[str]:
+    if layers is None:
+        return store.layers
+    unknown = [n for n in layers if n not in store.layers]
+    if unknown:
+        raise ValueError(f"`layers`: {unknown} are not in the store; stored layers: {store.layers}.")
+    return list(layers)
+
+
+def _checkpoints(store: RepresentationStore, checkpoints: Optional[Sequence[CheckpointRef]]) -> List[Checkpoint]:
+    if not len(store):
+        raise ValueError(f"the store at {str(store.folder)!r} holds no checkpoint yet.")
+    if checkpoints is None:
+        return store.checkpoints
+    return [c if isinstance(c, Checkpoint) else store.checkpoint(c) for c in checkpoints]
+
+
+def _load(store: RepresentationStore, ck: Checkpoint, layers: Sequence[str]) -> Dict[str, ReducedBasis]:
+    return {n: store.load(ck, n) for n in layers if n in ck.layers}
+
+
+def _pair_mean(a: ReducedBasis, b: ReducedBasis) -> float:
+    """SVCCA similarity of two reduced layers: mean singular value of ``Aᵀ B``."""
+    return float(svcca(a, b).mean)
+
+
+def learning_dynamics(
+    store: RepresentationStore,
+    checkpoints: Optional[Sequence[CheckpointRef]] = None,
+    layers: Optional[Sequence[str]] = None,
+    *,
+    final: Optional[CheckpointRef] = None,
+) -> LearningDynamics:
+    """For every checkpoint, the layers x layers SVCCA matrix against the final network.
+
+    Args:
+        store: the recorded training run.
+        checkpoints: which checkpoints (default: all stored), as :class:`Checkpoint` or steps.
+        layers: which layers (default: all, in store order).
+        final: the reference checkpoint (default: the last stored).
+
+    Returns:
+        :class:`LearningDynamics`; ``matrices[c, i, j]`` compares layer ``i`` at ``final``
+        with layer ``j`` at checkpoint ``c``. The final bases are loaded once; each
+        checkpoint's bases are loaded once and released after its matrix.
+    """
+    names = _layers(store, layers)
+    cks = _checkpoints(store, checkpoints)
+    ref = store.final if final is None else (final if isinstance(final, Checkpoint) else store.checkpoint(final))
+    fin = _load(store, ref, names)
+    out = torch.full((len(cks), len(names), len(names)), math.nan, dtype=torch.float64)
+    rows = [i for i, n in enumerate(names) if n in fin]
+    for c, ck in enumerate(cks):
+        cur = _load(store, ck, names)
+        cols = [j for j, n in enumerate(names) if n in cur]
+        if rows and cols:
+            m = similarity_matrix([fin[names[i]] for i in rows], [cur[names[j]] for j in cols])
+            out[c][torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = m
+    return LearningDynamics(names, [c.step for c in cks], [store.fraction_of(c) for c in cks], out)
+
+
+def similarity_to_final(
+    store: RepresentationStore,
+    checkpoints: Optional[Sequence[CheckpointRef]] = None,
+    layers: Optional[Sequence[str]] = None,
+) -> LayerCurves:
+    """Each layer's SVCCA similarity to its own state at the last checkpoint, over training.
+
+    Only the diagonal of :func:`learning_dynamics`: one comparison per (checkpoint, layer).
+    The bottom-up convergence of the paper shows as lower layers reaching 1 earlier.
+    """
+    names = _layers(store, layers)
+    cks = _checkpoints(store, checkpoints)
+    fin = _load(store, store.final, names)
+    values = torch.full((len(cks), len(names)), math.nan, dtype=torch.float64)
+    for c, ck in enumerate(cks):
+        cur = _load(store, ck, names)
+        for j, n in enumerate(names):
+            if n in cur and n in fin:
+                values[c, j] = _pair_mean(fin[n], cur[n])
+    return LayerCurves(names, [c.step for c in cks], [store.fraction_of(c) for c in cks], values)
+
+
+def similarity_to_previous(
+    store: RepresentationStore,
+    checkpoints: Optional[Sequence[CheckpointRef]] = None,
+    layers: Optional[Sequence[str]] = None,
+) -> LayerCurves:
+    """Each layer's SVCCA similarity to itself at the previous checkpoint.
+
+    The online convergence signal (the final state is unknown during training): a layer
+    whose value stays near 1 has stopped changing, which is what freeze training acts on.
+    Row 0 is NaN (no previous checkpoint). Each checkpoint is loaded once.
+    """
+    names = _layers(store, layers)
+    cks = _checkpoints(store, checkpoints)
+    values = torch.full((len(cks), len(names)), math.nan, dtype=torch.float64)
+    prev: Dict[str, ReducedBasis] = {}
+    for c, ck in enumerate(cks):
+        cur = _load(store, ck, names)
+        sims = paired_similarity(prev, cur)
+        for j, n in enumerate(names):
+            if n in sims:
+                values[c, j] = sims[n]
+        prev = cur
+    return LayerCurves(names, [c.step for c in cks], [store.fraction_of(c) for c in cks], values)
+
+
+def paired_similarity(
+    before: Representations, after: Representations, *, keep: Union[int, float] = 0.99
+) -> Dict[str, float]:
+    """SVCCA similarity of each layer present in both ``before`` and ``after``.
+
+    Args:
+        before, after: ``{layer: (datapoints, neurons) activations or ReducedBasis}``, e.g.
+            two consecutive captures (or ``store.load_checkpoint`` results).
+        keep: SVD truncation for raw activations (bases are used as they are).
+
+    Returns:
+        ``{layer: similarity in [0, 1]}``, in ``after``'s order.
+    """
+    keep = check_keep(keep)
+    out: Dict[str, float] = {}
+    for name, b in after.items():
+        if name in before:
+            out[name] = float(svcca(_reduce(before[name], keep, name), _reduce(b, keep, name), keep=keep).mean)
+    return out
+
+
+def _reduce(z: Any, keep: Union[int, float], name: str) -> ReducedBasis:
+    if isinstance(z, ReducedBasis):
+        return z
+    try:
+        return svd_reduce(check_activations(z, f"layers[{name!r}]"), keep)
+    except ValueError as err:
+        raise ValueError(str(err).replace("`x`", f"`layers[{name!r}]`")) from None
+
+
+def _representations(
+    source: Source, checkpoint: Optional[CheckpointRef], layers: Optional[Sequence[str]], keep, arg: str
+) -> Dict[str, ReducedBasis]:
+    if isinstance(source, RepresentationStore):
+        names = _layers(source, layers)
+        ck = source.final if checkpoint is None else (
+            checkpoint if isinstance(checkpoint, Checkpoint) else source.checkpoint(checkpoint))
+        return _load(source, ck, names)
+    if not isinstance(source, Mapping) or not source:
+        raise ValueError(
+            f"`{arg}` must be a RepresentationStore or a non-empty dict {{layer: activations or ReducedBasis}}."
+        )
+    names = list(source) if layers is None else list(layers)
+    unknown = [n for n in names if n not in source]
+    if unknown:
+        raise ValueError(f"`{arg}`: layers {unknown} are not among {list(source)}.")
+    return {n: _reduce(source[n], keep, n) for n in names}
+
+
+@dataclass
+class NetworkComparison:
+    """Layer-to-layer SVCCA between two networks on the same probe datapoints.
+
+    Attributes:
+        layers_a, layers_b: layer names of each network.
+        matrix: ``(len(layers_a), len(layers_b))`` float64 similarities.
+    """
+
+    layers_a: List[str]
+    layers_b: List[str]
+    matrix: torch.Tensor
+
+
+def compare_networks(
+    a: Source,
+    b: Source,
+    *,
+    checkpoint_a: Optional[CheckpointRef] = None,
+    checkpoint_b: Optional[CheckpointRef] = None,
+    layers_a: Optional[Sequence[str]] = None,
+    layers_b: Optional[Sequence[str]] = None,
+    keep: Union[int, float] = 0.99,
+) -> NetworkComparison:
+    """SVCCA between every layer of network ``a`` and every layer of network ``b``.
+
+    Args:
+        a, b: a :class:`RepresentationStore` (its final checkpoint unless ``checkpoint_*``
+            says otherwise) or ``{layer: activations (datapoints, neurons) or ReducedBasis}``
+            (e.g. two :meth:`ActivationRecorder.record` results on the same probe).
+        keep: SVD truncation used for raw activations (stored bases are used as stored).
+
+    Both networks must be recorded on the same probe datapoints, in the same order.
+    """
+    keep = check_keep(keep)
+    ra = _representations(a, checkpoint_a, layers_a, keep, "a")
+    rb = _representations(b, checkpoint_b, layers_b, keep, "b")
+    return NetworkComparison(list(ra), list(rb), similarity_matrix(list(ra.values()), list(rb.values())))
+
+
+@dataclass
+class AlignedDirections:
+    """Top neurons versus top SVCCA directions of one layer in two networks.
+
+    Attributes:
+        x_neurons, y_neurons: ``(datapoints, n)`` activations of each network's ``n``
+            highest-norm neurons (largest root-mean-square activation over the probe).
+        x_neuron_ids, y_neuron_ids: the indices of those neurons.
+        neuron_correlations: ``(n,)`` correlation of ``x_neurons[:, i]`` with ``y_neurons[:, i]``.
+        x_directions, y_directions: ``(datapoints, n)`` the top ``n`` pairs of SVCCA
+            canonical variates (unit variance; pair ``i`` is aligned, signs matched).
+        coefficients: ``(n,)`` the canonical correlations of those pairs.
+    """
+
+    x_neurons: torch.Tensor
+    y_neurons: torch.Tensor
+    x_neuron_ids: torch.Tensor
+    y_neuron_ids: torch.Tensor
+    neuron_correlations: torch.Tensor
+    x_directions: torch.Tensor
+    y_directions: torch.Tensor
+    coefficients: torch.Tensor
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-30)
+
+
+def aligned_directions(x: Any, y: Any, *, keep: Union[int, float] = 0.99, n: int = 2) -> AlignedDirections:
+    """The paper's comparison of two networks' top neurons with their top SVCCA directions.
+
+    Args:
+        x, y: activations ``(datapoints, neurons)`` of one layer in two networks, on the
+            same probe datapoints (raw activations: neurons cannot be recovered from a
+            stored basis).
+        keep: SVD truncation (see :func:`svcca_torch.svcca`).
+        n: how many neurons / direction pairs (the paper shows 2).
+
+    Typically the top neurons of two independently trained networks barely correlate,
+    while the top SVCCA direction pairs correlate strongly: the networks learn the same
+    subspace in different bases.
+    """
+    n = check_positive_int(n, "n")
+    xt = check_activations(x, "x")
+    yt = check_activations(y, "y")
+    check_same_datapoints(xt, yt)
+    res = svcca(xt, yt, keep=keep)
+    r = res.coefficients.numel()
+    if n > min(r, xt.shape[1], yt.shape[1]):
+        raise ValueError(
+            f"`n`={n} exceeds the {r} SVCCA direction pairs (or the neurons) available; pass a smaller `n` "
+            "or a larger `keep`."
+        )
+    ix = xt.pow(2).mean(0).argsort(descending=True)[:n]
+    iy = yt.pow(2).mean(0).argsort(descending=True)[:n]
+    xd = res.x_variates[:, :n].to(torch.float64)
+    yd = res.y_variates[:, :n].to(torch.float64)
+    xd = xd / xd.std(0).clamp_min(1e-30)
+    yd = yd / yd.std(0).clamp_min(1e-30)
+    sign = torch.sign(_corr(xd, yd))
+    yd = yd * torch.where(sign == 0, torch.ones_like(sign), sign)
+    xn, yn = xt[:, ix], yt[:, iy]
+    return AlignedDirections(
+        x_neurons=xn,
+        y_neurons=yn,
+        x_neuron_ids=ix,
+        y_neuron_ids=iy,
+        neuron_correlations=_corr(xn.double(), yn.double()),
+        x_directions=xd,
+        y_directions=yd,
+        coefficients=res.coefficients[:n].to(torch.float64),
+    )
+
+
+def class_target(labels: Any, cls: int, datapoint_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The one-hot indicator of class ``cls`` as a ``(datapoints, 1)`` float64 target.
+
+    Args:
+        labels: ``(N,)`` integer labels of the probe images.
+        cls: the class.
+        datapoint_index: ``(datapoints,)`` row -> probe image map, from
+            :attr:`ActivationRecorder.datapoint_index` when conv maps were folded into
+            several rows per image (default: one row per label).
+    """
+    lab = as_tensor(labels, "labels")
+    if lab.ndim != 1 or lab.is_floating_point():
+        raise ValueError(f"`labels` must be a 1-D integer tensor (N,), got dtype {lab.dtype} shape {tuple(lab.shape)}.")
+    if datapoint_index is not None:
+        lab = lab[datapoint_index.to(lab.device)]
+    target = (lab == int(cls)).to(torch.float64)[:, None]
+    if float(target.sum()) in (0.0, float(target.shape[0])):
+        raise ValueError(f"`cls`={cls}: every datapoint is {'outside' if float(target.sum()) == 0 else 'inside'} "
+                         "the class, so the indicator has no variance; pick a class present in the probe.")
+    return target
+
+
+@dataclass
+class ClassSensitivity:
+    """Per-layer SVCCA similarity to one class's output.
+
+    Attributes:
+        layers: layer names, bottom-up.
+        values: ``(layers,)`` float64, each the correlation between the layer's top SVD
+            subspace and the target (1 = the target is a linear function of the layer).
+    """
+
+    layers: List[str]
+    values: torch.Tensor
+
+
+def class_sensitivity(
+    source: Source,
+    target: Any,
+    *,
+    checkpoint: Optional[CheckpointRef] = None,
+    layers: Optional[Sequence[str]] = None,
+    keep: Union[int, float] = 0.99,
+) -> ClassSensitivity:
+    """How much each layer knows about one class, over depth (the paper's class sensitivity).
+
+    Args:
+        source: a :class:`RepresentationStore` (its final checkpoint unless ``checkpoint``
+            is given) or ``{layer: activations (datapoints, neurons) or ReducedBasis}``.
+        target: ``(datapoints,)`` or ``(datapoints, 1)``: the logit of one class (e.g.
+            ``acts["fc"][:, c]`` from the same recording, row-aligned) or its one-hot label
+            (:func:`class_target`). Rows must be the layers' datapoints.
+        keep: SVD truncation for raw activations.
+
+    Returns:
+        :class:`ClassSensitivity`: SVCCA of each layer with the one-dimensional target,
+        which is the multiple correlation of the target with the layer's top directions.
+    """
+    keep = check_keep(keep)
+    reps = _representations(source, checkpoint, layers, keep, "source")
+    t = as_tensor(target, "target")
+    if t.ndim == 1:
+        t = t[:, None]
+    if t.ndim != 2 or t.shape[1] != 1:
+        raise ValueError(
+            f"`target` must be (datapoints,) or (datapoints, 1): one class's logit or one-hot label; "
+            f"got shape {tuple(t.shape)}. For logits (datapoints, classes) pass logits[:, c]."
+        )
+    t = check_activations(t, "target", dtype=torch.float64)
+    n = {b.n_datapoints for b in reps.values()}
+    if n != {t.shape[0]}:
+        raise ValueError(
+            f"`target` has {t.shape[0]} rows but the layers have {sorted(n)} datapoints; map labels to rows "
+            "with class_target(labels, c, recorder.datapoint_index)."
+        )
+    tb = svd_reduce(t, 1)
+    m = similarity_matrix(list(reps.values()), [tb])
+    return ClassSensitivity(list(reps), m[:, 0])

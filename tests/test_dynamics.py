@@ -1,0 +1,172 @@
+"""Learning dynamics on a real small training run, network comparison, class sensitivity."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from svcca_torch.data import load_digits_dataset, probe_set
+from svcca_torch.dynamics import (
+    aligned_directions,
+    class_sensitivity,
+    class_target,
+    compare_networks,
+    learning_dynamics,
+    paired_similarity,
+    similarity_to_final,
+    similarity_to_previous,
+)
+from svcca_torch.functional.svcca import svcca
+from svcca_torch.models import ConvNet
+from svcca_torch.recorder import ActivationRecorder
+from svcca_torch.store import RepresentationStore
+
+EPOCHS = 5
+RECORD_EVERY = 10
+
+
+def _train(seed: int, store: RepresentationStore | None, probe: torch.Tensor):
+    """A ConvNet on scikit-learn's digits, 5 epochs of SGD (about 100 steps, seconds on one
+    CPU thread), recorded on the probe at init and every 10 steps into ``store``."""
+    torch.manual_seed(seed)
+    train, _ = load_digits_dataset()
+    net = ConvNet()
+    rec = ActivationRecorder(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    total = EPOCHS * len(loader)
+    step = 0
+    if store is not None:
+        store.add(rec.record(probe), step=0, epoch=0, fraction=0.0)
+    for epoch in range(EPOCHS):
+        for x, y in loader:
+            net.train()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            step += 1
+            if store is not None and (step % RECORD_EVERY == 0 or step == total):
+                store.add(rec.record(probe), step=step, epoch=epoch, fraction=step / total)
+    return net, rec
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    _, test = load_digits_dataset()
+    probe, labels = probe_set(test, 300, return_labels=True)
+    store = RepresentationStore(tmp_path_factory.mktemp("store"))
+    net, rec = _train(0, store, probe)
+    return store, net, rec, probe, labels
+
+
+def test_learning_dynamics_matrix(run) -> None:
+    store = run[0]
+    dyn = learning_dynamics(store)
+    n_ck, n_layers = len(store), len(store.layers)
+    assert dyn.matrices.shape == (n_ck, n_layers, n_layers)
+    assert dyn.layers == ConvNet().layer_names
+    assert dyn.fractions[0] == 0.0 and dyn.fractions[-1] == 1.0
+    # every layer at the end is identical to itself
+    torch.testing.assert_close(torch.diagonal(dyn.matrices[-1]), torch.ones(n_layers, dtype=torch.float64))
+    assert bool(((dyn.matrices >= 0) & (dyn.matrices <= 1 + 1e-9)).all())
+    # the final-vs-final matrix is symmetric; the logits are a linear map of fc1
+    torch.testing.assert_close(dyn.matrices[-1], dyn.matrices[-1].T)
+    assert dyn.matrices[-1, -1, -2] > 0.98
+    # the diagonal equals the per-layer curve computed pair by pair
+    curves = similarity_to_final(store)
+    torch.testing.assert_close(dyn.to_final(), curves.values, atol=1e-6, rtol=0)
+
+
+def test_bottom_up_convergence(run) -> None:
+    """The paper's bottom-up convergence, as it holds on digits.
+
+    Through the first half of training the first conv block is closer to its final state
+    than every deeper hidden layer (blocks 2-4 and fc1), and the hidden layers converge in
+    order of depth at the first checkpoint after init. The 10-unit logit layer is the
+    exception on this data: its 10-dimensional span settles within the first ~10 SGD steps
+    (once the classes separate), after which it is closer to its final state than the
+    hidden layers; only at initialisation is it further than the first layer.
+    """
+    store = run[0]
+    curves = similarity_to_final(store)
+    hidden = curves.values[:, :-1]  # blocks 1-4, fc1
+    logits = curves.values[:, -1]
+    early = [c for c, f in enumerate(curves.fractions) if f <= 0.5]
+    assert len(early) >= 4
+    for c in early:
+        assert bool((hidden[c, 0] > hidden[c, 1:]).all()), (curves.fractions[c], hidden[c])
+    first = early[1]
+    assert bool((hidden[first, :-1].diff() < 0).all()), hidden[first]
+    assert logits[0] < hidden[0, 0]
+    # convergence: every layer ends closer to its final state than it started
+    assert bool((curves.values[-2] > curves.values[0]).all())
+
+
+def test_similarity_to_previous_is_online_signal(run) -> None:
+    store = run[0]
+    prev = similarity_to_previous(store)
+    assert bool(torch.isnan(prev.values[0]).all())
+    vals = prev.values[1:]
+    assert bool(((vals > 0) & (vals <= 1 + 1e-9)).all())
+    # layers change less from one checkpoint to the next as training settles
+    assert bool((prev.values[-1] > prev.values[1]).all())
+    # equals the pairwise helper the freeze callback uses online
+    cks = store.checkpoints
+    direct = paired_similarity(store.load_checkpoint(cks[2]), store.load_checkpoint(cks[3]))
+    assert list(direct) == store.layers
+    for j, name in enumerate(store.layers):
+        assert math.isclose(direct[name], float(prev.values[3, j]), abs_tol=1e-9)
+    torch.testing.assert_close(prev.layer("fc1"), prev.values[:, 4], equal_nan=True)
+
+
+def test_compare_two_networks_and_aligned_directions(run) -> None:
+    store, net, rec, probe, labels = run
+    net_b, rec_b = _train(1, None, probe)
+    acts_a = rec.record(probe)
+    acts_b = rec_b.record(probe)
+    cmp_acts = compare_networks(acts_a, acts_b)
+    assert cmp_acts.matrix.shape == (6, 6)
+    # the same stored network compared with itself gives 1 on the diagonal
+    self_cmp = compare_networks(store, store)
+    torch.testing.assert_close(torch.diagonal(self_cmp.matrix), torch.ones(6, dtype=torch.float64))
+    # the store's final checkpoint is this recording, so store-vs-acts matches acts-vs-acts
+    mixed = compare_networks(store, acts_b)
+    torch.testing.assert_close(mixed.matrix, cmp_acts.matrix, atol=1e-4, rtol=0)
+    # two seeds: matching layers agree more than a first conv block does with the logits
+    assert cmp_acts.matrix[0, 0] > cmp_acts.matrix[0, -1]
+
+    al = aligned_directions(acts_a["fc1"], acts_b["fc1"])
+    n = acts_a["fc1"].shape[0]
+    assert al.x_neurons.shape == al.y_directions.shape == (n, 2)
+    top = acts_a["fc1"].pow(2).mean(0).argsort(descending=True)[:2]
+    assert torch.equal(al.x_neuron_ids, top)
+    full = svcca(acts_a["fc1"], acts_b["fc1"])
+    torch.testing.assert_close(al.coefficients, full.coefficients[:2].double())
+    # aligned SVCCA directions correlate as their coefficients say, and better than the
+    # two networks' top neurons do with each other (the paper's point)
+    corr = torch.stack([torch.corrcoef(torch.stack([al.x_directions[:, i], al.y_directions[:, i]]))[0, 1]
+                        for i in range(2)])
+    torch.testing.assert_close(corr, al.coefficients, atol=1e-4, rtol=0)
+    assert bool((al.coefficients > al.neuron_correlations.abs()).all())
+
+
+def test_class_sensitivity_over_depth(run) -> None:
+    store, net, rec, probe, labels = run
+    acts = rec.record(probe)
+    logit = acts["fc"][:, 3]
+    by_logit = class_sensitivity(acts, logit)
+    assert by_logit.layers == store.layers
+    # the logit is one of the fc layer's neurons and a linear map of fc1
+    assert by_logit.values[-1] > 0.999 and by_logit.values[-2] > 0.99
+    target = class_target(labels, 3, rec.datapoint_index)
+    by_label = class_sensitivity(store, target)
+    assert by_label.values.shape == (6,)
+    assert bool(((by_label.values > 0) & (by_label.values <= 1)).all())
+    # class information grows with depth in the trained net: fc1 knows more than block1
+    assert by_label.values[4] > by_label.values[0]
+    with pytest.raises(ValueError, match="datapoint_index"):
+        class_sensitivity(store, class_target(labels, 3))
+    with pytest.raises(ValueError, match="no variance"):
+        class_target(labels, 42)
