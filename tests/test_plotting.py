@@ -1,0 +1,104 @@
+"""Figures render (Agg), have the expected panels, and save as PNG."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from svcca_torch.dynamics import LayerCurves, aligned_directions, learning_dynamics, similarity_to_previous
+from svcca_torch.plotting import plot_aligned_directions, plot_convergence, plot_learning_dynamics
+from svcca_torch.store import RepresentationStore
+
+LAYERS = ["conv1", "conv2", "fc1", "fc"]
+FRACTIONS = [0.0, 0.1, 0.4, 0.8, 1.0]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> RepresentationStore:
+    """Layers that drift towards their final state, lower layers first."""
+    g = torch.Generator().manual_seed(0)
+    final = {name: torch.randn(240, 6 + 2 * i, generator=g) for i, name in enumerate(LAYERS)}
+    noise = {name: torch.randn(240, 6 + 2 * i, generator=g) for i, name in enumerate(LAYERS)}
+    st = RepresentationStore(tmp_path_factory.mktemp("plots"))
+    for step, f in enumerate(FRACTIONS):
+        acts = {}
+        for depth, name in enumerate(LAYERS):
+            w = min(1.0, f * (1.0 + 1.5 * (len(LAYERS) - depth)))  # shallow layers arrive first
+            acts[name] = w * final[name] + (1 - w) * noise[name]
+        st.add(acts, step=10 * step, fraction=f)
+    return st
+
+
+def _heatmaps(fig: Figure):
+    return [ax for ax in fig.axes if ax.images]
+
+
+def test_learning_dynamics_grid(store, tmp_path) -> None:
+    fig = plot_learning_dynamics(store)
+    assert isinstance(fig, Figure)
+    panels = _heatmaps(fig)
+    assert len(panels) == 4
+    assert len(fig.axes) == 5  # four heatmaps and one shared colour bar
+    # nearest stored checkpoints to 0, 35, 75, 100 %
+    assert [ax.get_title().split("%")[0] for ax in panels] == ["0", "40", "80", "100"]
+    for ax in panels:
+        im = ax.images[0]
+        assert im.origin == "lower" and im.get_clim() == (0.0, 1.0)
+        assert [t.get_text() for t in ax.get_xticklabels()] == LAYERS
+        assert [t.get_text() for t in ax.get_yticklabels()] == LAYERS
+    # y = layer at the checkpoint, x = layer at the end: the image is matrices[c].T
+    dyn = learning_dynamics(store)
+    np.testing.assert_allclose(np.asarray(panels[1].images[0].get_array()), dyn.matrices[2].T.numpy())
+    out = tmp_path / "grid.png"
+    fig.savefig(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_learning_dynamics_grid_custom_fractions(store) -> None:
+    fig = plot_learning_dynamics(learning_dynamics(store), fractions=(0.5, 1.0))
+    assert len(_heatmaps(fig)) == 2
+    with pytest.raises(ValueError, match="fractions"):
+        plot_learning_dynamics(store, fractions=(1.5,))
+
+
+def test_convergence_curves_coloured_by_depth(store, tmp_path) -> None:
+    fig = plot_convergence(store)
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert [ln.get_label() for ln in lines] == LAYERS
+    colours = [tuple(ln.get_color()) for ln in lines]
+    assert len(set(colours)) == len(LAYERS)
+    np.testing.assert_allclose(lines[0].get_xdata(), FRACTIONS)
+    assert lines[-1].get_ydata()[-1] == pytest.approx(1.0)
+    fig.savefig(tmp_path / "curves.png")
+    prev = plot_convergence(similarity_to_previous(store), x="step", ylabel="similarity to previous")
+    assert list(prev.axes[0].get_lines()[0].get_xdata()) == [0, 10, 20, 30, 40]
+    with pytest.raises(ValueError, match="`x`"):
+        plot_convergence(store, x="epoch")
+
+
+def test_aligned_directions_figure(tmp_path) -> None:
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    signal = torch.nn.functional.one_hot(labels, 4).double() + 0.3 * torch.randn(300, 4, generator=g, dtype=torch.float64)
+    x = signal @ torch.randn(4, 8, generator=g, dtype=torch.float64)
+    y = signal @ torch.randn(4, 10, generator=g, dtype=torch.float64)
+    al = aligned_directions(x, y)
+    fig = plot_aligned_directions(al, labels, names=("seed 0", "seed 1"))
+    assert len(fig.axes) == 4
+    for ax in fig.axes:
+        data = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 300]
+        assert len(data) == 2  # one line per network
+        assert len(ax.get_lines()) - 2 == 3  # four classes, three boundaries
+    assert "SVCCA direction 1" in fig.axes[2].get_title()
+    fig.savefig(tmp_path / "aligned.png")
+    with pytest.raises(ValueError, match="`labels`"):
+        plot_aligned_directions(al, labels[:10])
+
+
+def test_figures_reject_wrong_input() -> None:
+    with pytest.raises(ValueError, match="`dynamics`"):
+        plot_learning_dynamics(torch.zeros(3, 3))
+    curves = LayerCurves(["a"], [0], [0.0], torch.zeros(1, 1, dtype=torch.float64))
+    assert len(plot_convergence(curves).axes[0].get_lines()) == 1
