@@ -21,5 +21,22 @@ from .functional import (
     svd_reduce,
 )
 from .utils.validation import FewDatapointsWarning
+from .recorder import ActivationRecorder
+from .store import Checkpoint, RepresentationStore, StoreCorruptError
+from .dynamics import (
+    AlignedDirections,
+    ClassSensitivity,
+    LayerCurves,
+    LearningDynamics,
+    NetworkComparison,
+    aligned_directions,
+    class_sensitivity,
+    class_target,
+    compare_networks,
+    learning_dynamics,
+    paired_similarity,
+    similarity_to_final,
+    similarity_to_previous,
+)
 
 __version__ = "0.1.0"
