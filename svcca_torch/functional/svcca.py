@@ -147,13 +147,17 @@ def svd_reduce(
 
 
 def _orthonormal_projection(xc: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``xc @ v / s`` made orthonormal to working precision (one float64 Cholesky-QR step)."""
-    u = (xc @ v.to(xc.dtype)).to(torch.float64) / s
-    g = gram(u)
-    chol, info = torch.linalg.cholesky_ex(g)
+    """``xc @ v / s`` made orthonormal to working precision by one Cholesky-QR step.
+
+    The columns are already orthonormal up to rounding amplified by the condition of the
+    kept directions; one step with a float64 Cholesky factor of their (small) Gram matrix
+    restores orthonormality in the working dtype at the cost of two ``(n, k, k)`` products.
+    """
+    u = (xc @ v.to(xc.dtype)) / s.to(xc.dtype)
+    chol, info = torch.linalg.cholesky_ex(gram(u).to(torch.float64))
     if int(info) != 0:  # numerically singular: fall back to Householder QR
         return torch.linalg.qr(u).Q
-    return torch.linalg.solve_triangular(chol, u.mT, upper=False).mT
+    return torch.linalg.solve_triangular(chol.to(u.dtype), u.mT, upper=False).mT
 
 
 @dataclass(eq=False)
