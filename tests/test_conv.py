@@ -302,8 +302,9 @@ def test_dft_cca_errors():
         dft_cca(x, torch.randn(10, 3))
     with pytest.raises(ValueError, match=r"`x` has 10 datapoints and `y` has 9"):
         dft_cca(x, torch.randn(9, 3, 4, 4))
-    with pytest.raises(ValueError, match=r"`dtype` must be a real floating dtype"):
-        dft_cca(x, x, dtype=torch.complex64)
+    for bad in (torch.complex64, torch.float16):
+        with pytest.raises(ValueError, match=r"`dtype` must be torch.float32 or torch.float64"):
+            dft_cca(x, x, dtype=bad)
     with pytest.raises(ValueError, match=r"`centering` must be one of"):
         dft_cca(x, x, centering="none")
 

@@ -318,7 +318,7 @@ def dft_cca(
         x, y: conv activations ``(N, C_x, H_x, W_x)`` and ``(N, C_y, H_y, W_y)`` of the same
             ``N`` images (tensors stay on their device; numpy arrays are accepted).
         centering: ``"per_frequency"`` or ``"dc"``, see above.
-        dtype: real floating dtype for the transforms and Grams (default float64, as in
+        dtype: ``torch.float32`` or ``torch.float64`` for the transforms and Grams (default float64, as in
             :func:`cca`: telling rank-deficient directions from real ones needs it); the
             small per-frequency eigenproblems always run in complex128.
         rtol: relative threshold on singular values below which a direction of a
@@ -329,8 +329,8 @@ def dft_cca(
         :class:`DFTCCAResult` with ``coefficients`` (descending), ``mean`` and optionally
         ``per_frequency`` and ``frequencies``.
     """
-    if dtype is not None and dtype.is_complex:
-        raise ValueError(f"`dtype` must be a real floating dtype (the maps are real), got {dtype}.")
+    if dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"`dtype` must be torch.float32 or torch.float64 (the maps are real), got {dtype}.")
     check_choice(centering, "centering", ("per_frequency", "dc"))
     real = dtype or torch.float64
     xt = check_conv_activations(x, "x", dtype=real)
@@ -340,20 +340,24 @@ def dft_cca(
     cy, hy, wy = yt.shape[1:]
     warn_if_few_datapoints(n, min(max(cx, cy), n), name="x", stacklevel=3)
 
-    def center(t: torch.Tensor) -> torch.Tensor:
-        dims = (0,) if centering == "per_frequency" else (0, 2, 3)
-        return t - t.mean(dim=dims, keepdim=True)
-
     q, p = _kept_period(hx, hy), _kept_period(wx, wy)
     half = p // 2 + 1  # kept non-negative frequencies along w; the rest mirror them
-
-    def spectrum(t: torch.Tensor, h: int) -> torch.Tensor:
-        s = torch.fft.rfft2(center(t))  # (N, C, h, w // 2 + 1)
-        s = s.index_select(2, _axis_index(q, h, t.device))[..., :half]
-        return s.permute(2, 3, 0, 1).reshape(q * half, n, t.shape[1])  # (F, N, C)
-
-    z = torch.cat([spectrum(xt, hx), spectrum(yt, hy)], dim=-1)
-    g = (z.mH @ z).to(torch.complex128)  # (F, Cx+Cy, Cx+Cy), one batched matmul
+    cdt = torch.complex128 if real == torch.float64 else torch.complex64
+    # Both spectra go into one buffer (q, half, N, Cx+Cy): one copy per side, then one bmm.
+    z = torch.empty(q, half, n, cx + cy, dtype=cdt, device=xt.device)
+    for t, h, cols in ((xt, hx, slice(0, cx)), (yt, hy, slice(cx, cx + cy))):
+        s = torch.fft.rfft2(t)[..., :half]  # (N, C, h, half)
+        if q != h:
+            s = s.index_select(2, _axis_index(q, h, t.device))
+        z[..., cols] = s.permute(2, 3, 0, 1)
+    z = z.view(q * half, n, cx + cy)  # (F, N, C): frequency (u, v) at F index u * half + v
+    # Centring commutes with the DFT, so it is done here on the kept frequencies only.
+    # A channel's grand mean lives in the DC term (F index 0) alone.
+    if centering == "per_frequency":
+        z -= z.mean(dim=1, keepdim=True)
+    else:
+        z[0] -= z[0].mean(dim=0, keepdim=True)
+    g = (z.mH @ z).to(torch.complex128)  # (F, Cx+Cy, Cx+Cy)
     if rtol is None:
         rtol = default_rtol(z.dtype)
     res = canonical_from_grams(g[:, :cx, :cx], g[:, cx:, cx:], g[:, :cx, cx:], rtol)
