@@ -62,6 +62,14 @@ def test_fold_accepts_numpy_and_keeps_values():
     np.testing.assert_array_equal(f.numpy(), x.transpose(0, 2, 3, 1).reshape(-1, 3))
 
 
+def test_a_single_image_folds_into_its_positions():
+    x = torch.randn(1, 2, 3, 3)
+    assert conv_to_datapoints(x).shape == (9, 2)
+    x2, y2 = conv_pair_to_datapoints(x, 2 * x, max_datapoints=4)
+    assert x2.shape == (4, 2)
+    torch.testing.assert_close(y2, 2 * x2)
+
+
 def test_size_one_is_global_average_pooling():
     x = torch.randn(5, 3, 6, 7)
     f = conv_to_datapoints(x, size=1)

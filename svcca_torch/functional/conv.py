@@ -131,7 +131,7 @@ def conv_to_datapoints(
     Returns:
         ``(N * h * w, C)`` activations, or ``(max_datapoints, C)`` when subsampled.
     """
-    t = check_conv_activations(x, "x")
+    t = check_conv_activations(x, "x", min_datapoints=1)  # one image still has H*W positions
     check_choice(resize, "resize", ("avgpool", "interpolate"))
     if size is not None:
         t = _resize(t, check_spatial_size(size, "size"), resize)
@@ -176,8 +176,8 @@ def conv_pair_to_datapoints(
     Returns:
         ``(x2, y2)``, each ``(datapoints, neurons)``, rows are the same (image, position).
     """
-    xt = check_activations(x, "x", allow_conv=True)
-    yt = check_activations(y, "y", allow_conv=True)
+    xt = check_activations(x, "x", allow_conv=True, min_datapoints=1)
+    yt = check_activations(y, "y", allow_conv=True, min_datapoints=1)
     check_same_datapoints(xt, yt)
     check_choice(mode, "mode", ("auto", "fold", "avgpool", "interpolate", "mean"))
     sx, sy = _spatial(xt), _spatial(yt)
@@ -318,9 +318,9 @@ def dft_cca(
         x, y: conv activations ``(N, C_x, H_x, W_x)`` and ``(N, C_y, H_y, W_y)`` of the same
             ``N`` images (tensors stay on their device; numpy arrays are accepted).
         centering: ``"per_frequency"`` or ``"dc"``, see above.
-        dtype: ``torch.float32`` or ``torch.float64`` for the transforms and Grams (default float64, as in
-            :func:`cca`: telling rank-deficient directions from real ones needs it); the
-            small per-frequency eigenproblems always run in complex128.
+        dtype: ``torch.float32`` or ``torch.float64`` for the transforms and Grams (default
+            float64, as in :func:`cca`: telling rank-deficient directions from real ones
+            needs it); the small per-frequency eigenproblems always run in complex128.
         rtol: relative threshold on singular values below which a direction of a
             frequency's channel space counts as absent (default from the dtype).
         return_per_frequency: also return the ``(h, w, r)`` coefficients per frequency.
@@ -338,7 +338,7 @@ def dft_cca(
     check_same_datapoints(xt, yt)
     n, cx, hx, wx = xt.shape
     cy, hy, wy = yt.shape[1:]
-    warn_if_few_datapoints(n, min(max(cx, cy), n), name="x", stacklevel=3)
+    warn_if_few_datapoints(n, min(max(cx, cy), n), name="x and y (per frequency)", stacklevel=3)
 
     q, p = _kept_period(hx, hy), _kept_period(wx, wy)
     half = p // 2 + 1  # kept non-negative frequencies along w; the rest mirror them

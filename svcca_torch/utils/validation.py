@@ -169,7 +169,9 @@ def check_fraction(value: Any, name: str, *, low_inclusive: bool = False, high_i
     return float(value)
 
 
-def check_conv_activations(x: Any, name: str = "x", *, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def check_conv_activations(
+    x: Any, name: str = "x", *, dtype: Optional[torch.dtype] = None, min_datapoints: int = 2
+) -> torch.Tensor:
     """Validate convolutional activations ``(N, C, H, W)`` and return them as a floating tensor."""
     t = as_tensor(x, name)
     if t.ndim != 4:
@@ -180,7 +182,7 @@ def check_conv_activations(x: Any, name: str = "x", *, dtype: Optional[torch.dty
         )
     if min(t.shape[2:]) < 1:
         raise ValueError(f"`{name}` has an empty spatial map (shape {tuple(t.shape)}).")
-    return check_activations(t, name, dtype=dtype, allow_conv=True)
+    return check_activations(t, name, dtype=dtype, allow_conv=True, min_datapoints=min_datapoints)
 
 
 def check_spatial_size(size: Any, name: str = "size") -> Tuple[int, int]:
