@@ -55,6 +55,11 @@ def test_fold_shape_and_image_major_row_order():
     assert torch.equal(f, expected)
 
 
+def test_fold_keeps_the_dtype():
+    assert conv_to_datapoints(torch.randn(2, 3, 4, 4), size=2).dtype == torch.float32
+    assert conv_to_datapoints(torch.randn(2, 3, 4, 4, dtype=torch.float64), size=8).dtype == torch.float64
+
+
 def test_fold_accepts_numpy_and_keeps_values():
     x = np.random.default_rng(0).standard_normal((2, 3, 2, 2))
     f = conv_to_datapoints(x)
@@ -262,6 +267,22 @@ def test_dft_cca_per_frequency_is_conjugate_symmetric_and_makes_the_union():
             qa, qb = np.linalg.qr(xf)[0], np.linalg.qr(yf)[0]
             direct = np.linalg.svd(qa.conj().T @ qb, compute_uv=False)
             np.testing.assert_allclose(per[i, j].numpy(), direct, atol=1e-8)
+
+
+def test_dft_cca_is_invariant_to_joint_shifts_and_channel_mixing():
+    x, y = translation_pair(b=60, h=4, w=5)
+    base = dft_cca(x, y).coefficients
+    shifted = dft_cca(np.roll(x, (1, 3), axis=(2, 3)), np.roll(y, (1, 3), axis=(2, 3))).coefficients
+    torch.testing.assert_close(shifted, base)
+    mix = np.random.default_rng(3).standard_normal((3, 3)) + 3 * np.eye(3)  # invertible
+    mixed = dft_cca(np.einsum("dc,nchw->ndhw", mix, x), y).coefficients
+    torch.testing.assert_close(mixed, base)
+
+
+def test_dft_cca_on_one_by_one_maps_is_plain_cca():
+    x, y = torch.randn(80, 4, 1, 1, dtype=torch.float64), torch.randn(80, 3, 1, 1, dtype=torch.float64)
+    y = y + x[:, :3]
+    torch.testing.assert_close(dft_cca(x, y).coefficients, cca(x.flatten(1), y.flatten(1)).coefficients)
 
 
 def test_dft_cca_of_a_layer_with_itself_is_one():
