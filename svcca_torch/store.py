@@ -86,6 +86,16 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+    try:  # make the rename itself durable (POSIX; directories cannot be opened on Windows)
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class RepresentationStore:

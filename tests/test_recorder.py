@@ -73,6 +73,17 @@ def test_dense_shapes_and_values_match_manual_forward() -> None:
     torch.testing.assert_close(out["2"], logits)
 
 
+def test_inplace_relu_after_unpooled_conv_does_not_corrupt() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(inplace=True))
+    x = torch.randn(20, 2, 2, 2)  # a 2x2 map is already on the grid: no pooling copy
+    out = ActivationRecorder(net, ["0"]).record(x)
+    with torch.no_grad():
+        expected = net[0](x).permute(0, 2, 3, 1).reshape(80, 3)
+    assert (out["0"] < 0).any()
+    torch.testing.assert_close(out["0"], expected)
+
+
 def test_conv_maps_pooled_to_common_grid_and_dense_rows_aligned() -> None:
     torch.manual_seed(0)
     net = ConvNet()  # 8x8 input: blocks 1-2 at 8x8, blocks 3-4 at 4x4, then fc1, fc
