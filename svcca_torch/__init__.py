@@ -21,6 +21,7 @@ from .functional import (
     svd_reduce,
 )
 from .utils.validation import FewDatapointsWarning
+from .metrics import CCA, PWCCA, SVCCA, LinearCKA
 from .recorder import ActivationRecorder
 from .store import Checkpoint, RepresentationStore, StoreCorruptError
 from .dynamics import (

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -56,10 +56,12 @@ class CCAResult:
         return self.mean
 
 
-def prepare_pair(x: Any, y: Any, dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_pair(
+    x: Any, y: Any, dtype: Optional[torch.dtype], min_datapoints: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate two ``(datapoints, neurons)`` layers, reducing ``(N, C, H, W)`` conv maps."""
-    xt = check_activations(x, "x", dtype=dtype, allow_conv=True)
-    yt = check_activations(y, "y", dtype=dtype, allow_conv=True)
+    xt = check_activations(x, "x", dtype=dtype, allow_conv=True, min_datapoints=min_datapoints)
+    yt = check_activations(y, "y", dtype=dtype, allow_conv=True, min_datapoints=min_datapoints)
     if xt.ndim == 4 or yt.ndim == 4:
         from .conv import conv_pair_to_datapoints
 
@@ -71,11 +73,43 @@ def prepare_pair(x: Any, y: Any, dtype: Optional[torch.dtype]) -> tuple[torch.Te
     return xt, yt
 
 
-def moments(x: torch.Tensor, y: torch.Tensor, gram_dtype: torch.dtype):
-    """Neuron means and the centred Gram matrices ``XᵀX``, ``YᵀY``, ``XᵀY`` in ``gram_dtype``."""
+class Moments(NamedTuple):
+    """Sufficient statistics of two layers for CCA, SVCCA, PWCCA and linear CKA.
+
+    ``n`` datapoints; neuron means ``mx`` ``(neurons_x,)``, ``my``; centred Gram matrices
+    ``sxx = XcᵀXc``, ``syy``, ``sxy``. The functional kernels compute them from the
+    activations in one pass; the stateful metrics accumulate them over batches.
+    """
+
+    n: int
+    mx: torch.Tensor
+    my: torch.Tensor
+    sxx: torch.Tensor
+    syy: torch.Tensor
+    sxy: torch.Tensor
+
+
+def moments(x: torch.Tensor, y: torch.Tensor, gram_dtype: torch.dtype) -> Moments:
+    """:class:`Moments` of ``(datapoints, neurons)`` layers, Grams formed in ``gram_dtype``."""
     mx, my = x.mean(0), y.mean(0)
     xc, yc = (x - mx).to(gram_dtype), (y - my).to(gram_dtype)
-    return mx, my, gram(xc), gram(yc), gram(xc, yc)
+    return Moments(int(x.shape[0]), mx, my, gram(xc), gram(yc), gram(xc, yc))
+
+
+def cca_from_moments(m: Moments, rtol: Optional[float] = None) -> CCAResult:
+    """CCA from :class:`Moments` (no variates: the activations are not known here)."""
+    rtol = default_rtol(m.sxx.dtype) if rtol is None else rtol
+    res = canonical_from_grams(m.sxx, m.syy, m.sxy, rtol)
+    r = int(res.n)
+    warn_if_few_datapoints(m.n, max(r, 1), "x and y", stacklevel=4)
+    scale = (m.n - 1) ** 0.5
+    return CCAResult(
+        coefficients=res.rho[:r],
+        x_weights=res.x_weights[:, :r] * scale,
+        y_weights=res.y_weights[:, :r] * scale,
+        x_mean=m.mx,
+        y_mean=m.my,
+    )
 
 
 def cca(
@@ -105,17 +139,6 @@ def cca(
     """
     xt, yt = prepare_pair(x, y, dtype)
     gdt = dtype or (torch.complex128 if xt.is_complex() else torch.float64)
-    mx, my, sxx, syy, sxy = moments(xt, yt, gdt)
-    res = canonical_from_grams(sxx, syy, sxy, default_rtol(gdt) if rtol is None else rtol)
-    r = int(res.n)
-    warn_if_few_datapoints(xt.shape[0], max(r, 1), "x and y")
-    scale = (xt.shape[0] - 1) ** 0.5
-    return CCAResult(
-        coefficients=res.rho[:r],
-        x_weights=res.x_weights[:, :r] * scale,
-        y_weights=res.y_weights[:, :r] * scale,
-        x_mean=mx,
-        y_mean=my,
-        _x=xt,
-        _y=yt,
-    )
+    res = cca_from_moments(moments(xt, yt, gdt), rtol)
+    res._x, res._y = xt, yt
+    return res

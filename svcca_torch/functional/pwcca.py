@@ -7,7 +7,7 @@ import torch
 
 from ..utils.validation import check_choice, warn_if_few_datapoints
 from ._linalg import default_rtol, eigh_desc, rank_mask
-from .cca import cca, moments, prepare_pair
+from .cca import Moments, cca, moments, prepare_pair
 
 PWCCA_METHODS = ("reference", "paper")
 
@@ -48,20 +48,29 @@ def pwcca(
     xt, yt = prepare_pair(x, y, dtype)
     if method == "paper":
         return _pwcca_paper(xt, yt, dtype)
-    gdt = dtype or torch.float64
-    xt, yt = _drop_dead(xt, "x"), _drop_dead(yt, "y")
-    if xt.shape[1] <= yt.shape[1]:
-        s, o = xt, yt
+    m = moments(xt, yt, dtype or torch.float64)
+    return pwcca_from_moments(m, x=xt, y=yt)
+
+
+def pwcca_from_moments(m: Moments, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None) -> float:
+    """The ``"reference"`` PWCCA of :func:`pwcca` from :class:`Moments` alone.
+
+    ``x``/``y`` (the activations) are only needed for the Householder-QR fallback when the
+    projected directions are ill-conditioned; without them that case is an error.
+    """
+    live_x, live_y = _live(m.sxx, "x"), _live(m.syy, "y")
+    sxx, syy, sxy = m.sxx[live_x][:, live_x], m.syy[live_y][:, live_y], m.sxy[live_x][:, live_y]
+    if len(sxx) <= len(syy):
+        mu, sss, soo, sso, data = m.mx[live_x], sxx, syy, sxy, None if x is None else x[:, live_x]
     else:
-        s, o = yt, xt
-    mu, _, sss, soo, sso = moments(s, o, gdt)
-    rtol = default_rtol(gdt)
+        mu, sss, soo, sso, data = m.my[live_y], syy, sxx, sxy.mT, None if y is None else y[:, live_y]
+    rtol = default_rtol(sss.dtype)
     es, eo = eigh_desc(sss), eigh_desc(soo)
     ms, mo = rank_mask(es.values, rtol), rank_mask(eo.values, rtol)
     vs, vo = es.vectors[:, ms], eo.vectors[:, mo]
     ws = vs * es.values[ms].rsqrt()
     wo = vo * eo.values[mo].rsqrt()
-    warn_if_few_datapoints(s.shape[0], s.shape[1], "x and y")
+    warn_if_few_datapoints(m.n, len(sss), "x and y", stacklevel=4)
     # Σss^{-1/2} Σso Σoo^{-1/2} with the symmetric (range-restricted) inverse square roots.
     # Its SVD runs on the CPU in float64 so that singular-vector signs follow LAPACK's, as
     # numpy's do in the reference: the added-back means make the weights sign-dependent.
@@ -72,29 +81,34 @@ def pwcca(
     # a layer's similarity to itself below 1. On full-rank layers nothing changes.
     r = int(min(ms.sum(), mo.sum()))
     u, rho = u[:, :r].to(sss.device, sss.dtype), rho[:r].to(sss.device, sss.dtype)
-    n = s.shape[0]
     mu = mu.to(sss.dtype)
     # D = (S - μ) u + 1 μ[:r]ᵀ (datapoints x directions); D = P R in order.
     # DᵀD and Dᵀ S follow from the Grams because the centred part is orthogonal to 1.
-    dtd = u.mT @ sss @ u + n * torch.outer(mu[:r], mu[:r])
-    dts = u.mT @ sss + n * torch.outer(mu[:r], mu)
+    dtd = u.mT @ sss @ u + m.n * torch.outer(mu[:r], mu[:r])
+    dts = u.mT @ sss + m.n * torch.outer(mu[:r], mu)
     chol, info = torch.linalg.cholesky_ex(dtd)
     diag = chol.diagonal() if int(info) == 0 else None
     if diag is not None and float(diag.min()) > 1e-4 * float(diag.max()):
         proj = torch.linalg.solve_triangular(chol, dts, upper=False)  # Pᵀ S
+    elif data is not None:
+        sd = data.to(sss.dtype)
+        proj = torch.linalg.qr((sd - mu) @ u + mu[:r]).Q.mT @ sd
     else:
-        sd = s.to(sss.dtype)
-        d = (sd - mu) @ u + mu[:r]
-        proj = torch.linalg.qr(d).Q.mT @ sd
+        raise ValueError(
+            "PWCCA's projected directions are numerically dependent (linearly dependent neurons); "
+            "from accumulated statistics this needs the activations: call svcca_torch.pwcca(x, y)."
+        )
     weights = proj.abs().sum(1)
     return float((weights / weights.sum() * rho).sum())
 
 
-def _drop_dead(t: torch.Tensor, name: str) -> torch.Tensor:
-    live = t.var(0) > 0
+def _live(g: torch.Tensor, name: str) -> torch.Tensor:
+    """Neurons with non-zero variance (dead ones are dropped, as in the reference)."""
+    var = g.diagonal().real
+    live = var > default_rtol(g.dtype) ** 2 * var.max()  # constant up to rounding of the mean
     if not bool(live.any()):
         raise ValueError(f"`{name}` has zero variance: every neuron is constant over the datapoints.")
-    return t if bool(live.all()) else t[:, live]
+    return live
 
 
 def _pwcca_paper(x: torch.Tensor, y: torch.Tensor, dtype: Optional[torch.dtype]) -> float:

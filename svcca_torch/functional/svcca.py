@@ -14,7 +14,7 @@ from ..utils.validation import (
     warn_if_few_datapoints,
 )
 from ._linalg import default_rtol, eigh_desc, gram, rank_mask
-from .cca import CCAResult, moments, prepare_pair
+from .cca import CCAResult, Moments, moments, prepare_pair
 
 KEEP_RULES = ("singular_values", "variance")
 
@@ -203,27 +203,31 @@ def svcca(
     if isinstance(x, ReducedBasis) or isinstance(y, ReducedBasis):
         return _svcca_from_bases(x, y, keep, keep_rule, dtype)
     xt, yt = prepare_pair(x, y, dtype)
-    gdt = _gram_dtype(xt, dtype)
-    mx, my, sxx, syy, sxy = moments(xt, yt, gdt)
-    rtol = default_rtol(gdt)
-    sx, vx = _top_directions(sxx, keep, keep_rule, None, rtol)
-    sy, vy = _top_directions(syy, keep, keep_rule, None, rtol)
+    res = svcca_from_moments(moments(xt, yt, _gram_dtype(xt, dtype)), keep, keep_rule)
+    res._x, res._y = xt, yt
+    return res
+
+
+def svcca_from_moments(m: Moments, keep: Union[int, float] = 0.99, keep_rule: str = "singular_values") -> SVCCAResult:
+    """SVCCA from :class:`Moments`: the top directions of each side come from the float64
+    eigendecomposition of its Gram matrix; the CCA of the reduced sides is the SVD of
+    ``(Vx/sx)ᵀ Sxy (Vy/sy)``, a ``(k_x, k_y)`` matrix."""
+    rtol = default_rtol(m.sxx.dtype)
+    sx, vx = _top_directions(m.sxx, keep, keep_rule, None, rtol)
+    sy, vy = _top_directions(m.syy, keep, keep_rule, None, rtol)
     for s, name in ((sx, "x"), (sy, "y")):
         if s.numel() == 0:
             raise ValueError(f"`{name}` has zero variance: every neuron is constant over the datapoints.")
-    warn_if_few_datapoints(xt.shape[0], max(len(sx), len(sy)), "x and y")
+    warn_if_few_datapoints(m.n, max(len(sx), len(sy)), "x and y", stacklevel=4)
     wx, wy = vx / sx, vy / sy
-    m = wx.mT @ sxy.to(torch.float64) @ wy
-    u, rho, vh = torch.linalg.svd(m, full_matrices=False)
-    scale = (xt.shape[0] - 1) ** 0.5
+    u, rho, vh = torch.linalg.svd(wx.mT @ m.sxy.to(torch.float64) @ wy, full_matrices=False)
+    scale = (m.n - 1) ** 0.5
     return SVCCAResult(
         coefficients=rho.clamp(0.0, 1.0),
         x_weights=(wx @ u) * scale,
         y_weights=(wy @ vh.mT) * scale,
-        x_mean=mx,
-        y_mean=my,
-        _x=xt,
-        _y=yt,
+        x_mean=m.mx,
+        y_mean=m.my,
         k_x=len(sx),
         k_y=len(sy),
     )
