@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 import svcca_torch as sv
 
@@ -89,6 +90,7 @@ def main() -> None:
     p.add_argument("--skip-reference", action="store_true", help="skip the slow numpy reference pipeline")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)  # numpy's BLAS too, so the reference runs on the same cores
     sizes = SIZES if not args.sizes else [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     dev = args.device
     print(f"device={dev} threads={args.threads} dtype=float32 torch={torch.__version__} (median of {args.repeats})")
