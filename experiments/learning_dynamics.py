@@ -1,0 +1,171 @@
+"""Learning dynamics (Raghu et al. 2017, Fig. 4): do networks converge bottom-up?
+
+Trains the ConvNet-BN and the small ResNet with :class:`svcca_torch.callbacks.SVCCACallback`
+(optionally with freeze training), writes TensorBoard logs and, per model, the
+learning-dynamics grid at 0%, 35%, 75% and 100% of training (``<model>/learning_dynamics.png``),
+the per-layer convergence curves and ``results.json``. The JSON says, per layer, the fraction
+of training after which its SVCCA similarity to its own final state stays at or above
+``--threshold`` (0.95), and whether lower layers got there first.
+
+    python experiments/learning_dynamics.py                       # digits, both models
+    python experiments/learning_dynamics.py --model convnet --freeze adaptive
+    python experiments/learning_dynamics.py --dataset cifar10 --data-dir data --download
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+if __package__ in (None, ""):  # run as a script: make `experiments` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from experiments.common import (
+    accuracy,
+    backward_saved,
+    base_parser,
+    finalize_args,
+    first_reaching,
+    load_data,
+    make_run_dir,
+    mean_std,
+    script_main,
+    setup_runtime,
+    spearman,
+    train_plain,
+    write_json,
+)
+from svcca_torch.callbacks import SVCCACallback
+
+FREEZE_CHOICES = ("none", "adaptive", "schedule")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = base_parser(__doc__.split("\n\n")[0], epochs=20, cifar_epochs=40, multi_model=True)
+    p.add_argument("--freeze", choices=FREEZE_CHOICES, default="none", help="freeze training policy")
+    p.add_argument("--captures-per-epoch", type=int, default=2, help="SVCCA captures per epoch")
+    p.add_argument("--threshold", type=float, default=0.95,
+                   help="similarity to the final state counted as converged")
+    p.add_argument("--freeze-threshold", type=float, default=0.98, help="adaptive policy's similarity threshold")
+    p.add_argument("--freeze-patience", type=int, default=2, help="adaptive policy's patience (captures)")
+    return p
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return max(1, -(-n_train // batch_size))
+
+
+def convergence(summary: Dict[str, Any], threshold: float) -> Dict[str, Any]:
+    """Per layer, the fraction of training after which similarity to the final state stays
+    >= ``threshold``; and whether that fraction grows with depth (bottom-up)."""
+    layers: List[str] = summary["layers"]
+    fractions: List[float] = summary["fractions"]
+    to_final = summary["to_final"]  # (checkpoints, layers), None where undefined
+    conv = {}
+    for j, name in enumerate(layers):
+        col = [float("nan") if row[j] is None else row[j] for row in to_final]
+        conv[name] = first_reaching(fractions, col, threshold)
+    vals = [1.0 if conv[n] is None else conv[n] for n in layers]
+    half = len(layers) // 2
+    lower, upper = vals[:half], vals[half:]
+    return {
+        "threshold": threshold,
+        "convergence_fraction": conv,
+        "spearman_depth_vs_convergence": spearman(list(range(len(vals))), vals),
+        "lower_half_mean": sum(lower) / max(1, len(lower)),
+        "upper_half_mean": sum(upper) / max(1, len(upper)),
+        "lower_layers_converged_first": bool(lower and sum(lower) / len(lower) < sum(upper) / len(upper)),
+    }
+
+
+def run_model(args: argparse.Namespace, model: str, run_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
+    data = load_data(args, model)
+    every = max(1, steps_per_epoch(len(data.train), args.batch_size) // max(1, args.captures_per_epoch))
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=model, default_hp_metric=False)
+    freeze = False if args.freeze == "none" else args.freeze
+    cb = SVCCACallback(data.probe, every_n_train_steps=every, run_dir=run_dir / model, name="svcca",
+                       freeze_training=freeze, freeze_threshold=args.freeze_threshold,
+                       freeze_patience=args.freeze_patience, progress=False)
+    log(f"[{model}] training {args.epochs} epochs on {data.name} ({len(data.train)} images), "
+        f"SVCCA capture every {every} steps on {len(data.probe)} probe images"
+        + (f", freeze training: {args.freeze}" if freeze else ""))
+    module, trainer, wall = train_plain(args, data, args.seed, model, [cb], logger)
+    acc = accuracy(module, data.test)
+    logger.experiment.add_scalar("test/accuracy", acc, trainer.global_step)
+    logger.experiment.flush()
+    summary = json.loads((run_dir / model / "svcca_summary.json").read_text())
+    conv = convergence(summary, args.threshold)
+    out = {
+        "model": model,
+        "test_accuracy": acc,
+        "wall_seconds": wall,
+        "steps": trainer.global_step,
+        "layers": summary["layers"],
+        "captures": len(summary["captured_steps"]),
+        **conv,
+        "freeze": {
+            "policy": args.freeze,
+            "events": summary["freeze"]["events"],
+            "backward_compute_saved": backward_saved(summary["freeze"]["events"], trainer.global_step),
+        },
+        "figures": {
+            "learning_dynamics": str(run_dir / model / "learning_dynamics.png"),
+            "convergence": str(run_dir / model / "convergence.png"),
+            "to_previous": str(run_dir / model / "to_previous.png"),
+        },
+        "svcca_summary": str(run_dir / model / "svcca_summary.json"),
+        "tensorboard": str(run_dir / "tensorboard" / model),
+    }
+    log(f"[{model}] test accuracy {acc:.1f}% in {wall:.1f} s; layers reach {args.threshold} similarity to their "
+        f"final state at (fraction of training):")
+    for name, f in conv["convergence_fraction"].items():
+        log(f"    {name:<24} {'-' if f is None else f'{f:.2f}'}")
+    log(f"[{model}] Spearman(depth, convergence) = "
+        + ("n/a" if conv["spearman_depth_vs_convergence"] is None else f"{conv['spearman_depth_vs_convergence']:+.2f}")
+        + f"; lower layers converged first: {conv['lower_layers_converged_first']}")
+    if freeze:
+        ev = summary["freeze"]["events"]
+        frozen = [g for e in ev for g in e["groups"]]
+        log(f"[{model}] froze {len(frozen)} groups ({', '.join(frozen) or 'none'}); backward compute saved over "
+            f"the run: {100 * out['freeze']['backward_compute_saved']:.1f}%")
+    return out
+
+
+def run(args: argparse.Namespace, log: Optional[Callable[[str], None]] = print) -> Dict[str, Any]:
+    """Run the experiment; returns (and writes to ``<run_dir>/results.json``) its numbers."""
+    log = log or (lambda s: None)
+    args = finalize_args(args)
+    setup_runtime(args)
+    models = [args.model] if isinstance(args.model, str) else list(dict.fromkeys(args.model))
+    run_dir = make_run_dir(args, "learning_dynamics", "-".join(models))
+    results: Dict[str, Any] = {
+        "experiment": "learning_dynamics",
+        "dataset": args.dataset,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "smoke": args.smoke,
+        "run_dir": str(run_dir),
+        "models": {},
+    }
+    for model in models:
+        results["models"][model] = run_model(args, model, run_dir, log)
+    accs = [m["test_accuracy"] for m in results["models"].values()]
+    results["test_accuracy_mean"] = mean_std(accs)[0]
+    write_json(run_dir / "results.json", results)
+    log(f"results: {run_dir / 'results.json'}")
+    for model in models:
+        log(f"learning-dynamics grid ({model}): {results['models'][model]['figures']['learning_dynamics']}")
+    log(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    return results
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return script_main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
