@@ -1,0 +1,119 @@
+"""One short, prepared GPU check (CI has no GPU; run this when a machine with one is lent).
+
+    python experiments/gpu_check.py            # checks, then the kernel benchmark on cuda
+    python experiments/gpu_check.py --no-bench # checks only (about a minute)
+
+Checks that every kernel keeps CUDA tensors on the GPU and agrees with the CPU, that the
+recorder captures a CUDA model, and that a short Lightning fit with SVCCACallback and
+freeze training runs on the GPU. Exits non-zero on the first failure.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    print(f"[{'PASS' if ok else 'FAIL'}] {name} {detail}", flush=True)
+    if not ok:
+        sys.exit(1)
+
+
+def kernels(dev: str) -> None:
+    import svcca_torch as sv
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 16, generator=g)
+    x = (z @ torch.randn(16, 96, generator=g) + torch.randn(4000, 96, generator=g)).relu()
+    y = (z @ torch.randn(16, 64, generator=g) + torch.randn(4000, 64, generator=g)).relu()
+    xg, yg = x.to(dev), y.to(dev)
+    res = sv.svcca(xg, yg)
+    check("svcca result stays on the device", res.coefficients.device.type == xg.device.type, str(res.coefficients.device))
+    check("svcca variates on the device", res.x_variates.device.type == xg.device.type)
+    pairs = {
+        "svcca": (sv.svcca(x, y).mean, res.mean),
+        "cca": (sv.cca(x, y).mean, sv.cca(xg, yg).mean),
+        "pwcca": (sv.pwcca(x, y), sv.pwcca(xg, yg)),
+        "linear_cka": (sv.linear_cka(x, y), sv.linear_cka(xg, yg)),
+        "linear_cka debiased": (sv.linear_cka(x, y, debiased=True), sv.linear_cka(xg, yg, debiased=True)),
+    }
+    for name, (cpu, gpu) in pairs.items():
+        check(f"{name} cuda == cpu", abs(cpu - gpu) < 1e-4, f"cpu={cpu:.6f} gpu={gpu:.6f}")
+    layers = [x, y, x[:, :40]]
+    m_cpu = sv.similarity_matrix(layers)
+    m_gpu = sv.similarity_matrix([t.to(dev) for t in layers])
+    check("similarity_matrix cuda == cpu", float((m_cpu - m_gpu).abs().max()) < 1e-4)
+    conv_x = torch.randn(64, 8, 6, 6, generator=g)
+    conv_y = torch.roll(conv_x, 1, dims=-1) @ torch.eye(6) + 0.1 * torch.randn(64, 8, 6, 6, generator=g)
+    d_cpu, d_gpu = sv.dft_cca(conv_x, conv_y).mean, sv.dft_cca(conv_x.to(dev), conv_y.to(dev)).mean
+    check("dft_cca cuda == cpu", abs(d_cpu - d_gpu) < 1e-4, f"cpu={d_cpu:.6f} gpu={d_gpu:.6f}")
+    metric = sv.SVCCA().to(dev)
+    for i in range(0, 4000, 1000):
+        metric.update(xg[i : i + 1000], yg[i : i + 1000])
+    check("streaming SVCCA on cuda", abs(metric.compute().mean - res.mean) < 1e-4)
+
+
+def recorder_and_callback(dev: str) -> None:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    import svcca_torch as sv
+    from svcca_torch.callbacks import SVCCACallback
+    from svcca_torch.data import load_digits_dataset, probe_set
+    from svcca_torch.models import ConvNet
+
+    train, _ = load_digits_dataset(size=16)
+    probe = probe_set(train, 256, seed=0)
+    model = ConvNet(in_channels=1, num_classes=10, image_size=16).to(dev)
+    acts = sv.ActivationRecorder(model).record(probe.to(dev))
+    check("recorder on a CUDA model", len(acts) > 0 and all(t.shape[0] > 0 for t in acts.values()))
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = ConvNet(in_channels=1, num_classes=10, image_size=16)
+
+        def forward(self, x):
+            return self.model(x)
+
+        def training_step(self, batch, _):
+            x, t = batch
+            return torch.nn.functional.cross_entropy(self.model(x), t)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cb = SVCCACallback(probe=probe, freeze_training="schedule", run_dir=tmp, progress=False)
+        trainer = pl.Trainer(accelerator="gpu" if dev == "cuda" else "cpu", devices=1, max_epochs=4, callbacks=[cb], logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False)
+        t0 = time.perf_counter()
+        trainer.fit(Module(), DataLoader(train, batch_size=64, shuffle=True))
+        check("Lightning fit on GPU with SVCCACallback + freeze", (Path(tmp) / "learning_dynamics.png").exists(),
+              f"{time.perf_counter() - t0:.1f} s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-bench", action="store_true", help="skip the kernel benchmark")
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu only to dry-run this script")
+    args = p.parse_args()
+    if args.device == "cuda":
+        check("CUDA available", torch.cuda.is_available(), torch.__version__)
+        print(torch.cuda.get_device_name(0))
+    kernels(args.device)
+    recorder_and_callback(args.device)
+    if not args.no_bench:
+        here = Path(__file__).resolve().parent
+        subprocess.run([sys.executable, str(here / "bench_kernels.py"), "--device", args.device, "--repeats", "5"],
+                       check=True)
+
+
+if __name__ == "__main__":
+    main()
