@@ -1,0 +1,267 @@
+"""SVCCACallback on real tiny trainings (digits, CPU, seconds each)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from _lightning_helpers import DigitsModule, digits_loaders, trainer
+from svcca_torch.callbacks import SVCCACallback
+from svcca_torch.freeze import is_frozen
+from svcca_torch.store import RepresentationStore
+
+STEPS_PER_EPOCH = 10  # 640 training digits, batches of 64
+
+
+class FrozenSnapshot(Callback):
+    """Snapshots each group's state_dict the first time it is seen frozen (after the SVCCA
+    callback's hooks in the same event), and at the start of training."""
+
+    def __init__(self, svcca: SVCCACallback) -> None:
+        self.svcca = svcca
+        self.at_freeze = {}
+        self.frozen_at_start = None
+
+    def _snap(self) -> None:
+        for g in self.svcca.groups:
+            if g.name not in self.at_freeze and is_frozen(g):
+                self.at_freeze[g.name] = {f"{i}.{k}": v.clone() for i, m in enumerate(g.modules)
+                                          for k, v in m.state_dict().items()}
+
+    def on_train_start(self, trainer, pl_module):
+        self.frozen_at_start = [g.name for g in self.svcca.groups if is_frozen(g)]
+        self._snap()
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self._snap()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._snap()
+
+    def assert_unchanged(self):
+        assert self.at_freeze, "no group was frozen"
+        for g in self.svcca.groups:
+            if g.name in self.at_freeze:
+                now = {f"{i}.{k}": v for i, m in enumerate(g.modules) for k, v in m.state_dict().items()}
+                for k, v in self.at_freeze[g.name].items():
+                    assert torch.equal(v, now[k]), f"{g.name}: {k} moved after freezing"
+
+
+def _events(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_run_logs_live_and_final_views(tmp_path):
+    pl.seed_everything(0)
+    loader, probe = digits_loaders()
+    model = DigitsModule()
+    cb = SVCCACallback(probe, progress=False)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer(tmp_path, logger=logger, max_epochs=3, callbacks=[cb]).fit(model, loader)
+
+    steps = [0, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH]
+    assert cb.captured_steps == steps
+    run_dir = Path(logger.log_dir) / "svcca"
+    store = RepresentationStore(run_dir / "store")
+    assert [c.step for c in store.checkpoints] == steps
+    assert store.layers == model.layer_names
+    assert [c.fraction for c in store.checkpoints] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+
+    acc = _events(logger.log_dir)
+    tags = acc.Tags()
+    for layer in model.layer_names:
+        assert [e.step for e in acc.Scalars(f"svcca/to_previous/{layer}")] == steps[1:]
+        to_final = acc.Scalars(f"svcca/to_final/{layer}")
+        assert [e.step for e in to_final] == steps
+        assert to_final[-1].value == pytest.approx(1.0, abs=1e-5)
+        assert all(0.0 <= e.value <= 1.0 + 1e-6 for e in to_final)
+    # one heatmap per capture, the capture's global step as the image step
+    assert [e.step for e in acc.Images("svcca/learning_dynamics")] == steps
+    assert "custom_scalars__config__" in tags["tensors"]
+    for name in ("learning_dynamics.png", "convergence.png", "to_previous.png", "svcca_summary.json"):
+        assert (run_dir / name).stat().st_size > 0
+    summary = json.loads((run_dir / "svcca_summary.json").read_text())
+    assert summary["steps"] == steps and len(summary["matrices"]) == 4
+    final = torch.tensor(summary["matrices"][-1])
+    assert torch.allclose(final.diagonal(), torch.ones(len(model.layer_names)), atol=1e-5)
+    assert summary["probe_checksum"] == cb.probe_checksum
+
+
+def test_every_n_train_steps_schedule(tmp_path):
+    loader, probe = digits_loaders()
+    cb = SVCCACallback(probe, every_n_train_steps=4, final_analysis=False, progress=False)
+    trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(DigitsModule(), loader)
+    assert cb.captured_steps == [0, 4, 8, 10]  # plus the end of training
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "schedule"])
+def test_freeze_training_freezes_bottom_up_and_keeps_weights(tmp_path, policy):
+    pl.seed_everything(0)
+    loader, probe = digits_loaders()
+    model = DigitsModule()
+    kwargs = dict(freeze_threshold=0.9, freeze_patience=1) if policy == "adaptive" else dict(
+        schedule_start=0.2, schedule_end=0.6)
+    cb = SVCCACallback(probe, freeze_training=policy, progress=False, final_analysis=False, **kwargs)
+    snap = FrozenSnapshot(cb)
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer(tmp_path, logger=logger, max_epochs=4, callbacks=[cb, snap]).fit(model, loader)
+
+    names = [g.name for g in cb.groups]
+    frozen = cb.policy.frozen
+    assert frozen and frozen == names[: len(frozen)]  # contiguous from the bottom
+    assert names[-1] not in frozen and len(frozen) <= int(0.75 * len(names))
+    snap.assert_unchanged()
+    for g in cb.groups:
+        assert is_frozen(g) == (g.name in frozen)
+        for m in g.modules:
+            for bn in m.modules():
+                if isinstance(bn, torch.nn.BatchNorm2d):
+                    assert bn.training is False if g.name in frozen else True
+    if policy == "schedule":
+        fractions = cb.policy.freeze_fractions
+        for e in cb.policy.events:
+            assert e["step"] / 40 >= fractions[e["group"]] - 1e-9
+    last = cb.freeze_log[-1]
+    assert last["frozen_parameters"] == sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert 0.0 < last["backward_flops_saved"] < 1.0
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("freeze/frozen_groups") for r in rows)
+
+
+def test_resume_refreezes_and_keeps_history(tmp_path):
+    pl.seed_everything(0)
+    loader, probe = digits_loaders()
+    cb1 = SVCCACallback(probe, freeze_training=True, freeze_threshold=0.9, freeze_patience=1, progress=False)
+    t1 = trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path), name="tb"), max_epochs=2, callbacks=[cb1],
+                 checkpointing=True)
+    t1.fit(DigitsModule(), loader)
+    frozen_before = list(cb1.policy.frozen)
+    assert frozen_before, "the first run should have frozen a group"
+    ckpt = t1.checkpoint_callback.best_model_path
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+
+    cb2 = SVCCACallback(probe, freeze_training=True, freeze_threshold=0.9, freeze_patience=1, progress=False)
+    snap = FrozenSnapshot(cb2)
+    t2 = trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path), name="tb"), max_epochs=4,
+                 callbacks=[cb2, snap])
+    model2 = DigitsModule()
+    t2.fit(model2, loader, ckpt_path=ckpt)
+
+    assert snap.frozen_at_start == frozen_before  # re-frozen before the first resumed step
+    assert cb2.run_dir == cb1.run_dir  # same store, history kept
+    assert cb2.captured_steps == [0, 10, 20, 30, 40]
+    assert cb2.policy.frozen[: len(frozen_before)] == frozen_before
+    store = RepresentationStore(cb2.run_dir / "store")
+    assert [c.step for c in store.checkpoints] == [0, 10, 20, 30, 40]
+    # weights of the groups frozen in run 1 are bit-identical to the checkpoint's
+    group = {g.name: g for g in cb2.groups}[frozen_before[0]]
+    params = {id(p) for p in group.parameters()}
+    for k, v in model2.state_dict().items():
+        p = dict(model2.named_parameters()).get(k)
+        if p is not None and id(p) in params:
+            assert torch.equal(v, saved[k]), k
+    summary = json.loads((cb2.run_dir / "svcca_summary.json").read_text())
+    assert summary["steps"] == [0, 10, 20, 30, 40]
+
+
+def test_two_instances_coexist_by_state_key(tmp_path):
+    loader, probe = digits_loaders()
+    a = SVCCACallback(probe, name="a", final_analysis=False, progress=False)
+    b = SVCCACallback(probe[:100], name="b", layers=["net.fc"], final_analysis=False, progress=False)
+    assert a.state_key != b.state_key
+    t = trainer(tmp_path, max_epochs=1, callbacks=[a, b])
+    t.fit(DigitsModule(), loader)
+    assert a.run_dir.name == "a" and b.run_dir.name == "b"
+    assert RepresentationStore(b.run_dir / "store").layers == ["net.fc"]
+
+
+@pytest.mark.parametrize("kind", ["csv", "none"])
+def test_csv_and_no_logger_write_figures_and_json(tmp_path, kind):
+    loader, probe = digits_loaders()
+    logger = CSVLogger(str(tmp_path), name="csv") if kind == "csv" else None
+    cb = SVCCACallback(probe, progress=False)
+    trainer(tmp_path, logger=logger, max_epochs=2, callbacks=[cb]).fit(DigitsModule(), loader)
+    run_dir = (Path(logger.log_dir) if logger else tmp_path) / "svcca"
+    assert cb.run_dir == run_dir
+    for name in ("learning_dynamics.png", "convergence.png", "svcca_summary.json"):
+        assert (run_dir / name).stat().st_size > 0
+    summary = json.loads((run_dir / "svcca_summary.json").read_text())
+    assert summary["steps"] == [0, 10, 20] and len(summary["to_final"]) == 3
+    if kind == "csv":
+        with open(Path(logger.log_dir) / "metrics.csv") as f:
+            header = next(csv.reader(f))
+        assert "svcca/to_previous/net.features.block1" in header
+        assert "svcca/to_final/net.fc" in header
+
+
+def test_setup_errors_are_clear(tmp_path):
+    loader, probe = digits_loaders()
+    with pytest.raises(ValueError, match="probe"):
+        SVCCACallback(torch.empty(0, 1, 8, 8))
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        SVCCACallback(probe, every_n_epochs=1, every_n_train_steps=5)
+    with pytest.raises(ValueError, match="freeze_training"):
+        SVCCACallback(probe, freeze_training="sometimes")
+    with pytest.raises(ValueError, match="nope"):
+        trainer(tmp_path, callbacks=[SVCCACallback(probe, layers=["nope"])]).fit(DigitsModule(), loader)
+    with pytest.raises(ValueError, match="LBFGS"):
+        trainer(tmp_path, callbacks=[SVCCACallback(probe, freeze_training=True)]).fit(
+            DigitsModule(optimizer="lbfgs"), loader)
+    with pytest.raises(ValueError, match="max_epochs or max_steps"):
+        trainer(tmp_path, max_epochs=-1, max_steps=-1,
+                callbacks=[SVCCACallback(probe, freeze_training="schedule")]).fit(DigitsModule(), loader)
+
+
+def test_probe_that_changes_order_is_caught(tmp_path):
+    loader, probe = digits_loaders()
+    shuffled = DataLoader(TensorDataset(probe, torch.zeros(len(probe))), batch_size=50, shuffle=True)
+    cb = SVCCACallback(shuffled, progress=False)
+    with pytest.raises(ValueError, match="shuffle=False"):
+        trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(DigitsModule(), loader)
+
+
+def test_few_probe_datapoints_warn(tmp_path):
+    loader, probe = digits_loaders()
+    cb = SVCCACallback(probe[:8], grid=1, final_analysis=False, progress=False)
+    with pytest.warns(UserWarning, match="datapoints"):
+        trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(DigitsModule(), loader)
+
+
+def _run_script(tmp_path, devices: int) -> dict:
+    out = tmp_path / f"ddp{devices}"
+    script = Path(__file__).with_name("_ddp_callback_run.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)]))
+    proc = subprocess.run([sys.executable, str(script), "--devices", str(devices), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)}
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    one = _run_script(tmp_path, 1)[0]
+    two = _run_script(tmp_path, 2)
+    # every rank froze the same groups at the same steps, and agrees with the 1-process run
+    assert two[0]["events"] == two[1]["events"] == one["events"]
+    assert one["events"], "the reference run should freeze a group"
+    assert two[0]["param_digest"] == two[1]["param_digest"]
+    assert two[0]["find_unused_parameters"] is True
+    assert two[0]["captured_steps"] == one["captured_steps"]
+    # rank 0 alone wrote the store; its matrices match the 1-process run's
+    m1, m2 = torch.tensor(one["matrices"]), torch.tensor(two[0]["matrices"])
+    assert m1.shape == m2.shape and torch.allclose(m1, m2, atol=1e-4)
+    assert two[1]["matrices"] is None
