@@ -111,6 +111,7 @@ def setup_runtime(args: argparse.Namespace) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*number of training batches.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own deprecation
     if args.smoke:  # the tiny probe of a smoke run is knowingly below 5 datapoints per direction
         warnings.filterwarnings("ignore", category=FewDatapointsWarning)
 

@@ -29,6 +29,7 @@ import torch
 from matplotlib.figure import Figure
 
 from experiments.common import (
+    Data,
     ExperimentError,
     accuracy,
     base_parser,
@@ -123,12 +124,9 @@ def _plot_per_layer(rows: List[Dict[str, Any]]) -> Figure:
     return fig
 
 
-def compare_trained(args: argparse.Namespace, log: Callable[[str], None], run_dir: Path) -> Dict[str, Any]:
+def compare_trained(args: argparse.Namespace, data: Data, log: Callable[[str], None], run_dir: Path) -> Dict[str, Any]:
     """Train the two networks and compute everything; figures go to ``run_dir``."""
     seed_b = args.seed + 1 if args.seed_b is None else args.seed_b
-    if seed_b == args.seed:
-        raise ExperimentError("--seed-b must differ from --seed (the point is two different initialisations)")
-    data = load_data(args)
     log(f"training two {args.model} networks on {data.name} (seeds {args.seed} and {seed_b}, {args.epochs} epochs each)")
     net_a, _, wall_a = train_plain(args, data, args.seed)
     net_b, _, wall_b = train_plain(args, data, seed_b)
@@ -185,8 +183,11 @@ def run(args: argparse.Namespace, log: Optional[Callable[[str], None]] = print) 
     log = log or (lambda s: None)
     args = finalize_args(args)
     setup_runtime(args)
+    if args.seed_b is not None and args.seed_b == args.seed:
+        raise ExperimentError("--seed-b must differ from --seed (the point is two different initialisations)")
+    data = load_data(args)
     run_dir = make_run_dir(args, "compare_networks")
-    res = compare_trained(args, log, run_dir)
+    res = compare_trained(args, data, log, run_dir)
     results = {"experiment": "compare_networks", "dataset": args.dataset, "model": args.model,
                "epochs": args.epochs, "smoke": args.smoke, "run_dir": str(run_dir), **res}
     write_json(run_dir / "results.json", results)

@@ -133,8 +133,8 @@ def run(args: argparse.Namespace, log: Optional[Callable[[str], None]] = print) 
     if len(set(seeds)) != len(seeds):
         raise ExperimentError(f"--seeds must be distinct, got {seeds}")
     policies = list(dict.fromkeys(args.policies))
-    run_dir = make_run_dir(args, "freeze_training")
     data = load_data(args)
+    run_dir = make_run_dir(args, "freeze_training")
     log(f"freeze training on {data.name}, {args.model}, {args.epochs} epochs, seeds {seeds}, policies {policies}")
     runs = []
     for seed in seeds:

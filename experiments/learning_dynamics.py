@@ -82,8 +82,7 @@ def convergence(summary: Dict[str, Any], threshold: float) -> Dict[str, Any]:
     }
 
 
-def run_model(args: argparse.Namespace, model: str, run_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
-    data = load_data(args, model)
+def run_model(args: argparse.Namespace, model: str, data: Any, run_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]:
     every = max(1, steps_per_epoch(len(data.train), args.batch_size) // max(1, args.captures_per_epoch))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=model, default_hp_metric=False)
     freeze = False if args.freeze == "none" else args.freeze
@@ -141,6 +140,7 @@ def run(args: argparse.Namespace, log: Optional[Callable[[str], None]] = print) 
     args = finalize_args(args)
     setup_runtime(args)
     models = [args.model] if isinstance(args.model, str) else list(dict.fromkeys(args.model))
+    datasets = {m: load_data(args, m) for m in models}  # a missing data set fails before any folder is made
     run_dir = make_run_dir(args, "learning_dynamics", "-".join(models))
     results: Dict[str, Any] = {
         "experiment": "learning_dynamics",
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace, log: Optional[Callable[[str], None]] = print) 
         "models": {},
     }
     for model in models:
-        results["models"][model] = run_model(args, model, run_dir, log)
+        results["models"][model] = run_model(args, model, datasets[model], run_dir, log)
     accs = [m["test_accuracy"] for m in results["models"].values()]
     results["test_accuracy_mean"] = mean_std(accs)[0]
     write_json(run_dir / "results.json", results)

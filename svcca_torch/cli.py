@@ -267,12 +267,15 @@ def _demo(args: argparse.Namespace) -> int:
     ld, cn = _experiments()
     t0 = time.perf_counter()
     common = ["--out", args.out, "--threads", str(args.threads), "--seed", str(args.seed)]
+    if args.smoke:
+        common.append("--smoke")
     print("== 1/2  learning dynamics with adaptive freeze training (scikit-learn digits)")
     ld_args = ld.build_parser().parse_args(
-        common + ["--model", *args.models, "--freeze", "adaptive", "--epochs", str(args.epochs)])
+        common + ["--model", *args.models, "--freeze", "adaptive"] + ([] if args.smoke else ["--epochs", str(args.epochs)]))
     res = ld.run(ld_args)
     print("\n== 2/2  two networks from different seeds, every method against a random baseline of the same shapes")
-    cn_args = cn.build_parser().parse_args(common + ["--model", "convnet", "--epochs", str(args.compare_epochs)])
+    cn_args = cn.build_parser().parse_args(
+        common + ["--model", "convnet"] + ([] if args.smoke else ["--epochs", str(args.compare_epochs)]))
     cmp = cn.run(cn_args)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
     for model, m in res["models"].items():
@@ -326,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--compare-epochs", type=int, default=10, help="epochs of each network compared")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small nets)")
+    d.add_argument("--smoke", action="store_true", help="tiny budget (seconds): check that everything runs")
     d.set_defaults(func=_demo)
     return p
 

@@ -1,0 +1,183 @@
+"""The ``svcca-torch`` command line, through its entry point: numbers match the library,
+bad input gives one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import svcca_torch as sv
+from svcca_torch.cli import main
+from svcca_torch.store import RepresentationStore
+
+
+@pytest.fixture(scope="module")
+def arrays(tmp_path_factory):
+    """Two correlated layers (500 datapoints; 30 and 20 neurons) in several file formats."""
+    d = tmp_path_factory.mktemp("arrays")
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(500, 10))
+    a = z @ rng.normal(size=(10, 30)) + 0.1 * rng.normal(size=(500, 30))
+    b = z @ rng.normal(size=(10, 20)) + 0.1 * rng.normal(size=(500, 20))
+    np.save(d / "a.npy", a)
+    np.save(d / "b.npy", b)
+    np.save(d / "aT.npy", a.T)
+    np.save(d / "bT.npy", b.T)
+    np.save(d / "c400.npy", rng.normal(size=(400, 20)))
+    np.save(d / "vector.npy", a[:, 0])
+    np.savez(d / "two.npz", first=a, second=b)
+    np.savez(d / "one.npz", only=b)
+    torch.save(torch.from_numpy(b), d / "b.pt")
+    np.savetxt(d / "b.csv", b, delimiter=",")
+    (d / "text.npy").write_text("not an array\n")
+    return d, a, b
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _one_line_error(rc, err):
+    lines = err.strip().splitlines()
+    assert rc == 2
+    assert len(lines) == 1, err
+    assert lines[0].startswith("svcca-torch: error: ")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_compare_prints_the_library_value(arrays, capsys):
+    d, a, b = arrays
+    rc, out, err = _run(capsys, "compare", d / "a.npy", d / "b.npy")
+    assert rc == 0, err
+    expected = sv.svcca(torch.from_numpy(a), torch.from_numpy(b), 0.99, dtype=torch.float64).mean
+    line = [l for l in out.splitlines() if l.startswith("svcca")][0]
+    assert float(line.split()[1]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_compare_all_methods_json(arrays, capsys):
+    d, a, b = arrays
+    rc, out, err = _run(capsys, "compare", d / "a.npy", d / "b.npy", "--method", "all", "--json", "--keep", "8")
+    assert rc == 0, err
+    res = json.loads(out)
+    x, y = torch.from_numpy(a), torch.from_numpy(b)
+    assert res["datapoints"] == 500 and res["svcca_k"] == [8, 8]
+    assert res["svcca"] == pytest.approx(sv.svcca(x, y, 8).mean, abs=1e-9)
+    assert res["cca"] == pytest.approx(sv.cca(x, y).mean, abs=1e-9)
+    assert res["pwcca"] == pytest.approx(sv.pwcca(x, y), abs=1e-9)
+    assert res["cka"] == pytest.approx(sv.linear_cka(x, y), abs=1e-9)
+
+
+def test_neurons_first_layout_transposes(arrays, capsys):
+    d, _, _ = arrays
+    rc, out_t, err = _run(capsys, "compare", d / "aT.npy", d / "bT.npy", "--layout", "neurons-first", "--method", "all", "--json")
+    assert rc == 0, err
+    rc, out, _ = _run(capsys, "compare", d / "a.npy", d / "b.npy", "--method", "all", "--json")
+    t, n = json.loads(out_t), json.loads(out)
+    assert t["shape_a"] == [500, 30]
+    for m in ("svcca", "cca", "pwcca", "cka"):
+        assert t[m] == pytest.approx(n[m], abs=1e-9)
+
+
+def test_other_file_formats_give_the_same_number(arrays, capsys):
+    d, _, _ = arrays
+    values = []
+    for b in ("b.npy", "b.pt", "b.csv", "one.npz", "two.npz:second"):
+        rc, out, err = _run(capsys, "compare", d / "a.npy", d / b, "--json")
+        assert rc == 0, (b, err)
+        values.append(json.loads(out)["svcca"])
+    assert max(values) - min(values) < 1e-9
+
+
+def test_wrong_orientation_is_one_line_with_the_fix(arrays, capsys):
+    d, _, _ = arrays
+    # one (neurons, datapoints) array with the default layout
+    line = _one_line_error(*_run(capsys, "compare", d / "a.npy", d / "bT.npy")[::2])
+    assert "500 datapoints" in line and "transposed" in line
+    # both saved neurons-first but read with the default layout: the fix is the flag
+    line = _one_line_error(*_run(capsys, "compare", d / "aT.npy", d / "bT.npy")[::2])
+    assert "--layout neurons-first" in line
+
+
+def test_mismatched_datapoints_is_one_line(arrays, capsys):
+    d, _, _ = arrays
+    line = _one_line_error(*_run(capsys, "compare", d / "a.npy", d / "c400.npy")[::2])
+    assert "500 datapoints" in line and "400" in line
+
+
+@pytest.mark.parametrize(
+    "name, needle",
+    [("missing.npy", "no such file"), ("text.npy", "not a NumPy"), ("two.npz", "pick one"),
+     ("vector.npy", "1-D"), ("two.npz:third", "no array 'third'")],
+)
+def test_bad_files_are_one_line(arrays, capsys, name, needle):
+    d, _, _ = arrays
+    line = _one_line_error(*_run(capsys, "compare", d / name, d / "b.npy")[::2])
+    assert needle in line
+
+
+def test_bad_keep_is_one_line(arrays, capsys):
+    d, _, _ = arrays
+    line = _one_line_error(*_run(capsys, "compare", d / "a.npy", d / "b.npy", "--keep", "1.5")[::2])
+    assert "keep" in line
+
+
+def test_report_renders_a_store(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    store = RepresentationStore(tmp_path / "run" / "store", keep=0.99)
+    base = {f"layer{i}": torch.randn(300, 12, generator=g) for i in range(3)}
+    for c, step in enumerate((0, 10, 20)):
+        noise = 1.0 - c / 2  # converges to the last capture
+        store.add({n: v + noise * torch.randn(300, 12, generator=g) for n, v in base.items()},
+                  step=step, fraction=step / 20)
+    rc, out, err = _run(capsys, "report", tmp_path / "run")
+    assert rc == 0, err
+    folder = tmp_path / "run"
+    for name in ("learning_dynamics.png", "convergence.png", "to_previous.png"):
+        assert (folder / name).stat().st_size > 1000
+    mats = json.loads((folder / "matrices.json").read_text())
+    assert mats["layers"] == ["layer0", "layer1", "layer2"] and mats["steps"] == [0, 10, 20]
+    m = torch.tensor(mats["matrices"])
+    assert m.shape == (3, 3, 3)
+    assert torch.allclose(m[-1].diagonal(), torch.ones(3, dtype=m.dtype), atol=1e-6)  # final vs itself
+    assert "3 checkpoints x 3 layers" in out
+
+
+def test_report_without_a_store_is_one_line(tmp_path, capsys):
+    line = _one_line_error(*_run(capsys, "report", tmp_path)[::2])
+    assert "no SVCCA store" in line
+    line = _one_line_error(*_run(capsys, "report", tmp_path / "absent")[::2])
+    assert "no such folder" in line
+
+
+def test_demo_smoke_ends_with_figures_and_tensorboard(tmp_path, capsys):
+    rc, out, err = _run(capsys, "demo", "--smoke", "--out", tmp_path)
+    assert rc == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("open the logs with:  tensorboard --logdir ")
+    assert Path(last.split("--logdir ")[1]).is_dir()
+    grid = [l for l in out.splitlines() if l.startswith("learning-dynamics grid (convnet):")][-1]
+    assert Path(grid.split(": ", 1)[1]).is_file()
+    assert "cka (random)" in out and "pwcca (random)" in out
+
+
+def test_console_script_errors_without_traceback(arrays):
+    exe = shutil.which("svcca-torch") or str(Path(sys.executable).with_name("svcca-torch"))
+    if not Path(exe).exists():
+        pytest.skip("the svcca-torch console script is not installed (pip install -e .)")
+    d, _, _ = arrays
+    env = {k: v for k, v in os.environ.items() if k != "SVCCA_TORCH_TRACEBACK"}
+    proc = subprocess.run([exe, "compare", str(d / "a.npy"), str(d / "c400.npy")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout == ""

@@ -1,0 +1,191 @@
+"""The paper-reproduction experiments, end to end in smoke mode (tiny budgets on the real
+digits), plus their helpers. Each run's JSON must have the expected keys and sane values."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from experiments import class_sensitivity, common, compare_networks, compression, freeze_training, learning_dynamics  # noqa: E402
+
+CONVNET_LAYERS = ["net.features.block1", "net.features.block2", "net.features.block3", "net.features.block4",
+                  "net.fc1", "net.fc"]
+
+
+def _args(module, tmp_path, *extra):
+    return module.build_parser().parse_args(["--smoke", "--out", str(tmp_path), *extra])
+
+
+def _saved_json(res):
+    data = json.loads((Path(res["run_dir"]) / "results.json").read_text())
+    assert data["experiment"] == res["experiment"]
+    return data
+
+
+# ----------------------------------------------------------------------------- helpers
+def test_first_reaching_needs_the_value_to_stay():
+    fr = [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert common.first_reaching(fr, [0.2, 0.96, 0.9, 0.97, 1.0], 0.95) == 0.75
+    assert common.first_reaching(fr, [0.99] * 5, 0.95) == 0.0
+    assert common.first_reaching(fr, [0.2, 0.3, 0.4, 0.5, 0.6], 0.95) is None
+    assert common.first_reaching(fr, [0.2, float("nan"), 0.99, 0.99, 0.99], 0.95) == 0.5
+
+
+def test_backward_saved_weights_each_event_by_its_duration():
+    events = [{"step": 25, "backward_flops_saved": 0.2}, {"step": 50, "backward_flops_saved": 0.6}]
+    # 0.2 for steps 25..50, 0.6 for 50..100 of 100 steps
+    assert common.backward_saved(events, 100) == pytest.approx((0.2 * 25 + 0.6 * 50) / 100)
+    assert common.backward_saved([], 100) == 0.0
+    assert common.backward_saved([{"step": 0, "backward_flops_saved": None}], 10) == 0.0
+
+
+def test_spearman_and_mean_std():
+    assert common.spearman([0, 1, 2, 3], [0.1, 0.2, 0.5, 0.9]) == pytest.approx(1.0)
+    assert common.spearman([0, 1, 2, 3], [0.9, 0.5, 0.2, 0.1]) == pytest.approx(-1.0)
+    assert common.spearman([0, 1, 2], [1.0, 1.0, 1.0]) is None
+    m, s = common.mean_std([1.0, 2.0, 3.0])
+    assert (m, s) == (pytest.approx(2.0), pytest.approx(1.0))
+    assert common.mean_std([4.0]) == (4.0, 0.0)
+
+
+def test_every_script_has_help():
+    for module in (learning_dynamics, freeze_training, compare_networks, class_sensitivity, compression):
+        text = module.build_parser().format_help()
+        for option in ("--dataset", "--data-dir", "--download", "--model", "--seed", "--out", "--smoke"):
+            assert option in text, (module.__name__, option)
+
+
+def test_compression_projections_are_exact_where_they_must_be():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    x = z @ torch.randn(6, 12, generator=g, dtype=torch.float64) + 0.05 * torch.randn(400, 12, generator=g, dtype=torch.float64)
+    y = z @ torch.randn(6, 9, generator=g, dtype=torch.float64) + 0.05 * torch.randn(400, 9, generator=g, dtype=torch.float64)
+    maps = compression.projections(x, y, [1, 3, 12], keep=0.99)
+    xc = x - x.mean(0)
+    eye = torch.eye(12, dtype=torch.float64)
+    assert torch.allclose(maps["neurons"][12], eye)
+    assert torch.allclose(maps["svd"][12], eye, atol=1e-10)
+    assert float(maps["neurons"][1].diagonal().sum()) == 1.0
+    for k in (1, 3):
+        p = maps["svcca"][k]
+        assert torch.linalg.matrix_rank(p) == k
+        # a projection of the data: applying it twice changes nothing
+        assert torch.allclose(xc @ p @ p, xc @ p, atol=1e-8)
+    # the top-3 shared directions keep most of the variance of data built from 6 shared latents
+    assert float((xc @ maps["svcca"][3]).var(0).sum()) > 0.3 * float(xc.var(0).sum())
+
+
+# ----------------------------------------------------------------------------- experiments
+def test_learning_dynamics_smoke_with_schedule_freezing(tmp_path):
+    res = learning_dynamics.run(_args(learning_dynamics, tmp_path, "--model", "convnet", "--freeze", "schedule"), log=None)
+    saved = _saved_json(res)
+    m = saved["models"]["convnet"]
+    assert m["layers"] == CONVNET_LAYERS
+    assert 20.0 < m["test_accuracy"] <= 100.0  # chance is 10%
+    assert m["captures"] >= 3
+    assert set(m["convergence_fraction"]) == set(CONVNET_LAYERS)
+    assert all(v is None or 0.0 <= v <= 1.0 for v in m["convergence_fraction"].values())
+    assert m["convergence_fraction"]["net.fc"] is not None  # the final capture is itself
+    assert isinstance(m["lower_layers_converged_first"], bool)
+    assert m["spearman_depth_vs_convergence"] is None or -1.0 <= m["spearman_depth_vs_convergence"] <= 1.0
+    # the schedule freezes the lowest group at 25% of training: compute is saved, and bounded
+    assert m["freeze"]["events"] and m["freeze"]["events"][0]["groups"] == ["net.features.block1"]
+    assert 0.0 < m["freeze"]["backward_compute_saved"] < 1.0
+    for fig in ("learning_dynamics", "convergence"):
+        assert Path(m["figures"][fig]).stat().st_size > 1000
+    assert list(Path(m["tensorboard"]).glob("events.out.tfevents.*"))
+
+
+def test_freeze_training_smoke_table(tmp_path):
+    res = freeze_training.run(_args(freeze_training, tmp_path, "--seeds", "0", "1"), log=None)
+    saved = _saved_json(res)
+    assert saved["seeds"] == [0, 1]
+    assert len(saved["runs"]) == 6
+    table = saved["table"]
+    assert list(table) == ["none", "schedule", "adaptive"]
+    assert table["none"]["backward_compute_saved_mean"] == 0.0
+    assert table["none"]["accuracy_change_vs_none"] == 0.0
+    assert 0.0 < table["schedule"]["backward_compute_saved_mean"] < 1.0
+    for row in table.values():
+        assert 20.0 < row["test_accuracy_mean"] <= 100.0
+        assert row["test_accuracy_std"] >= 0.0 and row["wall_seconds_mean"] > 0.0
+    target = saved["target"]
+    assert target["met"] == (target["backward_compute_saved"] >= 0.25 and target["accuracy_change_points"] >= -0.5)
+    md = (Path(res["run_dir"]) / "table.md").read_text()
+    assert md.count("\n") == 5 and "| adaptive |" in md
+
+
+def test_compare_networks_smoke_beats_random_baseline(tmp_path):
+    res = compare_networks.run(_args(compare_networks, tmp_path), log=None)
+    saved = _saved_json(res)
+    assert saved["seeds"] == [0, 1]
+    assert saved["layers"] == CONVNET_LAYERS
+    n = len(CONVNET_LAYERS)
+    assert torch.tensor(saved["svcca_matrix"]).shape == (n, n)
+    assert torch.tensor(saved["cka_matrix"]).shape == (n, n)
+    for row in saved["per_layer"]:
+        assert set(row["trained"]) == set(compare_networks.METHODS) == set(row["random"])
+        for m in compare_networks.METHODS:
+            assert 0.0 <= row["random"][m] <= 1.0 + 1e-9 and 0.0 <= row["trained"][m] <= 1.0 + 1e-9
+        # two trained networks share far more than random layers of the same shapes
+        assert row["trained"]["cka"] > row["random"]["cka"] + 0.1
+        assert row["trained"]["svcca"] > row["random"]["svcca"]
+    ad = saved["aligned_directions"]
+    assert ad["layer"] == "net.fc1"
+    assert ad["direction_correlations"][0] >= ad["direction_correlations"][1]
+    for fig in saved["figures"].values():
+        assert Path(fig).stat().st_size > 1000
+    table = compare_networks.format_table(saved["per_layer"])
+    assert table.count("\n") == n + 1 and "pwcca (random)" in table
+
+
+def test_class_sensitivity_smoke(tmp_path):
+    res = class_sensitivity.run(_args(class_sensitivity, tmp_path, "--keep", "1.0"), log=None)
+    saved = _saved_json(res)
+    values = torch.tensor(saved["values"], dtype=torch.float64)
+    assert values.shape == (3, 10, len(CONVNET_LAYERS))  # start + 2 epochs, 10 digits, 6 layers
+    assert saved["classes"] == [str(c) for c in range(10)]
+    assert bool(((values >= 0) & (values <= 1 + 1e-9)).all())
+    # with every direction kept, the output layer contains each class's final logit exactly
+    assert torch.allclose(values[-1, :, -1], torch.ones(10, dtype=torch.float64), atol=1e-6)
+    assert saved["hidden_layer"] == "net.features.block4"
+    assert sorted(saved["classes_learned_first_to_last"]) == sorted(saved["classes"])
+    assert all(v is None or 0.0 <= v <= 1.0 for v in saved["learned_at"].values())
+
+
+def test_compression_smoke(tmp_path):
+    res = compression.run(_args(compression, tmp_path), log=None)
+    saved = _saved_json(res)
+    assert saved["layer"] == "net.fc1" and saved["neurons"] == 32
+    full = saved["test_accuracy_full"]
+    acc = saved["accuracy"]
+    assert set(acc) == {"svcca", "neurons", "svd"}
+    # keeping every neuron / every principal direction is the identity map
+    assert acc["neurons"]["32"] == full
+    assert abs(acc["svd"]["32"] - full) < 0.5
+    assert acc["svcca"]["1"] < full and max(acc["svcca"].values()) > acc["svcca"]["1"]
+    assert Path(saved["figures"]["compression"]).stat().st_size > 1000
+
+
+def test_cifar10_missing_gives_one_line_with_the_fix(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(common.ExperimentError) as err:
+        compare_networks.run(compare_networks.build_parser().parse_args(
+            ["--dataset", "cifar10", "--data-dir", str(empty), "--out", str(tmp_path / "runs")]), log=None)
+    msg = str(err.value)
+    assert "\n" not in msg and str(empty) in msg and "--download" in msg and "cifar-10-batches-py" in msg
+    rc = learning_dynamics.main(["--dataset", "cifar10", "--data-dir", str(empty), "--out", str(tmp_path / "runs")])
+    out = capsys.readouterr()
+    assert rc == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--download" in lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing is written before the data is there
