@@ -26,7 +26,6 @@ from typing import Any, Callable, Dict, List, Optional
 if __package__ in (None, ""):  # run as a script: make `experiments` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from matplotlib import colormaps

@@ -88,9 +88,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.lr is None:
         args.lr = 0.05
     if args.width is None:
-        args.width = (8 if args.smoke else 16) if digits else 32
+        args.width = (8 if args.smoke else 16) if digits else (8 if args.smoke else 32)
     if args.probe_size is None:
-        args.probe_size = (150 if args.smoke else 500) if digits else 1000
+        args.probe_size = 150 if args.smoke else (500 if digits else 1000)
     for name in ("epochs", "batch_size", "width", "probe_size"):
         if getattr(args, name) < 1:
             raise ExperimentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

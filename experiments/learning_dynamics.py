@@ -70,15 +70,27 @@ def convergence(summary: Dict[str, Any], threshold: float) -> Dict[str, Any]:
         col = [float("nan") if row[j] is None else row[j] for row in to_final]
         conv[name] = first_reaching(fractions, col, threshold)
     vals = [1.0 if conv[n] is None else conv[n] for n in layers]
-    half = len(layers) // 2
-    lower, upper = vals[:half], vals[half:]
+
+    def order(v: List[float]) -> Dict[str, Any]:
+        half = len(v) // 2
+        lower, upper = v[:half], v[half:]
+        return {"spearman": spearman(list(range(len(v))), v),
+                "lower_half_mean": sum(lower) / max(1, len(lower)),
+                "upper_half_mean": sum(upper) / max(1, len(upper)),
+                "lower_first": bool(lower and sum(lower) / len(lower) < sum(upper) / len(upper))}
+
+    every, hidden = order(vals), order(vals[:-1])
     return {
         "threshold": threshold,
         "convergence_fraction": conv,
-        "spearman_depth_vs_convergence": spearman(list(range(len(vals))), vals),
-        "lower_half_mean": sum(lower) / max(1, len(lower)),
-        "upper_half_mean": sum(upper) / max(1, len(upper)),
-        "lower_layers_converged_first": bool(lower and sum(lower) / len(lower) < sum(upper) / len(upper)),
+        "spearman_depth_vs_convergence": every["spearman"],
+        "lower_half_mean": every["lower_half_mean"],
+        "upper_half_mean": every["upper_half_mean"],
+        "lower_layers_converged_first": every["lower_first"],
+        # the output layer (a few logits) is low-dimensional and often settles early; the
+        # same test without it
+        "hidden_layers": {"spearman_depth_vs_convergence": hidden["spearman"],
+                          "lower_layers_converged_first": hidden["lower_first"]},
     }
 
 
@@ -125,7 +137,10 @@ def run_model(args: argparse.Namespace, model: str, data: Any, run_dir: Path, lo
         log(f"    {name:<24} {'-' if f is None else f'{f:.2f}'}")
     log(f"[{model}] Spearman(depth, convergence) = "
         + ("n/a" if conv["spearman_depth_vs_convergence"] is None else f"{conv['spearman_depth_vs_convergence']:+.2f}")
-        + f"; lower layers converged first: {conv['lower_layers_converged_first']}")
+        + f"; lower layers converged first: {conv['lower_layers_converged_first']} (without the output layer: "
+        + f"{conv['hidden_layers']['lower_layers_converged_first']}, Spearman "
+        + ("n/a" if conv["hidden_layers"]["spearman_depth_vs_convergence"] is None
+           else f"{conv['hidden_layers']['spearman_depth_vs_convergence']:+.2f}") + ")")
     if freeze:
         ev = summary["freeze"]["events"]
         frozen = [g for e in ev for g in e["groups"]]

@@ -3,7 +3,6 @@ digits), plus their helpers. Each run's JSON must have the expected keys and san
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -95,6 +94,7 @@ def test_learning_dynamics_smoke_with_schedule_freezing(tmp_path):
     assert all(v is None or 0.0 <= v <= 1.0 for v in m["convergence_fraction"].values())
     assert m["convergence_fraction"]["net.fc"] is not None  # the final capture is itself
     assert isinstance(m["lower_layers_converged_first"], bool)
+    assert isinstance(m["hidden_layers"]["lower_layers_converged_first"], bool)
     assert m["spearman_depth_vs_convergence"] is None or -1.0 <= m["spearman_depth_vs_convergence"] <= 1.0
     # the schedule freezes the lowest group at 25% of training: compute is saved, and bounded
     assert m["freeze"]["events"] and m["freeze"]["events"][0]["groups"] == ["net.features.block1"]
@@ -189,3 +189,38 @@ def test_cifar10_missing_gives_one_line_with_the_fix(tmp_path, capsys):
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--download" in lines[0]
     assert not (tmp_path / "runs").exists()  # nothing is written before the data is there
+
+
+def test_cifar10_branch_runs_on_a_stand_in_dataset(tmp_path, monkeypatch):
+    """The CIFAR-10 code path (3x32x32 images, torchvision-style items, Subset, models sized
+    for 32x32) end to end, with a small random stand-in for the real data set."""
+
+    class FakeCifar(torch.utils.data.Dataset):
+        def __init__(self, n: int, seed: int) -> None:
+            g = torch.Generator().manual_seed(seed)
+            self.labels = torch.arange(n) % 10
+            # a class-dependent colour shift, so there is something to learn
+            self.images = torch.randn(n, 3, 32, 32, generator=g) * 0.5 + (self.labels.float() / 5 - 1)[:, None, None, None]
+
+        def __len__(self) -> int:
+            return len(self.labels)
+
+        def __getitem__(self, i: int):
+            return self.images[i], int(self.labels[i])
+
+    calls = []
+
+    def fake_load(data_dir, download=False, train=True, augment=False):
+        calls.append((str(data_dir), download, train, augment))
+        return FakeCifar(600 if train else 300, 0 if train else 1)
+
+    monkeypatch.setattr(common, "load_cifar10", fake_load)
+    args = compare_networks.build_parser().parse_args(
+        ["--smoke", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "resnet",
+         "--out", str(tmp_path / "runs"), "--baseline-draws", "1", "--epochs", "1"])
+    res = compare_networks.run(args, log=None)
+    assert (str(tmp_path / "data"), False, True, True) in calls  # augmented training split
+    assert (str(tmp_path / "data"), False, True, False) in calls  # plain probe split
+    assert res["layers"][0] == "net.stem" and res["layers"][-1] == "net.fc"
+    assert res["probe_datapoints"] == 150 and len(res["per_layer"]) == len(res["layers"])
+    assert all(0.0 <= a <= 100.0 for a in res["test_accuracy"])
