@@ -1,8 +1,9 @@
 """Class sensitivity (Raghu et al. 2017, Sec. 4.3): how much each layer knows about each
 class, over depth and over training, and which classes are learned early.
 
-Trains one network, recording every layer on the held-out test images at the start and
-after every epoch. For each class ``c`` the target is the final network's logit of ``c``
+Trains one network, recording every layer on the held-out test images at the start, at
+``--captures`` steps spaced geometrically (dense early, where classes are learned) and at
+the end. For each class ``c`` the target is the final network's logit of ``c``
 (``--target logit``, as in the paper) or the one-hot label (``--target label``); the
 SVCCA similarity of a layer with that one-dimensional target is the multiple correlation
 of the target with the layer's top directions (:func:`svcca_torch.class_sensitivity`).
@@ -19,6 +20,7 @@ fully connected head) stays within 95% of its final sensitivity.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -51,16 +53,21 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 class Snapshots(pl.Callback):
-    """Records the module's layers on a fixed probe before training and after every epoch
-    (``grid=1``: conv maps globally averaged, one datapoint per image)."""
+    """Records the module's layers on a fixed probe before training, at ``captures`` steps
+    spaced geometrically over training (dense early, where classes are learned) and at the
+    end (``grid=1``: conv maps globally averaged, one datapoint per image)."""
 
-    def __init__(self, probe: torch.Tensor) -> None:
+    def __init__(self, probe: torch.Tensor, captures: int = 40) -> None:
         self.probe = probe
+        self.captures = captures
+        self.schedule: set = set()
         self.steps: List[int] = []
         self.fractions: List[float] = []
         self.acts: List[Dict[str, torch.Tensor]] = []
 
     def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.steps and self.steps[-1] == trainer.global_step:
+            return
         rec = ActivationRecorder(pl_module, grid=1)
         self.acts.append(rec.record(self.probe))
         self.steps.append(trainer.global_step)
@@ -68,9 +75,15 @@ class Snapshots(pl.Callback):
         self.fractions.append(min(1.0, trainer.global_step / total))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = max(1, int(trainer.estimated_stepping_batches))
+        self.schedule = {int(round(s)) for s in torch.logspace(0, math.log10(total), self.captures).tolist()}
         self._take(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step in self.schedule:
+            self._take(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._take(trainer, pl_module)
 
 
@@ -80,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-class target: the final network's logit (paper) or the one-hot label")
     p.add_argument("--layer", default=None,
                    help="layer whose sensitivity over training ranks the classes (default: last before the fc head)")
+    p.add_argument("--captures", type=int, default=40,
+                   help="recordings over training, spaced geometrically in steps (dense early)")
     p.add_argument("--keep", type=float, default=0.99, help="SVCCA: fraction of singular-value mass kept")
     return p
 
@@ -120,8 +135,9 @@ def run(args: argparse.Namespace, log: Optional[Callable[[str], None]] = print) 
     data = load_data(args)
     run_dir = make_run_dir(args, "class_sensitivity")
     probe, labels = probe_set(data.test, min(len(data.test), args.probe_size), seed=0, return_labels=True)
-    snaps = Snapshots(probe)
-    log(f"training {args.model} on {data.name} for {args.epochs} epochs, recording {len(probe)} test images each epoch")
+    snaps = Snapshots(probe, max(2, args.captures))
+    log(f"training {args.model} on {data.name} for {args.epochs} epochs, recording {len(probe)} test images "
+        f"at up to {args.captures} steps (geometric spacing)")
     module, _, wall = train_plain(args, data, args.seed, callbacks=[snaps])
     acc = accuracy(module, data.test)
     final = snaps.acts[-1]

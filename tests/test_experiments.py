@@ -148,10 +148,13 @@ def test_compare_networks_smoke_beats_random_baseline(tmp_path):
 
 
 def test_class_sensitivity_smoke(tmp_path):
-    res = class_sensitivity.run(_args(class_sensitivity, tmp_path, "--keep", "1.0"), log=None)
+    res = class_sensitivity.run(_args(class_sensitivity, tmp_path, "--keep", "1.0", "--captures", "5"), log=None)
     saved = _saved_json(res)
     values = torch.tensor(saved["values"], dtype=torch.float64)
-    assert values.shape == (3, 10, len(CONVNET_LAYERS))  # start + 2 epochs, 10 digits, 6 layers
+    steps = saved["steps"]
+    assert steps[0] == 0 and steps == sorted(set(steps)) and 3 <= len(steps) <= 6  # start, <= 5 captures, end
+    assert saved["fractions"][-1] == 1.0
+    assert values.shape == (len(steps), 10, len(CONVNET_LAYERS))  # captures, 10 digits, 6 layers
     assert saved["classes"] == [str(c) for c in range(10)]
     assert bool(((values >= 0) & (values <= 1 + 1e-9)).all())
     # with every direction kept, the output layer contains each class's final logit exactly
