@@ -47,6 +47,9 @@ FREEZE_CHOICES = ("none", "adaptive", "schedule")
 def build_parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.split("\n\n")[0], epochs=20, cifar_epochs=40, multi_model=True)
     p.add_argument("--freeze", choices=FREEZE_CHOICES, default="none", help="freeze training policy")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="layers to record: names or glob patterns, e.g. 'net.features.*.conv' 'net.features.*.bn' "
+                        "to see the BatchNorm 2x2 blocks (default: the model's layer_names)")
     p.add_argument("--captures-per-epoch", type=int, default=2, help="SVCCA captures per epoch")
     p.add_argument("--threshold", type=float, default=0.95,
                    help="similarity to the final state counted as converged")
@@ -98,7 +101,7 @@ def run_model(args: argparse.Namespace, model: str, data: Any, run_dir: Path, lo
     every = max(1, steps_per_epoch(len(data.train), args.batch_size) // max(1, args.captures_per_epoch))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=model, default_hp_metric=False)
     freeze = False if args.freeze == "none" else args.freeze
-    cb = SVCCACallback(data.probe, every_n_train_steps=every, run_dir=run_dir / model, name="svcca",
+    cb = SVCCACallback(data.probe, args.layers, every_n_train_steps=every, run_dir=run_dir / model, name="svcca",
                        freeze_training=freeze, freeze_threshold=args.freeze_threshold,
                        freeze_patience=args.freeze_patience, progress=False)
     log(f"[{model}] training {args.epochs} epochs on {data.name} ({len(data.train)} images), "
