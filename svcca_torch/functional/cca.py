@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -20,16 +20,36 @@ class CCAResult:
             canonical pair, ``min(rank_x, rank_y)`` of them (SVCCA: ``min(k_x, k_y)``).
         x_weights: ``(neurons_x, r)`` map from ``x``'s neurons (centred) to its canonical
             variates; ``y_weights`` likewise. Variates have unit variance over datapoints.
+            Computed on first access when the kernel only needed the coefficients.
         x_mean, y_mean: neuron means subtracted before applying the weights.
     """
 
     coefficients: torch.Tensor
-    x_weights: torch.Tensor
-    y_weights: torch.Tensor
     x_mean: torch.Tensor
     y_mean: torch.Tensor
+    _weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+    # (wx, m, wy, scale): whitening maps and whitened cross matrix, for lazy weights
+    _whitened: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = field(default=None, repr=False)
     _x: Optional[torch.Tensor] = field(default=None, repr=False)
     _y: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def _resolve_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._weights is None:
+            wx, m, wy, scale = self._whitened
+            u, _, vh = torch.linalg.svd(m, full_matrices=False)
+            r = self.coefficients.numel()
+            self._weights = ((wx @ u[:, :r]) * scale, (wy @ vh.mT[:, :r]) * scale)
+        return self._weights
+
+    @property
+    def x_weights(self) -> torch.Tensor:
+        """``(neurons_x, r)``: ``x``'s (centred) neurons to its canonical variates."""
+        return self._resolve_weights()[0]
+
+    @property
+    def y_weights(self) -> torch.Tensor:
+        """``(neurons_y, r)``: ``y``'s (centred) neurons to its canonical variates."""
+        return self._resolve_weights()[1]
 
     @property
     def mean(self) -> float:
@@ -54,6 +74,17 @@ class CCAResult:
 
     def __float__(self) -> float:
         return self.mean
+
+
+def canonical_correlations(m: torch.Tensor) -> torch.Tensor:
+    """Singular values of a whitened cross matrix, descending, in [0, 1].
+
+    Squared, they are the eigenvalues of the smaller of ``MMᵀ`` and ``MᵀM``; a symmetric
+    eigen-solver gets them several times faster than an SVD, with absolute error ~1e-16
+    on ``ρ²`` in float64 (the singular vectors are computed only if weights are asked for).
+    """
+    small = m @ m.mT if m.shape[-2] <= m.shape[-1] else m.mT @ m
+    return torch.linalg.eigvalsh(small).flip(-1).clamp(0.0, 1.0).sqrt()
 
 
 def prepare_pair(
@@ -105,10 +136,9 @@ def cca_from_moments(m: Moments, rtol: Optional[float] = None) -> CCAResult:
     scale = (m.n - 1) ** 0.5
     return CCAResult(
         coefficients=res.rho[:r],
-        x_weights=res.x_weights[:, :r] * scale,
-        y_weights=res.y_weights[:, :r] * scale,
         x_mean=m.mx,
         y_mean=m.my,
+        _weights=(res.x_weights[:, :r] * scale, res.y_weights[:, :r] * scale),
     )
 
 

@@ -1,14 +1,16 @@
 """Similarity of every pair of layers, each layer reduced once."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ..utils.validation import check_activations, check_choice, check_same_datapoints, warn_if_few_datapoints
+from ..utils.validation import check_activations, check_choice, warn_if_few_datapoints
+from .cca import canonical_correlations
 from .cka import linear_cka
 from .pwcca import pwcca
-from .svcca import ReducedBasis, svd_reduce
+from ._linalg import default_rtol, gram
+from .svcca import ReducedBasis, svd_reduce, top_directions
 
 METHODS = ("svcca", "cca", "pwcca", "cka")
 Layers = Union[Sequence[Any], Mapping[str, Any]]
@@ -47,86 +49,90 @@ def similarity_matrix(
         float64 tensor ``(len(xs), len(ys))``; entry ``[i, j]`` compares ``xs[i]`` with ``ys[j]``
         (for the asymmetric PWCCA, weights come from ``xs[i]``'s side per :func:`pwcca`).
 
-    SVCCA and CCA reduce each layer to an orthonormal basis once; a pair then costs one
-    ``(k_i, k_j)`` block of a single ``Bxᵀ By`` product and its singular values (batched
-    over all pairs). CKA centres each layer once and costs one cross product per pair.
-    PWCCA is computed pair by pair.
+    Each layer is prepared once: centred, with the eigendecomposition of its Gram matrix
+    giving its top directions (SVCCA) or its numerical range (CCA). Then one GEMM per row of
+    the matrix (the upper triangle only, for a square one) computes every cross product
+    ``Xᵢᵀ Xⱼ`` -- the only pass over the datapoints -- and a pair costs small float64
+    products and a symmetric eigenproblem of ``(k_i, k_j)`` size. With :class:`ReducedBasis`
+    inputs the cross products are ``Uᵢᵀ Uⱼ`` of the stored bases. CKA is computed the same
+    way from the centred layers; PWCCA pair by pair.
     """
     check_choice(method, "method", METHODS)
     lx = _as_list(xs, "xs")
     ly = lx if ys is None else _as_list(ys, "ys")
-    if method in ("svcca", "cca"):
-        if method == "cca":
-            keep, keep_rule = 10**9, "singular_values"  # every direction above the rank threshold
-        bx = [_basis(z, f"xs[{i}]", keep, keep_rule, dtype) for i, z in enumerate(lx)]
-        by = bx if ys is None else [_basis(z, f"ys[{j}]", keep, keep_rule, dtype) for j, z in enumerate(ly)]
-        return _matrix_from_bases(bx, by)
-    if method == "cka":
-        return _cka_matrix(lx, ly, ys is None, dtype, **kwargs)
-    out = torch.empty(len(lx), len(ly), dtype=torch.float64)
-    for i, a in enumerate(lx):
-        for j, b in enumerate(ly):
-            out[i, j] = pwcca(a, b, dtype=dtype, **kwargs)
-    return out
+    if method == "pwcca":
+        out = torch.empty(len(lx), len(ly), dtype=torch.float64)
+        for i, a in enumerate(lx):
+            for j, b in enumerate(ly):
+                out[i, j] = pwcca(a, b, dtype=dtype, **kwargs)
+        return out
+    if method == "cka" and kwargs.get("debiased"):
+        return torch.tensor([[linear_cka(a, b, debiased=True, dtype=dtype) for b in ly] for a in lx],
+                            dtype=torch.float64)
+    if kwargs:
+        raise TypeError(f"unexpected arguments for method={method!r}: {', '.join(kwargs)}")
+    if method == "cca":
+        keep, keep_rule, dtype = 10**9, "singular_values", dtype or torch.float64
+    use_bases = any(isinstance(z, ReducedBasis) for z in list(lx) + list(ly))
+    if use_bases and method == "cka":
+        raise ValueError("`method='cka'` needs activations, not ReducedBasis objects.")
+    prep = lambda z, name: _prepare(z, name, method, use_bases, keep, keep_rule, dtype)  # noqa: E731
+    px = [prep(z, f"xs[{i}]") for i, z in enumerate(lx)]
+    py = px if ys is None else [prep(z, f"ys[{j}]") for j, z in enumerate(ly)]
+    return _rows(px, py, method)
 
 
-def _basis(z: Any, name: str, keep, keep_rule: str, dtype) -> ReducedBasis:
-    if isinstance(z, ReducedBasis):
-        return z
+class _Prepared(NamedTuple):
+    data: torch.Tensor  # (n, w): centred activations, or an orthonormal basis
+    right: Optional[torch.Tensor]  # (w, k) float64 map to whitened top directions; None = identity
+    norm: float  # ‖XᵀX‖_F for CKA
+
+
+def _prepare(z: Any, name: str, method: str, use_bases: bool, keep, keep_rule: str, dtype) -> _Prepared:
     try:
-        return svd_reduce(check_activations(z, name, dtype=dtype), keep, keep_rule=keep_rule, dtype=dtype)
+        if use_bases:
+            b = z if isinstance(z, ReducedBasis) else svd_reduce(z, keep, keep_rule=keep_rule, dtype=dtype)
+            return _Prepared(b.basis, None, 0.0)
+        t = check_activations(z, "x", dtype=dtype)
+        xc = t - t.mean(0)
+        g = gram(xc)
+        if method == "cka":
+            norm = float(g.double().norm())
+            if norm == 0:
+                raise ValueError("`x` has zero variance: every neuron is constant over the datapoints.")
+            return _Prepared(xc, None, norm)
+        s, v = top_directions(g, keep, keep_rule, None, default_rtol(g.dtype))
+        if s.numel() == 0:
+            raise ValueError("`x` has zero variance: every neuron is constant over the datapoints.")
+        return _Prepared(xc, v / s, 0.0)
     except ValueError as err:
         raise ValueError(str(err).replace("`x`", f"`{name}`")) from None
 
 
-def _matrix_from_bases(bx: Sequence[ReducedBasis], by: Sequence[ReducedBasis]) -> torch.Tensor:
-    n = {b.n_datapoints for b in list(bx) + list(by)}
+def _rows(px: Sequence[_Prepared], py: Sequence[_Prepared], method: str) -> torch.Tensor:
+    n = {p.data.shape[0] for p in list(px) + list(py)}
     if len(n) != 1:
-        raise ValueError(
-            f"all layers must be activations of the same datapoints; got datapoint counts {sorted(n)}."
-        )
-    kmax = max(b.k for b in list(bx) + list(by))
-    warn_if_few_datapoints(n.pop(), kmax, "layers")
-    device, dt = bx[0].basis.device, bx[0].basis.dtype
-    square = by is bx
-    big_y = torch.cat([b.basis.to(device, dt) for b in by], 1)
-    oy = [0] + torch.tensor([b.k for b in by]).cumsum(0).tolist()
-    out = torch.empty(len(bx), len(by), dtype=torch.float64)
-    for i, a in enumerate(bx):
+        raise ValueError(f"all layers must be activations of the same datapoints; got datapoint counts {sorted(n)}.")
+    kmax = max(p.data.shape[1] if p.right is None else p.right.shape[1] for p in list(px) + list(py))
+    if method != "cka":
+        warn_if_few_datapoints(n.pop(), kmax, "layers")
+    square = py is px
+    device, dt = px[0].data.device, px[0].data.dtype
+    big_y = torch.cat([p.data.to(device, dt) for p in py], 1)
+    oy = [0] + torch.tensor([p.data.shape[1] for p in py]).cumsum(0).tolist()
+    out = torch.empty(len(px), len(py), dtype=torch.float64)
+    for i, a in enumerate(px):
         first = i if square else 0  # a symmetric matrix needs its upper triangle only
-        # one GEMM per row: the only pass over the datapoints
-        row = (a.basis.to(device, dt).mT @ big_y[:, oy[first] :]).to(torch.float64)
-        for j in range(first, len(by)):
-            m = row[:, oy[j] - oy[first] : oy[j + 1] - oy[first]]
-            # squared canonical correlations = eigenvalues of the smaller of MMᵀ, MᵀM;
-            # a symmetric eigen-solver gets them several times faster than an SVD
-            small = m @ m.mT if m.shape[0] <= m.shape[1] else m.mT @ m
-            rho = torch.linalg.eigvalsh(small).clamp(0.0, 1.0).sqrt()
-            out[i, j] = rho.mean().item()
-            if square:
-                out[j, i] = out[i, j]
+        row = (a.data.mT @ big_y[:, oy[first] :]).to(torch.float64)  # one GEMM per row
+        for j in range(first, len(py)):
+            block = row[:, oy[j] - oy[first] : oy[j + 1] - oy[first]]
+            b = py[j]
+            if method == "cka":
+                out[i, j] = block.square().sum().item() / (a.norm * b.norm)
+                continue
+            if a.right is not None:
+                block = a.right.mT @ block @ b.right
+            out[i, j] = canonical_correlations(block).mean().item()
+        if square:
+            out[i:, i] = out[i, i:].clone()
     return out
-
-
-def _cka_matrix(lx: list, ly: list, square: bool, dtype, debiased: bool = False) -> torch.Tensor:
-    if debiased:
-        return torch.tensor([[linear_cka(a, b, debiased=True, dtype=dtype) for b in ly] for a in lx],
-                            dtype=torch.float64)
-    ref = check_activations(lx[0], "xs[0]", dtype=dtype)
-    cx = [_centred(a, ref, f"xs[{i}]", dtype) for i, a in enumerate(lx)]
-    cy = cx if square else [_centred(b, ref, f"ys[{j}]", dtype) for j, b in enumerate(ly)]
-    nx = [(a.mT @ a).double().norm() for a in cx]
-    ny = nx if square else [(b.mT @ b).double().norm() for b in cy]
-    out = torch.empty(len(cx), len(cy), dtype=torch.float64)
-    for i, a in enumerate(cx):
-        for j, b in enumerate(cy):
-            out[i, j] = (a.mT @ b).double().square().sum() / (nx[i] * ny[j])
-    return out
-
-
-def _centred(z: Any, ref: torch.Tensor, name: str, dtype) -> torch.Tensor:
-    t = check_activations(z, name, dtype=dtype)
-    check_same_datapoints(t, ref, (name, "xs[0]"))
-    if float(t.var(0).sum()) == 0:
-        raise ValueError(f"`{name}` has zero variance: every neuron is constant over the datapoints.")
-    return t - t.mean(0)

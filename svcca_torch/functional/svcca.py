@@ -14,7 +14,7 @@ from ..utils.validation import (
     warn_if_few_datapoints,
 )
 from ._linalg import default_rtol, eigh_desc, gram, rank_mask
-from .cca import CCAResult, Moments, moments, prepare_pair
+from .cca import CCAResult, Moments, canonical_correlations, moments, prepare_pair
 
 KEEP_RULES = ("singular_values", "variance")
 
@@ -87,7 +87,7 @@ def _gram_dtype(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
     return dtype or x.dtype
 
 
-def _top_directions(sxx: torch.Tensor, keep, keep_rule: str, max_directions: Optional[int], rtol: float):
+def top_directions(sxx: torch.Tensor, keep, keep_rule: str, max_directions: Optional[int], rtol: float):
     """Eigendecompose a centred Gram matrix in float64; return (s_k, V_k) of the kept directions."""
     e = eigh_desc(sxx.to(torch.float64))
     rank = int(rank_mask(e.values, rtol).sum())
@@ -130,7 +130,7 @@ def svd_reduce(
     mean = xt.mean(0)
     xc = xt - mean
     gdt = _gram_dtype(xt, dtype)
-    s, v = _top_directions(gram(xc.to(gdt)), keep, keep_rule, max_directions, default_rtol(gdt))
+    s, v = top_directions(gram(xc.to(gdt)), keep, keep_rule, max_directions, default_rtol(gdt))
     if s.numel() == 0:
         raise ValueError(
             "`x` has zero variance: every neuron is constant over the datapoints, so it spans no "
@@ -213,21 +213,19 @@ def svcca_from_moments(m: Moments, keep: Union[int, float] = 0.99, keep_rule: st
     eigendecomposition of its Gram matrix; the CCA of the reduced sides is the SVD of
     ``(Vx/sx)ᵀ Sxy (Vy/sy)``, a ``(k_x, k_y)`` matrix."""
     rtol = default_rtol(m.sxx.dtype)
-    sx, vx = _top_directions(m.sxx, keep, keep_rule, None, rtol)
-    sy, vy = _top_directions(m.syy, keep, keep_rule, None, rtol)
+    sx, vx = top_directions(m.sxx, keep, keep_rule, None, rtol)
+    sy, vy = top_directions(m.syy, keep, keep_rule, None, rtol)
     for s, name in ((sx, "x"), (sy, "y")):
         if s.numel() == 0:
             raise ValueError(f"`{name}` has zero variance: every neuron is constant over the datapoints.")
     warn_if_few_datapoints(m.n, max(len(sx), len(sy)), "x and y", stacklevel=4)
     wx, wy = vx / sx, vy / sy
-    u, rho, vh = torch.linalg.svd(wx.mT @ m.sxy.to(torch.float64) @ wy, full_matrices=False)
-    scale = (m.n - 1) ** 0.5
+    cross = wx.mT @ m.sxy.to(torch.float64) @ wy
     return SVCCAResult(
-        coefficients=rho.clamp(0.0, 1.0),
-        x_weights=(wx @ u) * scale,
-        y_weights=(wy @ vh.mT) * scale,
+        coefficients=canonical_correlations(cross),
         x_mean=m.mx,
         y_mean=m.my,
+        _whitened=(wx, cross, wy, (m.n - 1) ** 0.5),
         k_x=len(sx),
         k_y=len(sy),
     )
@@ -249,15 +247,14 @@ def _svcca_from_bases(x: Any, y: Any, keep, keep_rule: str, dtype) -> SVCCAResul
     bx, by = _as_basis(x, "x", keep, keep_rule, dtype), _as_basis(y, "y", keep, keep_rule, dtype)
     check_same_datapoints(bx.basis, by.basis)
     m = bx.basis.to(torch.float64).mT @ by.basis.to(torch.float64)
-    u, rho, vh = torch.linalg.svd(m, full_matrices=False)
     warn_if_few_datapoints(bx.n_datapoints, max(bx.k, by.k), "x and y")
+    eye = lambda k: torch.eye(k, dtype=torch.float64, device=m.device)  # noqa: E731
     # weights on the basis coordinates (the neurons are not known from a basis alone)
     return SVCCAResult(
-        coefficients=rho.clamp(0.0, 1.0),
-        x_weights=u,
-        y_weights=vh.mT,
+        coefficients=canonical_correlations(m),
         x_mean=torch.zeros(bx.k, dtype=torch.float64, device=m.device),
         y_mean=torch.zeros(by.k, dtype=torch.float64, device=m.device),
+        _whitened=(eye(bx.k), m, eye(by.k), 1.0),
         _x=bx.basis.to(torch.float64) * (bx.n_datapoints - 1) ** 0.5,
         _y=by.basis.to(torch.float64) * (by.n_datapoints - 1) ** 0.5,
         k_x=bx.k,

@@ -93,7 +93,9 @@ def check_activations(
     if t.shape[1] < 1 or t[0].numel() == 0:
         raise ValueError(f"`{name}` has no neurons (shape {tuple(t.shape)}).")
     t = t.to(compute_dtype(t, dtype))
-    if not bool(torch.isfinite(t).all()):
+    # A finite sum proves every value finite without a full boolean mask (10x cheaper);
+    # only a non-finite sum (a NaN/Inf, or an overflowing sum) pays for the exact check.
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(
             f"`{name}` contains {bad} NaN or Inf values; remove those datapoints or fix the model "
