@@ -119,7 +119,8 @@ def _plot_training(fractions: List[float], values: torch.Tensor, names: List[str
     cmap = colormaps["tab10"]
     for c, name in enumerate(names):
         ax.plot(fractions, values[:, c].numpy(), marker=".", color=cmap(c % 10), label=name)
-    ax.set_xlabel("fraction of training")
+    ax.set_xscale("symlog", linthresh=0.01)  # classes are learned early: stretch the start
+    ax.set_xlabel("fraction of training (log scale above 0.01)")
     ax.set_ylabel(f"SVCCA similarity of {layer} to the class")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
