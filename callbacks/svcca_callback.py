@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
-from torch import nn
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks.callback import Callback
@@ -52,13 +50,10 @@ from svcca_torch.plotting import DEFAULT_FRACTIONS, plot_convergence, plot_learn
 from svcca_torch.recorder import ActivationRecorder
 from svcca_torch.store import RepresentationStore
 from svcca_torch.utils.validation import (
-    check_choice,
     check_fraction,
     check_keep,
     check_positive_int,
 )
-
-log = logging.getLogger(__name__)
 
 __all__ = ["SVCCACallback"]
 
@@ -107,8 +102,9 @@ class SVCCACallback(Callback):
     under ``<name>/learning_dynamics`` with the capture's global step as the image step (the
     step slider scrubs through training), ``<name>/to_final/<layer>`` scalars at each
     capture's step and a custom-scalars layout with every layer in one chart. With any
-    logger, or none, it writes ``learning_dynamics.png``, ``convergence.png``,
-    ``to_previous.png`` and ``svcca_summary.json`` (all matrices and curves) in ``run_dir``.
+    logger, or none, it writes ``learning_dynamics.png``, ``convergence.png`` (and, with
+    freeze training, ``to_previous.png``) and ``svcca_summary.json`` (all matrices and
+    curves) in ``run_dir``.
 
     The probe must be the same data in the same order at every capture (SVCCA compares
     activations datapoint by datapoint): pass a tensor, or a DataLoader with
@@ -271,15 +267,6 @@ class SVCCACallback(Callback):
         if n == 0:
             raise ValueError("`probe` is empty: it must yield at least 2 inputs.")
 
-    def _probe_size(self) -> Optional[int]:
-        p = self.probe
-        if isinstance(p, torch.Tensor):
-            return int(p.shape[0])
-        try:
-            return len(p.dataset)
-        except (AttributeError, TypeError):
-            return None
-
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
@@ -290,6 +277,12 @@ class SVCCACallback(Callback):
         if not self.freeze_training:
             return
         strategy = trainer.strategy
+        if "DeepSpeed" in type(strategy).__name__:  # a DDPStrategy subclass, but parameters are partitioned
+            raise ValueError(
+                f"freeze_training does not support the {type(strategy).__name__} strategy (parameters are "
+                "partitioned, so layer groups cannot be frozen in place); use strategy='ddp' or "
+                "freeze_training=False."
+            )
         if isinstance(strategy, DDPStrategy):
             kwargs = getattr(strategy, "_ddp_kwargs", None)
             if kwargs is None:
@@ -329,13 +322,11 @@ class SVCCACallback(Callback):
             self.groups = default_layer_groups(pl_module, recorded)
         else:
             self.groups = explicit_layer_groups(pl_module, self.freeze_groups)
-        modules = dict(pl_module.named_modules())
         # which recorded layers speak for each group (their similarity drives the adaptive policy)
         self._group_layers = {}
         for g in self.groups:
-            inside = [n for n in recorded if any(n == m or n.startswith(m + ".") for m in g.module_names)
-                      or (n == g.name)]
-            self._group_layers[g.name] = inside
+            self._group_layers[g.name] = [
+                n for n in recorded if n == g.name or any(n == m or n.startswith(m + ".") for m in g.module_names)]
         names = [g.name for g in self.groups]
         if len(names) < 2:
             raise ValueError(
@@ -349,7 +340,6 @@ class SVCCACallback(Callback):
                     f"freeze groups {silent} contain no recorded layer, so the adaptive policy has no similarity "
                     "to judge them by; add a layer of each group to `layers` or change `freeze_groups`."
                 )
-        del modules
         self.policy = make_freeze_policy(self.freeze_training, names, **self.policy_kwargs)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -603,7 +593,7 @@ class SVCCACallback(Callback):
             fractions = [f for f in DEFAULT_FRACTIONS]
             plot_learning_dynamics(dyn, fractions).savefig(run_dir / "learning_dynamics.png", dpi=110)
             plot_convergence(fin).savefig(run_dir / "convergence.png", dpi=110)
-            if len(self.store) > 1:
+            if self.freeze_training and len(self.store) > 1:  # what the adaptive policy saw
                 plot_convergence(prev, ylabel="SVCCA similarity to previous capture").savefig(
                     run_dir / "to_previous.png", dpi=110)
             summary.update(
@@ -660,6 +650,7 @@ class SVCCACallback(Callback):
             return
         # captures after the checkpoint's step belong to a run that was not kept
         self.captured_steps = [s for s in self.captured_steps if s <= trainer.global_step]
+        self.to_previous = [e for e in self.to_previous if e["step"] <= trainer.global_step]
         if state.get("policy") is not None:
             if self.policy is None:
                 raise ValueError(
