@@ -40,4 +40,16 @@ from .dynamics import (
     similarity_to_previous,
 )
 
+from .freeze import (
+    AdaptiveFreezePolicy,
+    LayerGroup,
+    ScheduleFreezePolicy,
+    default_layer_groups,
+    explicit_layer_groups,
+    freeze_group,
+    unfreeze_group,
+)
+from .data import load_cifar10, load_digits_dataset, probe_set
+from .models import ConvNet, ResNet, resnet18_cifar, resnet_small
+
 __version__ = "0.1.0"
