@@ -355,11 +355,14 @@ def backward_saved(freeze_log: Sequence[Dict[str, Any]], total_steps: int) -> fl
 
 def script_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Dict[str, Any]],
                 argv: Optional[List[str]] = None) -> int:
-    """Parse, run, and turn user-facing errors into one line on stderr (exit 2)."""
+    """Parse, run, and turn user-facing errors into one line on stderr (exit 2; set
+    ``SVCCA_TORCH_TRACEBACK=1`` for the traceback)."""
     args = parser.parse_args(argv)
     try:
         run(args)
-    except ExperimentError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ExperimentError, ValueError) as err:  # library checks name the bad argument
+        if os.environ.get("SVCCA_TORCH_TRACEBACK"):
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
