@@ -22,6 +22,25 @@ torch.set_num_threads(1)
 
 from _lightning_helpers import DigitsModule, digits_loaders  # noqa: E402
 from svcca_torch.callbacks import SVCCACallback  # noqa: E402
+from svcca_torch.freeze import is_frozen  # noqa: E402
+
+
+class FrozenWatch(pl.Callback):
+    """Copies each group's parameters when first seen frozen; checks them at the end."""
+
+    def __init__(self, svcca: SVCCACallback) -> None:
+        self.svcca = svcca
+        self.saved = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        for g in self.svcca.groups:
+            if g.name not in self.saved and is_frozen(g):
+                self.saved[g.name] = [p.detach().clone() for p in g.parameters()]
+
+    def unchanged(self) -> bool:
+        by_name = {g.name: g for g in self.svcca.groups}
+        return bool(self.saved) and all(
+            torch.equal(a, b) for n, ps in self.saved.items() for a, b in zip(ps, by_name[n].parameters()))
 
 
 def main() -> None:
@@ -34,11 +53,12 @@ def main() -> None:
     model = DigitsModule(batch_norm=False, lr=0.05)
     cb = SVCCACallback(probe, freeze_training=True, freeze_threshold=0.98, freeze_patience=1,
                        max_frozen_fraction=0.5, progress=False)
+    watch = FrozenWatch(cb)
     strategy = "ddp" if args.devices > 1 else "auto"
     trainer = pl.Trainer(
         default_root_dir=str(args.out), max_epochs=4, accelerator="cpu", devices=args.devices, strategy=strategy,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[cb], use_distributed_sampler=False,
+        callbacks=[cb, watch], use_distributed_sampler=False,
     )
     if args.devices > 1:
         sampler = DistributedSampler(loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
@@ -54,6 +74,7 @@ def main() -> None:
         "events": cb.policy.events,
         "captured_steps": cb.captured_steps,
         "param_digest": digest.hexdigest(),
+        "frozen_unchanged": watch.unchanged(),
         "find_unused_parameters": getattr(trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters"),
         "matrices": json.loads(summary_path.read_text())["matrices"] if rank == 0 else None,
     }

@@ -260,6 +260,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert two[0]["events"] == two[1]["events"] == one["events"]
     assert one["events"], "the reference run should freeze a group"
     assert two[0]["param_digest"] == two[1]["param_digest"]
+    # frozen weights stay bit-identical under DDP too (find_unused_parameters leaves their grad None)
+    assert one["frozen_unchanged"] and two[0]["frozen_unchanged"] and two[1]["frozen_unchanged"]
     assert two[0]["find_unused_parameters"] is True
     assert two[0]["captured_steps"] == one["captured_steps"]
     # rank 0 alone wrote the store; its matrices match the 1-process run's
