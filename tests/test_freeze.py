@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from svcca_torch.freeze import (
@@ -174,3 +176,36 @@ def test_backward_flops_drop_when_lower_groups_freeze():
     for g in groups:
         freeze_group(g)
     assert backward_flops(model, x) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_groups=st.integers(2, 7),
+    patience=st.integers(1, 3),
+    cap=st.sampled_from([0.3, 0.5, 0.75, 1.0]),
+    data=st.data(),
+)
+def test_adaptive_policy_invariants_and_resume(n_groups, patience, cap, data):
+    names = [f"g{i}" for i in range(n_groups)]
+    sims = data.draw(st.lists(st.lists(st.floats(0.0, 1.0), min_size=n_groups, max_size=n_groups),
+                              min_size=1, max_size=12))
+    cut = data.draw(st.integers(0, len(sims)))
+    pol = AdaptiveFreezePolicy(names, threshold=0.9, patience=patience, max_frozen_fraction=cap)
+    resumed = None
+    for step, row in enumerate(sims):
+        if step == cut:  # checkpoint here and continue on a fresh policy
+            resumed = AdaptiveFreezePolicy(names, threshold=0.9, patience=patience, max_frozen_fraction=cap)
+            resumed.load_state_dict(json.loads(json.dumps(pol.state_dict())))
+        feed = {n: s for n, s in zip(names, row) if n not in pol.frozen}
+        got = pol.update(step, feed)
+        if resumed is not None:
+            assert resumed.update(step, feed) == got
+        # always a contiguous prefix, never the output group, never past the cap
+        assert pol.frozen == names[: len(pol.frozen)]
+        assert names[-1] not in pol.frozen
+        assert len(pol.frozen) <= max(0, min(n_groups - 1, int(cap * n_groups + 1e-9)))
+        # a group only freezes after `patience` settled captures in a row
+        for g in got:
+            i = names.index(g)
+            recent = [r[i] for r in sims[max(0, step - patience + 1): step + 1]]
+            assert len(recent) == patience and all(v >= 0.9 for v in recent)
