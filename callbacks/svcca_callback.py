@@ -134,6 +134,17 @@ class SVCCACallback(Callback):
     continues the schedule. ``name`` keys the state (``state_key``), the log tags and the
     default run folder, so two instances can coexist.
 
+    Example::
+
+        from svcca_torch.callbacks import SVCCACallback
+        from svcca_torch.data import load_digits_dataset, probe_set
+
+        train, _ = load_digits_dataset()
+        svcca = SVCCACallback(probe=probe_set(train, 1024), freeze_training=True)
+        trainer = pl.Trainer(max_epochs=20, callbacks=[svcca], logger=TensorBoardLogger("runs"))
+        trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True))
+        # tensorboard --logdir runs
+
     Args:
         probe: fixed probe inputs: a tensor ``(N, ...)`` or a DataLoader/iterable of batches
             (tensors or ``(inputs, targets)``), same order every time.
