@@ -122,8 +122,9 @@ class SVCCACallback(Callback):
     ``freeze/backward_flops_saved`` (fraction of one backward pass's FLOPs no longer spent,
     measured with ``torch.utils.flop_counter`` on two probe inputs).
 
-    Distributed (Lightning's DDP strategies): rank 0 records the probe, writes the store and
-    logs; every freeze decision is made on rank 0 and broadcast with
+    Distributed (Lightning's DDP strategies): with a tensor probe every rank records a slice
+    of it and rank 0 gathers the rows (``trainer.strategy.all_gather``); a DataLoader probe is
+    recorded by rank 0 alone. Rank 0 writes the store and logs; every freeze decision is made on rank 0 and broadcast with
     ``trainer.strategy.broadcast``, so all ranks freeze the same groups at the same step.
     With freeze training under plain ``strategy="ddp"`` the callback sets
     ``find_unused_parameters=True`` before the model is wrapped (frozen parameters receive
@@ -240,6 +241,7 @@ class SVCCACallback(Callback):
 
         # runtime state (rebuilt in setup / on_train_start)
         self.recorder: Optional[ActivationRecorder] = None
+        self._shard_recorder: Optional[ActivationRecorder] = None
         self.store: Optional[RepresentationStore] = None
         self.groups: List[LayerGroup] = []
         self.policy: Optional[FreezePolicy] = None
@@ -283,6 +285,10 @@ class SVCCACallback(Callback):
             return
         # unknown layer names fail here, listing the names that exist
         self.recorder = ActivationRecorder(pl_module, self.layers, **self.recorder_kwargs)
+        if trainer.world_size > 1 and isinstance(self.probe, torch.Tensor):
+            # each rank records a slice of the probe; rank 0 gathers the rows, then subsamples
+            self._shard_recorder = ActivationRecorder(
+                pl_module, self.recorder.layers, **{**self.recorder_kwargs, "max_datapoints": None})
         if self.freeze_training:
             self._setup_freeze(trainer, pl_module)
         if not self.freeze_training:
@@ -369,6 +375,8 @@ class SVCCACallback(Callback):
             )
         run_dir = self._resolve_run_dir(trainer)
         self.recorder.device = pl_module.device  # type: ignore[union-attr]
+        if self._shard_recorder is not None:
+            self._shard_recorder.device = pl_module.device
         if trainer.is_global_zero:
             self.store = RepresentationStore(run_dir / "store", keep=self.keep, max_directions=self.max_directions)
         self._restore(trainer, pl_module)
@@ -423,12 +431,45 @@ class SVCCACallback(Callback):
     def _record(self, pl_module: "pl.LightningModule") -> Dict[str, torch.Tensor]:
         assert self.recorder is not None
         if isinstance(self.probe, torch.Tensor):
+            return self._check_checksum(self.recorder.record(self.probe))
+        wrapped = _ChecksummedProbe(self.probe)
+        acts = self.recorder.record(wrapped)
+        return self._check_checksum(acts, wrapped.checksum)
+
+    def _record_sharded(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[Dict[str, torch.Tensor]]:
+        """Every rank records a contiguous slice of a tensor probe; the rows are gathered with
+        ``trainer.strategy.all_gather`` (all ranks) and assembled on rank 0 in probe order.
+        Rows are image-major, so the concatenation equals a single-process recording; the
+        ``max_datapoints`` subsample is then taken with the recorder's own row indices."""
+        from svcca_torch.functional.conv import conv_datapoint_indices
+
+        rec, probe = self._shard_recorder, self.probe
+        assert rec is not None and isinstance(probe, torch.Tensor) and self.recorder is not None
+        n, world, rank = probe.shape[0], trainer.world_size, trainer.global_rank
+        chunk = -(-n // world)
+        counts = [max(0, min(n, (r + 1) * chunk) - r * chunk) for r in range(world)]
+        lo = rank * chunk
+        # a rank with no slice still runs one input, so every rank joins the same collectives
+        acts = rec.record(probe[lo: lo + counts[rank]] if counts[rank] else probe[:1])
+        grid = rec.conv_grid or (1, 1)
+        cells = grid[0] * grid[1]
+        out: Dict[str, torch.Tensor] = {}
+        for name, t in acts.items():
+            padded = torch.zeros(chunk * cells, t.shape[1], dtype=t.dtype)
+            mine = t[: counts[rank] * cells]
+            padded[: mine.shape[0]] = mine
+            parts = trainer.strategy.all_gather(padded.to(pl_module.device))
+            if trainer.is_global_zero:
+                out[name] = torch.cat([parts[r, : counts[r] * cells].cpu() for r in range(world)])
+        if not trainer.is_global_zero:
+            return None
+        rows = conv_datapoint_indices(n, grid, max_datapoints=self.recorder.max_datapoints, seed=self.recorder.seed)
+        return {k: v[rows] for k, v in out.items()} if rows is not None else out
+
+    def _check_checksum(self, acts: Dict[str, torch.Tensor], checksum: Optional[str] = None) -> Dict[str, torch.Tensor]:
+        if checksum is None:
+            assert isinstance(self.probe, torch.Tensor) and self.recorder is not None
             checksum = _digest(self.probe[: self.recorder.batch_size])
-            acts = self.recorder.record(self.probe)
-        else:
-            wrapped = _ChecksummedProbe(self.probe)
-            acts = self.recorder.record(wrapped)
-            checksum = wrapped.checksum
         if self.probe_checksum is None:
             self.probe_checksum = checksum
         elif checksum != self.probe_checksum:
@@ -442,9 +483,11 @@ class SVCCACallback(Callback):
     def _capture(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         step = trainer.global_step
         policy_state = None
+        sharded = self._shard_recorder is not None
+        gathered = self._record_sharded(trainer, pl_module) if sharded else None
         if trainer.is_global_zero:
             assert self.store is not None
-            acts = self._record(pl_module)
+            acts = self._check_checksum(gathered) if sharded else self._record(pl_module)
             settings = self.store.settings
             bases: Dict[str, ReducedBasis] = {}
             for name in list(acts):

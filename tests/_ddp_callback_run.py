@@ -6,7 +6,9 @@ The 2-process run sees the same global batches as the 1-process run (batches of 
 rank, interleaved by an unshuffled DistributedSampler, against batches of 64; Lightning's
 own sampler would shuffle the training set under DDP), and the model has no
 BatchNorm (per-rank batch statistics would differ), so both runs follow the same
-trajectory up to float rounding."""
+trajectory up to float rounding. Under DDP each rank records half of the probe and rank 0
+gathers the rows (then subsamples 500 of the 200 x 2 x 2 image-cell rows), which must equal
+the single-process recording."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +25,7 @@ torch.set_num_threads(1)
 from _lightning_helpers import DigitsModule, digits_loaders  # noqa: E402
 from svcca_torch.callbacks import SVCCACallback  # noqa: E402
 from svcca_torch.freeze import is_frozen  # noqa: E402
+from svcca_torch.store import RepresentationStore  # noqa: E402
 
 
 class FrozenWatch(pl.Callback):
@@ -43,6 +46,12 @@ class FrozenWatch(pl.Callback):
             torch.equal(a, b) for n, ps in self.saved.items() for a, b in zip(ps, by_name[n].parameters()))
 
 
+def _row_norms(folder: Path) -> dict:
+    store = RepresentationStore(folder)
+    return {layer: (b.basis * b.singular_values).norm(dim=1).tolist()
+            for layer, b in store.load_checkpoint(0).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, default=1)
@@ -52,7 +61,7 @@ def main() -> None:
     loader, probe = digits_loaders(batch_size=64, shuffle=False)
     model = DigitsModule(batch_norm=False, lr=0.05)
     cb = SVCCACallback(probe, freeze_training=True, freeze_threshold=0.98, freeze_patience=1,
-                       max_frozen_fraction=0.5, progress=False)
+                       max_frozen_fraction=0.5, max_datapoints=500, progress=False)
     watch = FrozenWatch(cb)
     strategy = "ddp" if args.devices > 1 else "auto"
     trainer = pl.Trainer(
@@ -77,6 +86,10 @@ def main() -> None:
         "frozen_unchanged": watch.unchanged(),
         "find_unused_parameters": getattr(trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters"),
         "matrices": json.loads(summary_path.read_text())["matrices"] if rank == 0 else None,
+        "sharded": cb._shard_recorder is not None,
+        # per-datapoint norms of each stored layer at step 0 (before any training): invariant to
+        # the basis' signs and rotation, but not to the order of the rows
+        "row_norms_step0": _row_norms(cb.run_dir / "store") if rank == 0 else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -268,3 +268,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     m1, m2 = torch.tensor(one["matrices"]), torch.tensor(two[0]["matrices"])
     assert m1.shape == m2.shape and torch.allclose(m1, m2, atol=1e-4)
     assert two[1]["matrices"] is None
+    # each rank recorded half of the probe; the rows rank 0 gathered are the 1-process rows, in order
+    assert two[0]["sharded"] and not one["sharded"]
+    assert one["row_norms_step0"].keys() == two[0]["row_norms_step0"].keys()
+    for layer, norms in one["row_norms_step0"].items():
+        assert torch.allclose(torch.tensor(norms), torch.tensor(two[0]["row_norms_step0"][layer]), atol=1e-4)
