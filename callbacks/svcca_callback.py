@@ -499,7 +499,9 @@ class SVCCACallback(Callback):
                     "resumed from an earlier checkpoint?); keeping the stored capture."
                 )
             else:
-                self.store.add(bases, step=step, epoch=trainer.current_epoch, fraction=self._fraction(trainer))
+                # no fraction stored: the store then uses step / final step, which stays right when
+                # training stops early or a resumed run trains longer than first planned
+                self.store.add(bases, step=step, epoch=trainer.current_epoch)
             sims = paired_similarity(self._prev, bases) if self._prev is not None else {}
             self._prev = bases
             if sims:

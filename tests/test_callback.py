@@ -79,7 +79,7 @@ def test_tensorboard_run_logs_live_and_final_views(tmp_path):
     store = RepresentationStore(run_dir / "store")
     assert [c.step for c in store.checkpoints] == steps
     assert store.layers == model.layer_names
-    assert [c.fraction for c in store.checkpoints] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert [store.fraction_of(c) for c in store.checkpoints] == pytest.approx([0, 1 / 3, 2 / 3, 1])
 
     acc = _events(logger.log_dir)
     tags = acc.Tags()
@@ -177,6 +177,8 @@ def test_resume_refreezes_and_keeps_history(tmp_path):
             assert torch.equal(v, saved[k]), k
     summary = json.loads((cb2.run_dir / "svcca_summary.json").read_text())
     assert summary["steps"] == [0, 10, 20, 30, 40]
+    # fractions of the whole resumed run (run 1 planned only 20 steps)
+    assert summary["fractions"] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
     assert (cb2.run_dir / "to_previous.png").stat().st_size > 0  # freeze training's signal
 
 
