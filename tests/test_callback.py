@@ -275,3 +275,27 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert one["row_norms_step0"].keys() == two[0]["row_norms_step0"].keys()
     for layer, norms in one["row_norms_step0"].items():
         assert torch.allclose(torch.tensor(norms), torch.tensor(two[0]["row_norms_step0"][layer]), atol=1e-4)
+
+
+def test_ddp_setup_arranges_or_rejects_find_unused_parameters():
+    """setup runs before the strategy wraps the model: checked here without launching DDP."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    _, probe = digits_loaders()
+
+    def setup(strategy):
+        t = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False)
+        SVCCACallback(probe, freeze_training=True).setup(t, DigitsModule(), "fit")
+        return strategy
+
+    assert setup(DDPStrategy())._ddp_kwargs["find_unused_parameters"] is True
+    with pytest.raises(ValueError, match="find_unused_parameters=False"):
+        setup(DDPStrategy(find_unused_parameters=False))
+    with pytest.raises(ValueError, match="static_graph"):
+        setup(DDPStrategy(static_graph=True))
+    # without freeze training the user's DDP settings are left alone
+    plain = DDPStrategy()
+    t = pl.Trainer(strategy=plain, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    SVCCACallback(probe).setup(t, DigitsModule(), "fit")
+    assert "find_unused_parameters" not in plain._ddp_kwargs
