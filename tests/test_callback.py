@@ -299,3 +299,21 @@ def test_ddp_setup_arranges_or_rejects_find_unused_parameters():
     t = pl.Trainer(strategy=plain, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     SVCCACallback(probe).setup(t, DigitsModule(), "fit")
     assert "find_unused_parameters" not in plain._ddp_kwargs
+
+
+def test_explicit_freeze_groups(tmp_path):
+    loader, probe = digits_loaders()
+    groups = {"low": ["net.features.block1", "net.features.block2"],
+              "high": ["net.features.block3", "net.features.block4"], "head": ["net.fc1", "net.fc"]}
+    cb = SVCCACallback(probe, freeze_training="schedule", freeze_groups=groups, schedule_start=0.3,
+                       schedule_end=0.3, max_frozen_fraction=0.34, final_analysis=False, progress=False)
+    model = DigitsModule()
+    trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model, loader)
+    assert [g.name for g in cb.groups] == ["low", "high", "head"] and cb.policy.frozen == ["low"]
+    assert cb.policy.events == [{"step": 6, "group": "low"}]  # first step at or past 30% of 20
+    assert not any(p.requires_grad for p in model.net.features.block2.parameters())
+    assert all(p.requires_grad for p in model.net.features.block3.parameters())
+    # the adaptive policy needs a recorded layer in every freezable group
+    with pytest.raises(ValueError, match="no recorded layer"):
+        trainer(tmp_path, callbacks=[SVCCACallback(probe, layers=["net.fc"], freeze_training=True,
+                                                   freeze_groups=groups)]).fit(DigitsModule(), loader)
