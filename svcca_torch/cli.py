@@ -184,8 +184,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _find_stores(run_dir: Path) -> List[Path]:
     if (run_dir / "index.json").is_file():
         return [run_dir]
-    return sorted(p.parent for p in run_dir.rglob("index.json") if p.parent.name == "store" or
-                  (p.parent / "index.json").is_file() and any(p.parent.glob("step_*")))
+    return sorted(p.parent for p in run_dir.rglob("index.json")
+                  if p.parent.name == "store" or any(p.parent.glob("step_*")))
 
 
 def _nan_none(x: Any) -> Any:
