@@ -716,6 +716,12 @@ class SVCCACallback(Callback):
             self.policy.load_state_dict(state["policy"])
             self._apply_frozen_silently()
         if trainer.is_global_zero and self.store is not None and len(self.store):
+            archive = self.store.archive_after(trainer.global_step)
+            if archive is not None:
+                rank_zero_info(
+                    f"{type(self).__name__}: resumed at step {trainer.global_step}; the captures the earlier run "
+                    f"made after it were moved to {archive} (kept, not deleted)."
+                )
             done = [c for c in self.store.checkpoints if c.step <= trainer.global_step]
             if done:
                 self._prev = self.store.load_checkpoint(done[-1])

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -375,6 +376,39 @@ class RepresentationStore:
         _atomic_write(self.folder / INDEX_NAME, lambda f: f.write(text))
         self._index = new_index
         return self.checkpoint(step)
+
+    def archive_after(self, step: int) -> Optional[Path]:
+        """Move every checkpoint later than ``step`` out of the store, into a store of its own.
+
+        For a training run resumed from an earlier checkpoint: the captures that the lost run
+        made after that point describe weights that no longer exist and must not mix with the
+        resumed run's. Nothing is deleted: they become a complete store in
+        ``<folder>/superseded/<UTC time>-after-<step>/`` (open it with
+        :class:`RepresentationStore`). The archive's index is written first, then this store's
+        index without them, then the files are moved, so a crash at any point loses no capture.
+
+        Returns:
+            The archive's folder, or ``None`` when no checkpoint is later than ``step``.
+        """
+        step = check_positive_int(step, "step", minimum=0)
+        later = [ck for ck in self._index["checkpoints"] if ck["step"] > step]
+        if not later:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        archive = self.folder / "superseded" / f"{stamp}-after-{step}"
+        archive.mkdir(parents=True, exist_ok=False)
+        kept = [ck for ck in self._index["checkpoints"] if ck["step"] <= step]
+        old = json.dumps(dict(self._index, checkpoints=later), indent=1).encode()
+        _atomic_write(archive / INDEX_NAME, lambda f: f.write(old))
+        new_index = dict(self._index, checkpoints=kept)
+        new = json.dumps(new_index, indent=1).encode()
+        _atomic_write(self.folder / INDEX_NAME, lambda f: f.write(new))
+        self._index = new_index
+        for ck in later:
+            for sub in {Path(f["file"]).parts[0] for f in ck["files"].values()}:
+                if (self.folder / sub).exists():
+                    os.replace(self.folder / sub, archive / sub)
+        return archive
 
     @staticmethod
     def _reduce(name: str, value: Any, settings: Mapping[str, Any]) -> ReducedBasis:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,35 @@ def test_resume_refreezes_and_keeps_history(tmp_path):
     # fractions of the whole resumed run (run 1 planned only 20 steps)
     assert summary["fractions"] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
     assert (cb2.run_dir / "to_previous.png").stat().st_size > 0  # freeze training's signal
+
+
+def test_resume_from_an_earlier_checkpoint_archives_the_lost_captures(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    loader, probe = digits_loaders()
+    cb1 = SVCCACallback(probe, final_analysis=False, progress=False)
+    keep_all = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    t1 = trainer(tmp_path, max_epochs=3, callbacks=[cb1, keep_all], checkpointing=True)
+    t1.fit(DigitsModule(), loader)
+    store_dir = cb1.run_dir / "store"
+    assert [c.step for c in RepresentationStore(store_dir).checkpoints] == [0, 10, 20, 30]
+    lost = RepresentationStore(store_dir).load(30, "net.fc").basis.clone()
+
+    first_epoch = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+    cb2 = SVCCACallback(probe, final_analysis=False, progress=False)
+    t2 = trainer(tmp_path, max_epochs=3, callbacks=[cb2])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*already in the store.*")
+        t2.fit(DigitsModule(lr=0.01), loader, ckpt_path=str(first_epoch))
+    assert cb2.captured_steps == [0, 10, 20, 30]
+    store = RepresentationStore(store_dir)
+    assert [c.step for c in store.checkpoints] == [0, 10, 20, 30]
+    # steps 20 and 30 now hold the resumed run; the lost run's are archived, not deleted
+    assert not torch.equal(store.load(30, "net.fc").basis, lost)
+    (archive,) = (store_dir / "superseded").iterdir()
+    old = RepresentationStore(archive)
+    assert [c.step for c in old.checkpoints] == [20, 30]
+    torch.testing.assert_close(old.load(30, "net.fc").basis, lost)
 
 
 def test_two_instances_coexist_by_state_key(tmp_path):

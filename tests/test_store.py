@@ -121,3 +121,23 @@ def test_bad_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="no checkpoint at step 7"):
         store.load(7, "fc")
     assert len(RepresentationStore(tmp_path)) == 0
+
+
+def test_archive_after_moves_later_checkpoints_into_their_own_store(tmp_path) -> None:
+    store = RepresentationStore(tmp_path)
+    for step in (0, 10, 20, 30):
+        store.add(_acts(step), step=step)
+    want = store.load(30, "conv1").basis.clone()
+    archive = store.archive_after(10)
+    assert [c.step for c in store.checkpoints] == [0, 10]
+    assert archive.parent == tmp_path / "superseded"
+    # nothing is lost: the later captures form a complete store of their own
+    old = RepresentationStore(archive)
+    assert [c.step for c in old.checkpoints] == [20, 30]
+    torch.testing.assert_close(old.load(30, "conv1").basis, want)
+    # the main store reopens cleanly and can store the resumed run's steps again
+    again = RepresentationStore(tmp_path)
+    assert [c.step for c in again.checkpoints] == [0, 10]
+    again.add(_acts(99), step=20)
+    assert [c.step for c in RepresentationStore(tmp_path).checkpoints] == [0, 10, 20]
+    assert store.archive_after(40) is None
