@@ -159,9 +159,37 @@ def first_tensor(output: Any) -> Optional[torch.Tensor]:
     return None
 
 
+#: Dict keys taken as the model input of a dict batch, in this order of preference.
+INPUT_KEYS: Tuple[str, ...] = ("x", "input", "inputs", "image", "images", "img", "pixel_values", "input_ids", "data")
+
+
+def batch_inputs(batch: Any) -> torch.Tensor:
+    """The model input of one probe batch: a tensor as it is, the first element of an
+    ``(inputs, targets, ...)`` tuple/list, or from a dict the value of the first of
+    :data:`INPUT_KEYS` it has (else its only tensor value)."""
+    if isinstance(batch, dict):
+        key = next((k for k in INPUT_KEYS if k in batch), None)
+        if key is None:
+            tensors = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
+            if len(tensors) != 1:
+                raise ValueError(
+                    f"`probe` yields dict batches with keys {list(batch)}; name the model input one of "
+                    f"{list(INPUT_KEYS)} (or yield (inputs, targets) tuples)."
+                )
+            key = tensors[0]
+        batch = batch[key]
+    elif isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise ValueError(
+            f"`probe` batches must be tensors, (inputs, targets) tuples or dicts; got {type(batch).__name__}."
+        )
+    return batch
+
+
 def _iter_probe(probe: Any, batch_size: int) -> Iterable[torch.Tensor]:
     """Batches of model input from a tensor (split along dim 0) or an iterable of batches
-    (a DataLoader yielding tensors, ``(inputs, targets, ...)`` or ``{"x"|"input"|...: }``)."""
+    (see :func:`batch_inputs`)."""
     if isinstance(probe, torch.Tensor):
         if probe.ndim == 0 or probe.shape[0] == 0:
             raise ValueError(f"`probe` must hold at least one input along dim 0, got shape {tuple(probe.shape)}.")
@@ -174,23 +202,20 @@ def _iter_probe(probe: Any, batch_size: int) -> Iterable[torch.Tensor]:
             f"`probe` must be a tensor of inputs or a DataLoader/iterable of batches, got {type(probe).__name__}."
         ) from None
     for batch in iterator:
-        if isinstance(batch, dict):
-            batch = next(iter(batch.values()))
-        elif isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        if not isinstance(batch, torch.Tensor):
-            raise ValueError(
-                f"`probe` batches must be tensors or (inputs, targets) tuples; got {type(batch).__name__}."
-            )
-        yield batch
+        yield batch_inputs(batch)
 
 
-def _model_device(model: nn.Module) -> Optional[torch.device]:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return None
+def to_model(x: torch.Tensor, model: nn.Module, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``x`` moved to ``device`` (default: the model's), a floating ``x`` cast to the model's
+    floating dtype (a float16/bfloat16 model gets float16/bfloat16 inputs)."""
+    dtype = None
+    for t in (*model.parameters(), *model.buffers()):
+        if device is None:
+            device = t.device
+        if t.is_floating_point():
+            dtype = t.dtype
+            break
+    return x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else None)
 
 
 class ActivationRecorder:
@@ -310,7 +335,6 @@ class ActivationRecorder:
         self._order: List[str] = []
         modes = [(m, m.training) for m in self.model.modules()]
         handles = []
-        device = self.device or _model_device(self.model)
         try:
             for name in self.layers:
                 handles.append(modules[name].register_forward_hook(self._make_hook(name, captured, calls)))
@@ -319,7 +343,7 @@ class ActivationRecorder:
                 for batch in _iter_probe(probe, self.batch_size):
                     for n in calls:
                         calls[n] = 0
-                    self.model(batch.to(device) if device is not None else batch)
+                    self.model(to_model(batch, self.model, self.device))
                     missing = [n for n in self.layers if calls[n] == 0]
                     if missing:
                         raise ValueError(

@@ -225,3 +225,34 @@ def test_bad_arguments() -> None:
         ActivationRecorder(ConvNet(), resize="nearest")
     with pytest.raises(ValueError, match="`probe`"):
         ActivationRecorder(ConvNet()).record(42)
+
+
+def test_bfloat16_model_gets_inputs_in_its_dtype() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    x = torch.randn(10, 3, 8, 8)
+    ref = ActivationRecorder(model, ["3"]).record(x)["3"]
+    got = ActivationRecorder(model.to(torch.bfloat16), ["3"]).record(x)["3"]
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=0.1, rtol=0.05)
+
+
+def test_dict_batches_use_the_input_key_not_the_first_key() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(12, 6)
+
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, i: int) -> dict:
+            return {"label": i % 3, "image": x[i]}
+
+    got = ActivationRecorder(model).record(DataLoader(Dicts(), batch_size=5))
+    ref = ActivationRecorder(model).record(x)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5)
+    unnamed = [{"a": x[:4], "b": x[:4]}]
+    with pytest.raises(ValueError, match="name the model input"):
+        ActivationRecorder(model).record(unnamed)
