@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,13 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # no hard links on this file system
+        shutil.copy2(src, dst)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -384,8 +392,11 @@ class RepresentationStore:
         made after that point describe weights that no longer exist and must not mix with the
         resumed run's. Nothing is deleted: they become a complete store in
         ``<folder>/superseded/<UTC time>-after-<step>/`` (open it with
-        :class:`RepresentationStore`). The archive's index is written first, then this store's
-        index without them, then the files are moved, so a crash at any point loses no capture.
+        :class:`RepresentationStore`). The files are hard-linked (or copied) into the archive
+        and its index written, then this store's index is rewritten without them, and only
+        then are the originals removed: after a crash at any point either this store still
+        lists them or the archive is complete, and a step stored again later replaces the
+        store's own directory entry, never the archive's file.
 
         Returns:
             The archive's folder, or ``None`` when no checkpoint is later than ``step``.
@@ -399,15 +410,16 @@ class RepresentationStore:
         archive.mkdir(parents=True, exist_ok=False)
         kept = [ck for ck in self._index["checkpoints"] if ck["step"] <= step]
         old = json.dumps(dict(self._index, checkpoints=later), indent=1).encode()
+        subs = sorted({Path(f["file"]).parts[0] for ck in later for f in ck["files"].values()})
+        for sub in subs:
+            shutil.copytree(self.folder / sub, archive / sub, copy_function=_link_or_copy)
         _atomic_write(archive / INDEX_NAME, lambda f: f.write(old))
         new_index = dict(self._index, checkpoints=kept)
         new = json.dumps(new_index, indent=1).encode()
         _atomic_write(self.folder / INDEX_NAME, lambda f: f.write(new))
         self._index = new_index
-        for ck in later:
-            for sub in {Path(f["file"]).parts[0] for f in ck["files"].values()}:
-                if (self.folder / sub).exists():
-                    os.replace(self.folder / sub, archive / sub)
+        for sub in subs:
+            shutil.rmtree(self.folder / sub, ignore_errors=True)
         return archive
 
     @staticmethod

@@ -141,3 +141,29 @@ def test_archive_after_moves_later_checkpoints_into_their_own_store(tmp_path) ->
     again.add(_acts(99), step=20)
     assert [c.step for c in RepresentationStore(tmp_path).checkpoints] == [0, 10, 20]
     assert store.archive_after(40) is None
+
+
+def test_archive_survives_a_crash_before_the_originals_are_removed(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    store = RepresentationStore(tmp_path)
+    for step in (0, 10, 20):
+        store.add(_acts(step), step=step)
+    want = store.load(20, "conv1").basis.clone()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.archive_after(10)
+    monkeypatch.undo()
+    (archive,) = (tmp_path / "superseded").iterdir()
+    # the resumed run stores step 20 again over the leftover originals ...
+    again = RepresentationStore(tmp_path)
+    assert [c.step for c in again.checkpoints] == [0, 10]
+    again.add(_acts(99), step=20)
+    # ... and the archived capture is still complete and unaltered
+    old = RepresentationStore(archive)
+    torch.testing.assert_close(old.load(20, "conv1").basis, want)
+    assert not torch.allclose(again.load(20, "conv1").basis, want)
