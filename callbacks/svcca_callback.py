@@ -47,7 +47,7 @@ from svcca_torch.freeze import (
 )
 from svcca_torch.functional.svcca import ReducedBasis, svd_reduce
 from svcca_torch.plotting import DEFAULT_FRACTIONS, plot_convergence, plot_learning_dynamics
-from svcca_torch.recorder import ActivationRecorder
+from svcca_torch.recorder import ActivationRecorder, batch_inputs, to_model
 from svcca_torch.store import RepresentationStore
 from svcca_torch.utils.validation import (
     check_fraction,
@@ -62,14 +62,8 @@ _FLOPS_EXAMPLES = 2
 
 
 def _digest(batch: Any) -> str:
-    """SHA-1 of a probe batch's inputs (the first tensor of a tuple/dict batch)."""
-    if isinstance(batch, dict):
-        batch = next(iter(batch.values()))
-    elif isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise ValueError(f"`probe` batches must be tensors or (inputs, targets) tuples; got {type(batch).__name__}.")
-    t = batch.detach().to("cpu", torch.float32).contiguous()
+    """SHA-1 of a probe batch's inputs (see :func:`svcca_torch.recorder.batch_inputs`)."""
+    t = batch_inputs(batch).detach().to("cpu", torch.float32).contiguous()
     h = hashlib.sha1(str(tuple(t.shape)).encode())
     h.update(t.numpy().tobytes())
     return h.hexdigest()
@@ -567,19 +561,12 @@ class SVCCACallback(Callback):
     def _example_input(self) -> torch.Tensor:
         if self._example is None:
             p = self.probe
-            if isinstance(p, torch.Tensor):
-                first = p
-            else:
-                first = next(iter(p))
-                if isinstance(first, dict):
-                    first = next(iter(first.values()))
-                elif isinstance(first, (tuple, list)):
-                    first = first[0]
+            first = p if isinstance(p, torch.Tensor) else batch_inputs(next(iter(p)))
             self._example = first[:_FLOPS_EXAMPLES].clone()
         return self._example
 
     def _backward_flops(self, pl_module: "pl.LightningModule", all_trainable: bool = False) -> int:
-        x = self._example_input().to(pl_module.device)
+        x = to_model(self._example_input(), pl_module)
         if not all_trainable:
             return backward_flops(pl_module, x)
         frozen = [p for g in self.groups for p in g.parameters() if not p.requires_grad]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .recorder import default_layers, first_tensor
 from .utils.validation import check_fraction, check_positive_int
 
 __all__ = [
@@ -108,8 +109,6 @@ def default_layer_groups(model: nn.Module, layer_names: Optional[Sequence[str]] 
             :func:`svcca_torch.recorder.default_layers`.
     """
     if layer_names is None:
-        from .recorder import default_layers
-
         layer_names = default_layers(model)
     layer_names = list(layer_names)
     if not layer_names:
@@ -445,8 +444,9 @@ def backward_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     try:
         model.eval()
         with torch.enable_grad():
-            out = model(example_input)
-            out = out[0] if isinstance(out, (tuple, list)) else out
+            out = first_tensor(model(example_input))
+            if out is None:
+                raise ValueError("`model` returned no tensor on `example_input`; its backward cannot be measured.")
             with FlopCounterMode(display=False) as counter:
                 torch.autograd.grad(out.float().sum(), params, allow_unused=True)
     finally:
