@@ -32,7 +32,6 @@ from svcca_torch.dynamics import (
     LearningDynamics,
     learning_dynamics,
     paired_similarity,
-    similarity_to_final,
     similarity_to_previous,
 )
 from svcca_torch.freeze import (
@@ -617,8 +616,8 @@ class SVCCACallback(Callback):
                        "policy_state": self.policy.state_dict() if self.policy is not None else None},
         }
         if self.final_analysis and len(self.store) >= 1:
-            dyn = self._dynamics()
-            fin = similarity_to_final(self.store)
+            dyn = learning_dynamics(self.store, progress=self.progress)
+            fin = dyn.curves()
             prev = similarity_to_previous(self.store)
             writers = self._tensorboards(trainer)
             for c, step in enumerate(dyn.steps):
@@ -651,18 +650,6 @@ class SVCCACallback(Callback):
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, run_dir / "svcca_summary.json")
         rank_zero_info(f"{type(self).__name__}: figures and svcca_summary.json in {run_dir}")
-
-    def _dynamics(self) -> LearningDynamics:
-        """learning_dynamics over every capture, one checkpoint at a time with a progress bar."""
-        from tqdm.auto import tqdm
-
-        assert self.store is not None
-        cks = self.store.checkpoints
-        parts = []
-        for ck in tqdm(cks, desc=f"{self.name}: learning dynamics", disable=not self.progress, leave=False):
-            parts.append(learning_dynamics(self.store, [ck]))
-        return LearningDynamics(parts[0].layers, [p.steps[0] for p in parts], [p.fractions[0] for p in parts],
-                                torch.cat([p.matrices for p in parts]))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

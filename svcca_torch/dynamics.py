@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from .functional.matrix import similarity_matrix
 from .functional.svcca import ReducedBasis, svcca, svd_reduce
@@ -55,6 +56,10 @@ class LearningDynamics:
     def to_final(self) -> torch.Tensor:
         """``(checkpoints, layers)``: each layer's similarity to its own final state."""
         return torch.diagonal(self.matrices, dim1=1, dim2=2)
+
+    def curves(self) -> "LayerCurves":
+        """:meth:`to_final` as :class:`LayerCurves` (what :func:`similarity_to_final` returns)."""
+        return LayerCurves(list(self.layers), list(self.steps), list(self.fractions), self.to_final())
 
     def nearest(self, fraction: float) -> int:
         """Index of the checkpoint whose fraction of training is nearest ``fraction``."""
@@ -115,6 +120,7 @@ def learning_dynamics(
     layers: Optional[Sequence[str]] = None,
     *,
     final: Optional[CheckpointRef] = None,
+    progress: bool = False,
 ) -> LearningDynamics:
     """For every checkpoint, the layers x layers SVCCA matrix against the final network.
 
@@ -123,6 +129,7 @@ def learning_dynamics(
         checkpoints: which checkpoints (default: all stored), as :class:`Checkpoint` or steps.
         layers: which layers (default: all, in store order).
         final: the reference checkpoint (default: the last stored).
+        progress: show a tqdm progress bar over the checkpoints.
 
     Returns:
         :class:`LearningDynamics`; ``matrices[c, i, j]`` compares layer ``i`` at ``final``
@@ -135,7 +142,7 @@ def learning_dynamics(
     fin = _load(store, ref, names)
     out = torch.full((len(cks), len(names), len(names)), math.nan, dtype=torch.float64)
     rows = [i for i, n in enumerate(names) if n in fin]
-    for c, ck in enumerate(cks):
+    for c, ck in enumerate(tqdm(cks, desc="learning dynamics", disable=not progress, leave=False)):
         cur = _load(store, ck, names)
         cols = [j for j, n in enumerate(names) if n in cur]
         if rows and cols:
@@ -151,7 +158,8 @@ def similarity_to_final(
 ) -> LayerCurves:
     """Each layer's SVCCA similarity to its own state at the last checkpoint, over training.
 
-    Only the diagonal of :func:`learning_dynamics`: one comparison per (checkpoint, layer).
+    Only the diagonal of :func:`learning_dynamics` (one comparison per (checkpoint, layer));
+    with the matrices at hand use :meth:`LearningDynamics.curves` instead.
     The bottom-up convergence of the paper shows as lower layers reaching 1 earlier.
     """
     names = _layers(store, layers)

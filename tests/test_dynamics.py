@@ -77,6 +77,9 @@ def test_learning_dynamics_matrix(run) -> None:
     # the diagonal equals the per-layer curve computed pair by pair
     curves = similarity_to_final(store)
     torch.testing.assert_close(dyn.to_final(), curves.values, atol=1e-6, rtol=0)
+    same = dyn.curves()
+    assert (same.layers, same.steps, same.fractions) == (curves.layers, curves.steps, curves.fractions)
+    torch.testing.assert_close(same.values, curves.values, atol=1e-6, rtol=0)
 
 
 def test_bottom_up_convergence(run) -> None:
