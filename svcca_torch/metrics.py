@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .functional.cca import CCAResult, Moments, cca_from_moments, prepare_pair
+from .functional.cca import moments as batch_moments
 from .functional.pwcca import pwcca_from_moments
 from .functional.svcca import KEEP_RULES, SVCCAResult, svcca_from_moments
 from .utils.validation import check_choice, check_keep
@@ -47,11 +48,7 @@ class _MomentMetric(nn.Module):
     def update(self, x: Any, y: Any) -> None:
         """Add a batch: ``x`` ``(batch, neurons_x)`` and ``y`` ``(batch, neurons_y)``, same datapoints."""
         xt, yt = prepare_pair(x, y, None, min_datapoints=1)
-        xt, yt = xt.to(torch.float64), yt.to(torch.float64)
-        b = xt.shape[0]
-        bx, by = xt.mean(0), yt.mean(0)
-        xc, yc = xt - bx, yt - by
-        batch = (xc.mT @ xc, yc.mT @ yc, xc.mT @ yc)
+        b, bx, by, *batch = batch_moments(xt.to(torch.float64), yt.to(torch.float64), torch.float64)
         if self.n is None:
             self.n = torch.tensor(b, dtype=torch.float64, device=xt.device)
             self.mean_x, self.mean_y = bx, by
