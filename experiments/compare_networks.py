@@ -41,11 +41,10 @@ from experiments.common import (
     train_plain,
     write_json,
 )
-from svcca_torch import ActivationRecorder, aligned_directions, cca, linear_cka, pwcca, similarity_matrix, svcca
+from svcca_torch import ActivationRecorder, aligned_directions, similarity_matrix
 from svcca_torch.data import probe_set
+from svcca_torch.functional.matrix import METHODS
 from svcca_torch.plotting import plot_aligned_directions
-
-METHODS = ("svcca", "cca", "pwcca", "cka")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,16 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def similarity(method: str, x: torch.Tensor, y: torch.Tensor, keep: float) -> float:
-    """One similarity of two ``(datapoints, neurons)`` layers by ``method``."""
-    if method == "svcca":
-        return float(svcca(x, y, keep).mean)
-    if method == "cca":
-        return float(cca(x, y).mean)
-    if method == "pwcca":
-        return float(pwcca(x, y))
-    if method == "cka":
-        return float(linear_cka(x, y))
-    raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    """One similarity of two ``(datapoints, neurons)`` layers by ``method`` (one of METHODS)."""
+    return float(similarity_matrix([x], [y], method, keep=keep)[0, 0])
 
 
 def random_baseline(n: int, pa: int, pb: int, draws: int, seed: int, keep: float) -> Dict[str, float]:
