@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional.conv import conv_datapoint_indices, conv_to_datapoints
+from .functional.conv import RESIZE_MODES, conv_datapoint_indices, conv_to_datapoints, resize_map
 from .utils.validation import check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,6 @@ LayerSpec = Union[str, Type[nn.Module]]
 
 #: Module types recorded by default (outside residual blocks).
 DEFAULT_TYPES: Tuple[Type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-RESIZE_MODES = ("avgpool", "interpolate")
 
 
 def is_residual_block(module: nn.Module) -> bool:
@@ -281,13 +279,6 @@ class ActivationRecorder:
             f"max_datapoints={self.max_datapoints}, seed={self.seed})"
         )
 
-    def _pool(self, t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        if tuple(t.shape[-2:]) == size:
-            return t
-        if self.resize == "avgpool":
-            return F.adaptive_avg_pool2d(t, size)
-        return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-
     def _make_hook(self, name: str, store: Dict[str, List[torch.Tensor]], calls: Dict[str, int]) -> Callable:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             calls[name] += 1
@@ -304,7 +295,7 @@ class ActivationRecorder:
             t = t.detach()
             if t.ndim == 4:
                 size = (min(self.grid, t.shape[2]), min(self.grid, t.shape[3]))
-                t = self._pool(t.float(), size)
+                t = resize_map(t.float(), size, self.resize)
             elif t.ndim != 2:
                 t = t.flatten(1) if t.ndim > 1 else t[:, None]
             # copy=True: a later in-place op (ReLU(inplace=True)) must not change what we keep
@@ -383,7 +374,8 @@ class ActivationRecorder:
             if t.shape[0] != n_images:
                 raise ValueError(f"layer {n!r} returned {t.shape[0]} rows but the probe has {n_images} inputs.")
             if t.ndim == 4:
-                t = conv_to_datapoints(self._pool(t, (h, w)), max_datapoints=self.max_datapoints, seed=self.seed)
+                t = conv_to_datapoints(t, size=(h, w), resize=self.resize, max_datapoints=self.max_datapoints,
+                                       seed=self.seed)
             else:
                 t = t[index]
             out[n] = t.contiguous()

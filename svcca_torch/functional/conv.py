@@ -85,7 +85,10 @@ def _fold(x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
     return flat[rows // (h * w), :, rows % (h * w)]
 
 
-def _resize(x: torch.Tensor, size: Tuple[int, int], resize: str) -> torch.Tensor:
+RESIZE_MODES = ("avgpool", "interpolate")
+
+
+def resize_map(x: torch.Tensor, size: Tuple[int, int], resize: str) -> torch.Tensor:
     """Bring ``(N, C, H, W)`` to spatial ``size``: adaptive average pooling along axes that
     shrink, bilinear interpolation along axes that grow (or everywhere if ``resize`` says so)."""
     current = tuple(x.shape[-2:])
@@ -132,9 +135,9 @@ def conv_to_datapoints(
         ``(N * h * w, C)`` activations, or ``(max_datapoints, C)`` when subsampled.
     """
     t = check_conv_activations(x, "x", min_datapoints=1)  # one image still has H*W positions
-    check_choice(resize, "resize", ("avgpool", "interpolate"))
+    check_choice(resize, "resize", RESIZE_MODES)
     if size is not None:
-        t = _resize(t, check_spatial_size(size, "size"), resize)
+        t = resize_map(t, check_spatial_size(size, "size"), resize)
     n, _, h, w = t.shape
     return _fold(t, conv_datapoint_indices(n, (h, w), max_datapoints=max_datapoints, seed=seed))
 
@@ -222,7 +225,7 @@ def conv_pair_to_datapoints(
     def bring(t: torch.Tensor) -> torch.Tensor:
         if t.ndim == 2:
             return t.unsqueeze(-1).unsqueeze(-1)
-        return _resize(t, target, "avgpool" if mode in ("avgpool", "mean", "fold") else "interpolate")
+        return resize_map(t, target, "avgpool" if mode in ("avgpool", "mean", "fold") else "interpolate")
 
     x4, y4 = bring(xt), bring(yt)
     rows = conv_datapoint_indices(xt.shape[0], target, max_datapoints=max_datapoints, seed=seed)
