@@ -373,6 +373,16 @@ class SVCCACallback(Callback):
         if trainer.is_global_zero:
             self.store = RepresentationStore(run_dir / "store", keep=self.keep, max_directions=self.max_directions)
         self._restore(trainer, pl_module)
+        store = self.store
+        if store is not None and len(store) and not self.captured_steps:
+            # a new run in the folder of an earlier one: its captures must not stand in for this run's
+            steps = [c.step for c in store.checkpoints]
+            archive = store.archive_after(-1)
+            rank_zero_warn(
+                f"{type(self).__name__}: {store.folder} held the captures of an earlier run (steps {steps}); "
+                f"moved to {archive} so that this run's are not mixed with them. Resume with "
+                "trainer.fit(ckpt_path=...) to continue a run, or pass a new run_dir."
+            )
         if self.freeze_training and self.baseline_backward_flops is None and trainer.is_global_zero:
             self.baseline_backward_flops = self._backward_flops(pl_module, all_trainable=True)
         if trainer.is_global_zero:

@@ -398,15 +398,19 @@ class RepresentationStore:
         lists them or the archive is complete, and a step stored again later replaces the
         store's own directory entry, never the archive's file.
 
+        Args:
+            step: the last step kept; ``-1`` moves every checkpoint (a new run in the folder
+                of an old one).
+
         Returns:
             The archive's folder, or ``None`` when no checkpoint is later than ``step``.
         """
-        step = check_positive_int(step, "step", minimum=0)
+        step = check_positive_int(step, "step", minimum=-1)
         later = [ck for ck in self._index["checkpoints"] if ck["step"] > step]
         if not later:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        archive = self.folder / "superseded" / f"{stamp}-after-{step}"
+        archive = self.folder / "superseded" / (f"{stamp}-after-{step}" if step >= 0 else f"{stamp}-all")
         archive.mkdir(parents=True, exist_ok=False)
         kept = [ck for ck in self._index["checkpoints"] if ck["step"] <= step]
         old = json.dumps(dict(self._index, checkpoints=later), indent=1).encode()

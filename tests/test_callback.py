@@ -212,6 +212,25 @@ def test_resume_from_an_earlier_checkpoint_archives_the_lost_captures(tmp_path):
     torch.testing.assert_close(old.load(30, "net.fc").basis, lost)
 
 
+def test_a_new_run_in_an_old_run_dir_archives_the_old_captures(tmp_path):
+    loader, probe = digits_loaders()
+    firsts = []
+    for seed in (0, 1):
+        pl.seed_everything(seed)
+        cb = SVCCACallback(probe, final_analysis=False, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(DigitsModule(), loader)
+        store = RepresentationStore(cb.run_dir / "store")
+        assert [c.step for c in store.checkpoints] == [0, STEPS_PER_EPOCH]
+        firsts.append(store.load(0, "net.fc").basis.clone())
+    assert any("captures of an earlier run" in str(w.message) for w in caught)
+    # the store now holds the second run, not the first run's captures kept in its place
+    assert not torch.equal(firsts[0], firsts[1])
+    (archive,) = (cb.run_dir / "store" / "superseded").iterdir()
+    torch.testing.assert_close(RepresentationStore(archive).load(0, "net.fc").basis, firsts[0])
+
+
 def test_two_instances_coexist_by_state_key(tmp_path):
     loader, probe = digits_loaders()
     a = SVCCACallback(probe, name="a", final_analysis=False, progress=False)

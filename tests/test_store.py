@@ -141,6 +141,9 @@ def test_archive_after_moves_later_checkpoints_into_their_own_store(tmp_path) ->
     again.add(_acts(99), step=20)
     assert [c.step for c in RepresentationStore(tmp_path).checkpoints] == [0, 10, 20]
     assert store.archive_after(40) is None
+    everything = again.archive_after(-1)
+    assert len(again) == 0 and everything.name.endswith("-all")
+    assert [c.step for c in RepresentationStore(everything).checkpoints] == [0, 10, 20]
 
 
 def test_archive_survives_a_crash_before_the_originals_are_removed(tmp_path, monkeypatch) -> None:
