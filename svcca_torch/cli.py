@@ -195,7 +195,7 @@ def _nan_none(x: Any) -> Any:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .dynamics import learning_dynamics, similarity_to_final, similarity_to_previous
+    from .dynamics import learning_dynamics, similarity_to_previous
     from .plotting import plot_convergence, plot_learning_dynamics
     from .store import RepresentationStore
 
@@ -216,12 +216,15 @@ def _report(args: argparse.Namespace) -> int:
         if not len(store):
             print(f"{folder}: empty store, skipped")
             continue
-        out = Path(args.out) if args.out else folder.parent
-        if args.out and len(stores) > 1:
-            out = out / folder.parent.relative_to(run_dir) if folder.parent != run_dir else out
+        # a run's `store` renders into the run folder; any other store (e.g. a superseded
+        # archive inside it) into its own folder, so that two never overwrite each other
+        home = folder.parent if folder.name == "store" else folder
+        out = Path(args.out) if args.out else home
+        if args.out and len(stores) > 1 and home != run_dir:
+            out = out / home.relative_to(run_dir)
         out.mkdir(parents=True, exist_ok=True)
         dyn = learning_dynamics(store)
-        fin = similarity_to_final(store)
+        fin = dyn.curves()
         prev = similarity_to_previous(store)
         figs = {"learning_dynamics": out / "learning_dynamics.png", "convergence": out / "convergence.png"}
         plot_learning_dynamics(dyn, args.fractions).savefig(figs["learning_dynamics"], dpi=110)

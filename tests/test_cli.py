@@ -181,3 +181,19 @@ def test_console_script_errors_without_traceback(arrays):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_report_renders_superseded_archives_into_their_own_folders(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    store = RepresentationStore(tmp_path / "run" / "store")
+    acts = lambda: {"layer0": torch.randn(100, 6, generator=g)}  # noqa: E731
+    for step in (0, 10, 20, 30):
+        store.add(acts(), step=step)
+    first = store.archive_after(20)  # holds step 30
+    store.add(acts(), step=30)
+    second = store.archive_after(10)  # holds steps 20, 30
+    rc, out, err = _run(capsys, "report", tmp_path / "run")
+    assert rc == 0, err
+    steps = {folder: json.loads((folder / "matrices.json").read_text())["steps"]
+             for folder in (tmp_path / "run", first, second)}
+    assert steps == {tmp_path / "run": [0, 10], first: [30], second: [20, 30]}
