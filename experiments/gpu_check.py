@@ -10,6 +10,7 @@ freeze training runs on the GPU. Exits non-zero on the first failure.
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,10 @@ def recorder_and_callback(dev: str) -> None:
     model = ConvNet(in_channels=1, num_classes=10, image_size=16).to(dev)
     acts = sv.ActivationRecorder(model).record(probe.to(dev))
     check("recorder on a CUDA model", len(acts) > 0 and all(t.shape[0] > 0 for t in acts.values()))
+    low = torch.float16 if dev == "cuda" else torch.bfloat16  # float16 convs need CUDA
+    acts_low = sv.ActivationRecorder(copy.deepcopy(model).to(low)).record(probe.to(dev))
+    worst = max(float((acts_low[n] - acts[n]).abs().max() / acts[n].abs().max()) for n in acts)
+    check(f"recorder on a {low} model (float32 probe cast to it)", worst < 0.05, f"max rel. diff {worst:.4f}")
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
