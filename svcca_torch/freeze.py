@@ -71,6 +71,7 @@ class LayerGroup:
         return out
 
     def num_parameters(self) -> int:
+        """Parameter elements in the group."""
         return sum(p.numel() for p in self.parameters())
 
 
@@ -222,6 +223,8 @@ class FreezePolicy:
 
     def update(self, step: int, similarities: Optional[Mapping[str, float]] = None,
                fraction: Optional[float] = None) -> List[str]:
+        """Feed one observation (group similarities or training fraction, per policy) and
+        return the names of the groups to freeze now, bottom-up (possibly none)."""
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:

@@ -116,6 +116,7 @@ class CCA(_MomentMetric):
         self.rtol = rtol
 
     def compute(self) -> CCAResult:
+        """CCA of every batch seen (all ranks merged when distributed)."""
         return cca_from_moments(self.moments(), self.rtol)
 
 
@@ -131,6 +132,7 @@ class SVCCA(_MomentMetric):
         self.keep_rule = check_choice(keep_rule, "keep_rule", KEEP_RULES)
 
     def compute(self) -> SVCCAResult:
+        """SVCCA of every batch seen (all ranks merged when distributed)."""
         return svcca_from_moments(self.moments(), self.keep, self.keep_rule)
 
 
@@ -139,6 +141,7 @@ class PWCCA(_MomentMetric):
     :func:`svcca_torch.pwcca` (asymmetric); ``compute()`` returns a float."""
 
     def compute(self) -> float:
+        """PWCCA of every batch seen (all ranks merged when distributed)."""
         return pwcca_from_moments(self.moments())
 
 
@@ -147,6 +150,7 @@ class LinearCKA(_MomentMetric):
     kernel diagonals: use :func:`svcca_torch.linear_cka` with ``debiased=True``)."""
 
     def compute(self) -> float:
+        """Linear CKA of every batch seen (all ranks merged when distributed)."""
         m = self.moments()
         denom = m.sxx.norm() * m.syy.norm()
         if float(denom) <= 0:
