@@ -100,8 +100,11 @@ def default_layer_groups(model: nn.Module, layer_names: Optional[Sequence[str]] 
     block for a conv inside it), or the layer itself when its parent holds other recorded
     layers; then any normalisation layers (BatchNorm, LayerNorm, ...) that directly follow
     it in module order, skipping parameter-free modules (ReLU, pooling), are added (the
-    ``conv1 -> bn1`` pattern). A recorded layer nested in another recorded layer belongs
-    to the outer one's group. Parameters in no group (e.g. an unrecorded head) are never
+    ``conv1 -> bn1`` pattern). A group that has no parameters so far (a recorded ReLU, the
+    paper's post-activation layers) takes the sibling modules just before it, back to and
+    including the nearest one with parameters that is not a normalisation layer and not in
+    another group (``conv -> bn -> relu``), since those weights produce what it records.
+    A recorded layer nested in another recorded layer belongs to the outer one's group. Parameters in no group (e.g. an unrecorded head) are never
     frozen by the policies; the last group (the output layer) is never frozen either.
 
     Args:
@@ -131,6 +134,16 @@ def default_layer_groups(model: nn.Module, layer_names: Optional[Sequence[str]] 
     groups: List[LayerGroup] = []
     for layer, root in zip(tops, roots):
         names = [root]
+        if not any(True for _ in modules[root].parameters()):
+            parent = _parent(root)
+            siblings = [n for n in order if _parent(n) == parent and n != ""]
+            for n in reversed(siblings[: siblings.index(root)]):
+                if n in taken or any(_contains(n, r) for r in roots):
+                    break
+                names.insert(0, n)
+                taken.update(o for o in order if _contains(n, o))
+                if not isinstance(modules[n], _NORM_TYPES) and any(True for _ in modules[n].parameters()):
+                    break
         # normalisation layers that directly follow the group in module order
         i = position[root] + 1
         while i < len(order):

@@ -57,6 +57,20 @@ def test_default_groups_following_batchnorm_in_flat_model():
     assert [g.module_names for g in groups] == [["0", "1"], ["3", "4"], ["7"]]
 
 
+
+def test_default_groups_of_post_activation_layers_hold_the_weights_before_them():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 10),
+    )
+    groups = default_layer_groups(model, ["2", "5", "7"])  # the ReLU outputs, as in the paper
+    assert [g.module_names for g in groups] == [["0", "1", "2"], ["3", "4", "5"], ["7"]]
+    freeze_group(groups[0])
+    assert not any(p.requires_grad for p in model[0].parameters()) and model[3].weight.requires_grad
+    # a ReLU right after another recorded layer takes nothing of it
+    assert [g.module_names for g in default_layer_groups(model, ["0", "2", "7"])] == [["0", "1"], ["2"], ["7"]]
+
+
 def test_group_errors_name_the_argument():
     model = ConvNet()
     with pytest.raises(ValueError, match="layer_names.*nope"):
