@@ -539,7 +539,8 @@ class SVCCACallback(Callback):
         """Freeze every group the policy lists that is not frozen yet, and log it."""
         assert self.policy is not None
         by_name = {g.name: g for g in self.groups}
-        newly = [n for n in self.policy.frozen if not is_frozen(by_name[n])]
+        # a group without parameters has nothing to freeze (and would count as newly frozen every time)
+        newly = [n for n in self.policy.frozen if by_name[n].parameters() and not is_frozen(by_name[n])]
         if not newly:
             return
         for n in newly:
