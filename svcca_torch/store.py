@@ -410,8 +410,15 @@ class RepresentationStore:
         if not later:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        archive = self.folder / "superseded" / (f"{stamp}-after-{step}" if step >= 0 else f"{stamp}-all")
-        archive.mkdir(parents=True, exist_ok=False)
+        base = self.folder / "superseded" / (f"{stamp}-after-{step}" if step >= 0 else f"{stamp}-all")
+        archive, n = base, 1
+        while True:  # two archives within one second get distinct folders
+            try:
+                archive.mkdir(parents=True, exist_ok=False)
+                break
+            except FileExistsError:
+                n += 1
+                archive = base.with_name(f"{base.name}-{n}")
         kept = [ck for ck in self._index["checkpoints"] if ck["step"] <= step]
         old = json.dumps(dict(self._index, checkpoints=later), indent=1).encode()
         subs = sorted({Path(f["file"]).parts[0] for ck in later for f in ck["files"].values()})

@@ -170,3 +170,15 @@ def test_archive_survives_a_crash_before_the_originals_are_removed(tmp_path, mon
     old = RepresentationStore(archive)
     torch.testing.assert_close(old.load(20, "conv1").basis, want)
     assert not torch.allclose(again.load(20, "conv1").basis, want)
+
+
+def test_two_archives_in_the_same_second_do_not_clash(tmp_path) -> None:
+    store = RepresentationStore(tmp_path)
+    store.add(_acts(0), step=0)
+    store.add(_acts(1), step=10)
+    first = store.archive_after(0)
+    store.add(_acts(2), step=10)
+    second = store.archive_after(0)
+    assert first != second and first.exists() and second.exists()
+    assert [c.step for c in RepresentationStore(first).checkpoints] == [10]
+    assert [c.step for c in RepresentationStore(second).checkpoints] == [10]
