@@ -20,11 +20,6 @@ def default_rtol(dtype: torch.dtype) -> float:
     return DEFAULT_RTOL.get(dtype, 3e-3)
 
 
-def centered(x: torch.Tensor) -> torch.Tensor:
-    """Subtract each neuron's (column's) mean over datapoints (dim -2)."""
-    return x - x.mean(dim=-2, keepdim=True)
-
-
 def gram(x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``xᴴ y`` (or ``xᴴ x``), batched over leading dimensions."""
     return x.mH @ (x if y is None else y)
