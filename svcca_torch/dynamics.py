@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -109,11 +109,6 @@ def _load(store: RepresentationStore, ck: Checkpoint, layers: Sequence[str]) -> 
     return {n: store.load(ck, n) for n in layers if n in ck.layers}
 
 
-def _pair_mean(a: ReducedBasis, b: ReducedBasis) -> float:
-    """SVCCA similarity of two reduced layers: mean singular value of ``Aᵀ B``."""
-    return float(svcca(a, b).mean)
-
-
 def learning_dynamics(
     store: RepresentationStore,
     checkpoints: Optional[Sequence[CheckpointRef]] = None,
@@ -167,10 +162,10 @@ def similarity_to_final(
     fin = _load(store, store.final, names)
     values = torch.full((len(cks), len(names)), math.nan, dtype=torch.float64)
     for c, ck in enumerate(cks):
-        cur = _load(store, ck, names)
+        sims = paired_similarity(fin, _load(store, ck, names))
         for j, n in enumerate(names):
-            if n in cur and n in fin:
-                values[c, j] = _pair_mean(fin[n], cur[n])
+            if n in sims:
+                values[c, j] = sims[n]
     return LayerCurves(names, [c.step for c in cks], [store.fraction_of(c) for c in cks], values)
 
 
@@ -223,10 +218,7 @@ def paired_similarity(
 def _reduce(z: Any, keep: Union[int, float], name: str) -> ReducedBasis:
     if isinstance(z, ReducedBasis):
         return z
-    try:
-        return svd_reduce(check_activations(z, f"layers[{name!r}]"), keep)
-    except ValueError as err:
-        raise ValueError(str(err).replace("`x`", f"`layers[{name!r}]`")) from None
+    return svd_reduce(z, keep, name=f"layers[{name!r}]")
 
 
 def _representations(

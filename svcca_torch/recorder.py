@@ -36,7 +36,6 @@ import logging
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .functional.conv import RESIZE_MODES, conv_datapoint_indices, conv_to_datapoints, resize_map

@@ -369,7 +369,7 @@ class RepresentationStore:
                 "n_neurons": int(basis.n_neurons),
             }
             path = self.folder / rel
-            _atomic_write(path, lambda f: torch.save(payload, f))
+            _atomic_write(path, lambda f, p=payload: torch.save(p, f))
             files[name] = {"file": rel, "bytes": path.stat().st_size, "sha256": _sha256(path),
                            "k": basis.k, "n_neurons": int(basis.n_neurons)}
             del basis, payload

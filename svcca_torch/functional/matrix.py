@@ -5,7 +5,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ..utils.validation import check_activations, check_choice, warn_if_few_datapoints
+from ..utils.validation import check_activations, check_choice, warn_if_few_datapoints, zero_variance_error
 from .cca import canonical_correlations
 from .cka import linear_cka
 from .pwcca import pwcca
@@ -89,24 +89,21 @@ class _Prepared(NamedTuple):
 
 
 def _prepare(z: Any, name: str, method: str, use_bases: bool, keep, keep_rule: str, dtype) -> _Prepared:
-    try:
-        if use_bases:
-            b = z if isinstance(z, ReducedBasis) else svd_reduce(z, keep, keep_rule=keep_rule, dtype=dtype)
-            return _Prepared(b.basis, None, 0.0)
-        t = check_activations(z, "x", dtype=dtype)
-        xc = t - t.mean(0)
-        g = gram(xc)
-        if method == "cka":
-            norm = float(g.double().norm())
-            if norm == 0:
-                raise ValueError("`x` has zero variance: every neuron is constant over the datapoints.")
-            return _Prepared(xc, None, norm)
-        s, v = top_directions(g, keep, keep_rule, None, default_rtol(g.dtype))
-        if s.numel() == 0:
-            raise ValueError("`x` has zero variance: every neuron is constant over the datapoints.")
-        return _Prepared(xc, v / s, 0.0)
-    except ValueError as err:
-        raise ValueError(str(err).replace("`x`", f"`{name}`")) from None
+    if use_bases:
+        b = z if isinstance(z, ReducedBasis) else svd_reduce(z, keep, keep_rule=keep_rule, dtype=dtype, name=name)
+        return _Prepared(b.basis, None, 0.0)
+    t = check_activations(z, name, dtype=dtype)
+    xc = t - t.mean(0)
+    g = gram(xc)
+    if method == "cka":
+        norm = float(g.double().norm())
+        if norm == 0:
+            raise zero_variance_error(name)
+        return _Prepared(xc, None, norm)
+    s, v = top_directions(g, keep, keep_rule, None, default_rtol(g.dtype))
+    if s.numel() == 0:
+        raise zero_variance_error(name)
+    return _Prepared(xc, v / s, 0.0)
 
 
 def _rows(px: Sequence[_Prepared], py: Sequence[_Prepared], method: str) -> torch.Tensor:

@@ -5,7 +5,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..utils.validation import check_choice, warn_if_few_datapoints
+from ..utils.validation import check_choice, warn_if_few_datapoints, zero_variance_error
 from ._linalg import default_rtol, eigh_desc, rank_mask
 from .cca import Moments, cca, moments, prepare_pair
 
@@ -107,7 +107,7 @@ def _live(g: torch.Tensor, name: str) -> torch.Tensor:
     var = g.diagonal().real
     live = var > default_rtol(g.dtype) ** 2 * var.max()  # constant up to rounding of the mean
     if not bool(live.any()):
-        raise ValueError(f"`{name}` has zero variance: every neuron is constant over the datapoints.")
+        raise zero_variance_error(name)
     return live
 
 

@@ -12,6 +12,7 @@ from ..utils.validation import (
     check_keep,
     check_same_datapoints,
     warn_if_few_datapoints,
+    zero_variance_error,
 )
 from ._linalg import default_rtol, eigh_desc, gram, rank_mask
 from .cca import CCAResult, Moments, canonical_correlations, moments, prepare_pair
@@ -105,6 +106,7 @@ def svd_reduce(
     keep_rule: str = "singular_values",
     max_directions: Optional[int] = None,
     dtype: Optional[torch.dtype] = None,
+    name: str = "x",
 ) -> ReducedBasis:
     """Reduce a layer to the top singular directions of its centred activations.
 
@@ -115,6 +117,7 @@ def svd_reduce(
             (``keep_rule="variance"``) to retain. See :func:`n_directions`.
         max_directions: an upper bound on k (bounds memory of stored bases).
         dtype: compute dtype (default: the input's; float16/bfloat16 upcast to float32).
+        name: how error messages call ``x`` (e.g. ``"xs[2]"``).
 
     Returns:
         :class:`ReducedBasis` with an orthonormal ``(datapoints, k)`` basis, in the
@@ -126,16 +129,13 @@ def svd_reduce(
     """
     keep = check_keep(keep)
     check_choice(keep_rule, "keep_rule", KEEP_RULES)
-    xt = check_activations(x, "x", dtype=dtype)
+    xt = check_activations(x, name, dtype=dtype)
     mean = xt.mean(0)
     xc = xt - mean
     gdt = _gram_dtype(xt, dtype)
     s, v = top_directions(gram(xc.to(gdt)), keep, keep_rule, max_directions, default_rtol(gdt))
     if s.numel() == 0:
-        raise ValueError(
-            "`x` has zero variance: every neuron is constant over the datapoints, so it spans no "
-            "direction to compare. Check that the layer is not dead on this probe set."
-        )
+        raise zero_variance_error(name)
     basis = _orthonormal_projection(xc, v, s)
     return ReducedBasis(
         basis=basis.to(xt.dtype),
@@ -217,7 +217,7 @@ def svcca_from_moments(m: Moments, keep: Union[int, float] = 0.99, keep_rule: st
     sy, vy = top_directions(m.syy, keep, keep_rule, None, rtol)
     for s, name in ((sx, "x"), (sy, "y")):
         if s.numel() == 0:
-            raise ValueError(f"`{name}` has zero variance: every neuron is constant over the datapoints.")
+            raise zero_variance_error(name)
     warn_if_few_datapoints(m.n, max(len(sx), len(sy)), "x and y", stacklevel=4)
     wx, wy = vx / sx, vy / sy
     cross = wx.mT @ m.sxy.to(torch.float64) @ wy
@@ -236,10 +236,7 @@ def _as_basis(z: Any, name: str, keep, keep_rule: str, dtype) -> ReducedBasis:
         if isinstance(keep, int) and keep < z.k:  # a fixed k below what was stored: truncate
             return replace(z, basis=z.basis[:, :keep], singular_values=z.singular_values[:keep])
         return z
-    try:
-        return svd_reduce(z, keep, keep_rule=keep_rule, dtype=dtype)
-    except ValueError as err:
-        raise ValueError(str(err).replace("`x`", f"`{name}`")) from None
+    return svd_reduce(z, keep, keep_rule=keep_rule, dtype=dtype, name=name)
 
 
 def _svcca_from_bases(x: Any, y: Any, keep, keep_rule: str, dtype) -> SVCCAResult:

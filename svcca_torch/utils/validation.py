@@ -140,6 +140,14 @@ def check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
     return value
 
 
+def zero_variance_error(name: str) -> ValueError:
+    """The error for a layer with no variance over the datapoints (nothing to compare)."""
+    return ValueError(
+        f"`{name}` has zero variance: every neuron is constant over the datapoints, so it spans no "
+        "direction to compare. Check that the layer is not dead on this probe set."
+    )
+
+
 def warn_if_few_datapoints(n: int, k: int, name: str = "x", stacklevel: int = 3) -> None:
     """Warn when fewer than ~5 datapoints back each kept direction."""
     if k > 0 and n < MIN_DATAPOINTS_PER_DIRECTION * k:
