@@ -2,7 +2,6 @@
 scikit-learn's digits (real data, offline), small enough that a few epochs take seconds."""
 from __future__ import annotations
 
-
 import pytorch_lightning as pl
 import torch
 from torch import nn
