@@ -157,8 +157,10 @@ def test_class_sensitivity_smoke(tmp_path):
     assert values.shape == (len(steps), 10, len(CONVNET_LAYERS))  # captures, 10 digits, 6 layers
     assert saved["classes"] == [str(c) for c in range(10)]
     assert bool(((values >= 0) & (values <= 1 + 1e-9)).all())
-    # with every direction kept, the output layer contains each class's final logit exactly
-    assert torch.allclose(values[-1, :, -1], torch.ones(10, dtype=torch.float64), atol=1e-6)
+    # with every direction kept, the output layer contains each class's final logit exactly;
+    # the activations and their Grams are float32 (eps 1.2e-7), and a canonical correlation
+    # of 1 - d comes from a sqrt of 1 - 2d, so allow ~100 eps
+    assert torch.allclose(values[-1, :, -1], torch.ones(10, dtype=torch.float64), atol=1e-5)
     assert saved["hidden_layer"] == "net.features.block4"
     assert sorted(saved["classes_learned_first_to_last"]) == sorted(saved["classes"])
     assert all(v is None or 0.0 <= v <= 1.0 for v in saved["learned_at"].values())
