@@ -286,7 +286,7 @@ class _StopForward(BaseException):
 def _modes_and_hooks_restored(model: nn.Module, hooks: Dict[str, Callable], run: Callable[[], None]) -> None:
     """Register ``hooks`` (module name -> forward hook), run ``run()`` with ``model`` in eval
     mode under ``no_grad``, then remove the hooks and restore every module's train/eval
-    flag, also if ``run`` raises. A :class:`_StopForward` ends ``run`` quietly."""
+    flag, also if ``run`` raises."""
     modules = dict(model.named_modules())
     modes = [(m, m.training) for m in model.modules()]
     handles = []
@@ -336,12 +336,13 @@ def _example_batch(example_input: Any) -> torch.Tensor:
 
 def forward_order(model: nn.Module, names: Sequence[str], example_input: Any, *,
                   device: Optional[Union[str, torch.device]] = None) -> List[str]:
-    """``names`` (module names of ``model``) in the order the forward pass first reaches them.
+    """``names`` (module names of ``model``) in the order the forward pass reaches them.
 
     Runs ``model`` once on ``example_input`` (one batch: a tensor, an ``(inputs, targets)``
     tuple or a dict batch, see :func:`batch_inputs`) in eval mode under ``no_grad``, with a
-    forward hook on each named module noting its first call; the forward stops as soon as
-    every named module has run. Every module's train/eval flag is restored and every hook
+    forward hook on each named module noting when its output is first computed (so a
+    module nested in another one comes before it); the forward stops as soon as every
+    named module has run. Every module's train/eval flag is restored and every hook
     removed afterwards, also on error. Nothing about the model is changed.
 
     Falls back, with a :class:`LayerOrderWarning`, to the order given (registration order
