@@ -6,7 +6,7 @@ earlier than higher ones, so they can be frozen bottom-up during training to sav
 compute. This module has no Lightning dependency; :class:`svcca_torch.callbacks.SVCCACallback`
 drives it from a ``Trainer``, and a plain training loop can drive it directly::
 
-    groups = default_layer_groups(model)               # bottom-up, one per recorded layer
+    groups = default_layer_groups(model, example_input=batch)  # bottom-up in forward order
     policy = AdaptiveFreezePolicy([g.name for g in groups])
     ...after each capture, with each layer's SVCCA similarity to its previous capture:
     for name in policy.update(step, similarities):

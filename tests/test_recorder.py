@@ -438,3 +438,34 @@ def _check_cuda_capture(net: nn.Module, x: torch.Tensor, ref: dict) -> None:
     for name in ref:
         assert on_cpu[name].device.type == "cpu"
         torch.testing.assert_close(got[name].cpu(), ref[name], rtol=1e-4, atol=1e-4)
+
+
+def test_order_layers_fallback_and_errors() -> None:
+    from svcca_torch.recorder import LayerOrderWarning
+
+    net = Scrambled()
+    rec = ActivationRecorder(net)
+    with pytest.warns(LayerOrderWarning, match="could not be traced"):
+        assert rec.order_layers(torch.randn(3, 4)) == ["head", "hidden", "body"]  # wrong input width
+    assert not rec.ordered and _hook_count(net) == 0
+
+    class Skips(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    with pytest.raises(ValueError, match=r"\['unused'\] did not run"):
+        ActivationRecorder(Skips()).order_layers([(torch.randn(4, 3), torch.zeros(4))])
+
+
+def test_subset_before_the_order_is_known_runs_whole_forwards() -> None:
+    torch.manual_seed(0)
+    net, x = Scrambled(), torch.randn(9, 5)
+    rec = ActivationRecorder(net, batch_size=4)
+    low = rec.record(x, layers=["body"])
+    assert net.head_calls == 3 and not rec.last_stopped_early and not rec.ordered
+    with torch.no_grad():
+        torch.testing.assert_close(low["body"], net.body(x))
