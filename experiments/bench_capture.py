@@ -214,7 +214,8 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=1024, help="probe images, 32x32 RGB (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="probe batch size (default: %(default)s)")
     parser.add_argument("--grid", type=int, default=2, help="recorder's conv grid side (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the cost arms (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repeats of the cost arms (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the capture-cost arms run")
     parser.add_argument("--keep", type=float, default=0.99, help="SVD keep fraction (default: %(default)s)")
     parser.add_argument("--max-directions", type=int, default=None, help="cap on stored directions per layer")

@@ -511,7 +511,8 @@ class ActivationRecorder:
                 first = next(iter(probe))
             except TypeError:
                 raise ValueError(
-                    f"`probe` must be a tensor of inputs or a DataLoader/iterable of batches, got {type(probe).__name__}."
+                    "`probe` must be a tensor of inputs or a DataLoader/iterable of batches, "
+                    f"got {type(probe).__name__}."
                 ) from None
             except StopIteration:
                 raise ValueError("`probe` yielded no batches; pass at least one input.") from None

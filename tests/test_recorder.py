@@ -53,7 +53,8 @@ def test_select_by_type_and_pattern() -> None:
     assert select_layers(net, ["features.block*.conv"]) == [f"features.block{i}.conv" for i in range(1, 5)]
     # the order given is kept (the recorder puts it in forward order), not re-sorted
     assert select_layers(net, ["fc", "features.block1"]) == ["fc", "features.block1"]
-    assert select_layers(net, ["fc", "features.block*.conv", "fc"]) == ["fc"] + [f"features.block{i}.conv" for i in range(1, 5)]
+    convs = [f"features.block{i}.conv" for i in range(1, 5)]
+    assert select_layers(net, ["fc", "features.block*.conv", "fc"]) == ["fc"] + convs
 
 
 def test_unknown_layer_lists_existing_names() -> None:
