@@ -30,7 +30,9 @@ How layers of different shapes are brought to datapoints
 * Conv maps ``(N, C, H, W)``: while the probe runs, each batch's map is average-pooled
   (or bilinearly resized, ``resize="interpolate"``) to at most ``grid x grid``.
   With ``rows="common"`` (default) every conv layer is then brought to the *smallest* of
-  those grids (so a net whose last map is 1x1 ends on 1x1), and its positions are folded
+  those grids over all the recorder's layers (so a net whose last map is 1x1 ends on 1x1,
+  also in a capture of a subset of the layers: a layer's rows do not depend on which other
+  layers a capture records), and its positions are folded
   into datapoints with :func:`svcca_torch.conv_to_datapoints`: ``(N * h * w, C)``, row
   ``i`` of every layer is the same (image, grid cell), as layers x layers heatmaps need.
   With ``rows="per_layer"`` each conv layer keeps its own grid (up to ``grid``), so a deep
@@ -304,17 +306,21 @@ def _modes_and_hooks_restored(model: nn.Module, hooks: Dict[str, Callable], run:
 
 
 def _trace(model: nn.Module, names: Sequence[str], batch: torch.Tensor, device: Optional[torch.device],
-           stop_early: bool) -> Tuple[List[str], Dict[str, int]]:
-    """One forward of ``batch``: the order in which ``names`` are first called, and how
-    often each was called (``stop_early``: the forward ends once all have run)."""
+           stop_early: bool) -> Tuple[List[str], Dict[str, int], Dict[str, Optional[Tuple[int, int]]]]:
+    """One forward of ``batch``: the order in which ``names`` are first called, how often
+    each was called, and each one's spatial size ``(H, W)`` (None: not a 4-d map).
+    ``stop_early``: the forward ends once all have run."""
     order: List[str] = []
     calls = {n: 0 for n in names}
+    sizes: Dict[str, Optional[Tuple[int, int]]] = {}
 
     def make(name: str) -> Callable:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             calls[name] += 1
             if calls[name] == 1:
                 order.append(name)
+                t = first_tensor(output)
+                sizes[name] = (int(t.shape[2]), int(t.shape[3])) if t is not None and t.ndim == 4 else None
                 if stop_early and len(order) == len(calls):
                     raise _StopForward
 
@@ -327,7 +333,17 @@ def _trace(model: nn.Module, names: Sequence[str], batch: torch.Tensor, device: 
             pass
 
     _modes_and_hooks_restored(model, {n: make(n) for n in names}, run)
-    return order, calls
+    return order, calls, sizes
+
+
+def _reiterable(probe: Any) -> bool:
+    """Whether iterating ``probe`` twice gives the data twice (not a one-shot iterator)."""
+    if isinstance(probe, torch.Tensor):
+        return True
+    try:
+        return iter(probe) is not probe
+    except TypeError:
+        return False
 
 
 def _example_batch(example_input: Any) -> torch.Tensor:
@@ -367,7 +383,7 @@ def forward_order(model: nn.Module, names: Sequence[str], example_input: Any, *,
         return []
     try:
         batch = _example_batch(example_input)
-        order, _ = _trace(model, names, batch, torch.device(device) if device is not None else None,
+        order, _, _ = _trace(model, names, batch, torch.device(device) if device is not None else None,
                           stop_early=True)
     except Exception as err:  # any failure of the user's forward: fall back, say so
         warnings.warn(
@@ -480,6 +496,9 @@ class ActivationRecorder:
         self.last_seconds: Optional[float] = None
         #: Whether the last capture ended the forward passes early (after its last needed layer).
         self.last_stopped_early = False
+        # each layer's pooled grid (None: not a conv map), known once a full forward has run;
+        # the common grid is the smallest over all layers, also when a capture records a subset
+        self._grids: Dict[str, Optional[Tuple[int, int]]] = {}
         logger.info("ActivationRecorder records %d layers: %s", len(self.layers), ", ".join(self.layers))
         if example_input is not None:
             self.order_layers(example_input)
@@ -518,7 +537,7 @@ class ActivationRecorder:
                 raise ValueError("`probe` yielded no batches; pass at least one input.") from None
             batch = batch_inputs(first)
         try:
-            order, calls = _trace(self.model, self.layers, batch, self.device, stop_early=False)
+            order, calls, sizes = _trace(self.model, self.layers, batch, self.device, stop_early=False)
         except Exception as err:
             warnings.warn(
                 f"the forward order of the recorded layers could not be traced ({type(err).__name__}: {err}); "
@@ -529,6 +548,8 @@ class ActivationRecorder:
             return list(self.layers)
         self._check_calls(calls)
         self._set_order(order)
+        self._grids = {n: None if hw is None else (min(self.grid, hw[0]), min(self.grid, hw[1]))
+                       for n, hw in sizes.items()}
         return list(self.layers)
 
     def _check_calls(self, calls: Dict[str, int]) -> None:
@@ -602,6 +623,10 @@ class ActivationRecorder:
         on the model's device, in forward order."""
         names = self._subset(layers)
         full = len(names) == len(self.layers)
+        if not full and not self.ordered and _reiterable(probe):
+            # one traced batch first: the order (so this capture can stop early) and every
+            # layer's grid (so the common rows are those of a full capture)
+            self.order_layers(probe)
         captured: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
         calls: Dict[str, int] = {n: 0 for n in names}
         # early stop only once a full forward has shown every layer runs exactly once
@@ -629,6 +654,9 @@ class ActivationRecorder:
         order: List[str] = state["order"]
         if full and not self.ordered:
             self._set_order(order)
+        for n in order:
+            t = captured[n][0]
+            self._grids[n] = (int(t.shape[2]), int(t.shape[3])) if t.ndim == 4 else None
         self.last_stopped_early = state["stopped"]
         out: Dict[str, torch.Tensor] = {}
         for n in order:
@@ -648,10 +676,11 @@ class ActivationRecorder:
                 DataLoader/iterable yielding input tensors, ``(inputs, targets)`` batches or
                 dict batches, any batch size. Use the same probe, in the same order, at
                 every checkpoint.
-            layers: record only these layers (names in :attr:`layers`); default all. Once
-                the layer order is known (after the first full record or
-                :meth:`order_layers`), each batch's forward stops as soon as the last of
-                them has run.
+            layers: record only these layers (names in :attr:`layers`); default all. Each
+                batch's forward stops as soon as the last of them has run. If the layer
+                order is not known yet (no full record or :meth:`order_layers` so far),
+                one batch is traced first (not possible for a one-shot iterator probe:
+                call :meth:`order_layers` first, else that capture runs whole forwards).
             rows: ``"common"`` (same rows for every layer) or ``"per_layer"`` (each conv
                 layer on its own grid); default the recorder's ``rows``.
             out_device: where the result goes (default: the recorder's ``out_device``,
@@ -702,9 +731,10 @@ class ActivationRecorder:
         n_images = next(iter(maps.values())).shape[0]
         out: Dict[str, torch.Tensor] = {}
         if rows == "common":
-            convs = [t for t in maps.values() if t.ndim == 4]
+            known = all(n in self._grids for n in self.layers)
+            convs = [g for n, g in self._grids.items() if g is not None and (n in maps or known)]
             if convs:
-                h, w = min(t.shape[2] for t in convs), min(t.shape[3] for t in convs)
+                h, w = min(g[0] for g in convs), min(g[1] for g in convs)
                 self.conv_grid = (h, w)
             else:
                 h = w = 1

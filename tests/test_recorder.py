@@ -462,11 +462,28 @@ def test_order_layers_fallback_and_errors() -> None:
         ActivationRecorder(Skips()).order_layers([(torch.randn(4, 3), torch.zeros(4))])
 
 
-def test_subset_before_the_order_is_known_runs_whole_forwards() -> None:
+def test_subset_before_the_order_is_known_traces_one_batch_first() -> None:
     torch.manual_seed(0)
     net, x = Scrambled(), torch.randn(9, 5)
     rec = ActivationRecorder(net, batch_size=4)
     low = rec.record(x, layers=["body"])
-    assert net.head_calls == 3 and not rec.last_stopped_early and not rec.ordered
+    # one traced batch reached the head; the 3 batches of the capture stopped after body
+    assert net.head_calls == 1 and rec.last_stopped_early and rec.ordered
     with torch.no_grad():
         torch.testing.assert_close(low["body"], net.body(x))
+    # a one-shot iterator cannot be traced and replayed: whole forwards, same values
+    fresh = ActivationRecorder(net, batch_size=4)
+    again = fresh.record(iter([x[:4], x[4:]]), layers=["body"])
+    assert net.head_calls == 3 and not fresh.last_stopped_early and not fresh.ordered
+    torch.testing.assert_close(again["body"], low["body"])  # other batch sizes: float32 rounding
+
+
+def test_subset_common_rows_are_the_full_captures_rows() -> None:
+    torch.manual_seed(0)
+    net, x = DeepOneByOne().eval(), torch.randn(10, 2, 8, 8)
+    rec = ActivationRecorder(net, grid=2)
+    low = rec.record(x, layers=["conv"])  # alone, conv would fold on 2x2: 40 rows
+    assert rec.conv_grid == (1, 1) and low["conv"].shape == (10, 4)
+    full = rec.record(x)
+    torch.testing.assert_close(low["conv"], full["conv"], rtol=0, atol=0)
+    assert torch.equal(rec.datapoint_index, torch.arange(10))
