@@ -5,7 +5,13 @@
 
 Checks that every kernel keeps CUDA tensors on the GPU and agrees with the CPU, that the
 recorder captures a CUDA model, and that a short Lightning fit with SVCCACallback and
-freeze training runs on the GPU. Exits non-zero on the first failure.
+freeze training runs on the GPU. Then a capture on the device against the CPU on the same
+model and probe (torchvision ``resnet18(num_classes=10)``, ImageNet stem, ``--probe``
+32x32 images): both timed, results checked to agree within 1e-4 (relative to each layer's
+scale, TF32 off for the comparison), the result's device, and the peak device memory of a
+capture against that of a plain forward of the probe. Exits non-zero on the first failure.
+
+    python experiments/gpu_check.py --device cpu --probe 64 --no-bench   # dry run of the CPU path
 """
 from __future__ import annotations
 
@@ -104,16 +110,77 @@ def recorder_and_callback(dev: str) -> None:
               f"{time.perf_counter() - t0:.1f} s")
 
 
+def capture_on_device(dev: str, n_probe: int) -> None:
+    """Time a capture on ``dev`` and on the CPU, same model and probe; check agreement."""
+    import torchvision
+
+    from svcca_torch.recorder import ActivationRecorder
+
+    device = torch.device(dev)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    probe = torch.randn(n_probe, 3, 32, 32)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 vs float32
+    try:
+        cpu_rec = ActivationRecorder(net, example_input=probe[:8])
+        cpu_rec.record(probe[:8])  # warm-up
+        ref = cpu_rec.record(probe)
+        cpu_s = cpu_rec.last_seconds
+        net_dev, probe_dev = copy.deepcopy(net).to(device), probe.to(device)
+        rec = ActivationRecorder(net_dev, example_input=probe_dev[:8])
+        rec.record(probe_dev[:8])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        got = rec.record(probe_dev)
+        dev_s = rec.last_seconds
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+        check("capture result on the model's device", all(t.device.type == device.type for t in got.values()))
+        worst = max(float((got[n].cpu() - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30)) for n in ref)
+        check(f"capture on {dev} == capture on cpu (1e-4 of each layer's scale)", worst < 1e-4,
+              f"max rel. diff {worst:.1e}")
+        sub = rec.layers[: max(1, len(rec.layers) // 4)]
+        rec.record(probe_dev, layers=sub)
+        sub_s = rec.last_seconds
+        fwd_peak = None
+        sync()
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            for batch in probe_dev.split(rec.batch_size):
+                net_dev(batch)
+        sync()
+        fwd_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            fwd_peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    print(f"capture of {len(ref)} layers on {n_probe} images (resnet18, ImageNet stem, 32x32, TF32 off): "
+          f"cpu {cpu_s:.3f} s ({torch.get_num_threads()} thread(s)), {dev} {dev_s:.3f} s "
+          f"({cpu_s / dev_s:.1f}x); lowest quarter ({', '.join(sub)}) {sub_s:.3f} s; plain forward {fwd_s:.3f} s")
+    if peak is not None:
+        print(f"peak device memory above model + probe: capture {peak:.1f} MiB, plain forward {fwd_peak:.1f} MiB "
+              f"(batch {rec.batch_size})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-bench", action="store_true", help="skip the kernel benchmark")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to dry-run this script")
+    p.add_argument("--probe", type=int, default=4096, help="probe images of the capture check (default: %(default)s)")
     args = p.parse_args()
     if args.device == "cuda":
         check("CUDA available", torch.cuda.is_available(), torch.__version__)
         print(torch.cuda.get_device_name(0))
     kernels(args.device)
     recorder_and_callback(args.device)
+    capture_on_device(args.device, args.probe)
     if not args.no_bench:
         here = Path(__file__).resolve().parent
         subprocess.run([sys.executable, str(here / "bench_kernels.py"), "--device", args.device, "--repeats", "5"],

@@ -6,7 +6,7 @@ earlier than higher ones, so they can be frozen bottom-up during training to sav
 compute. This module has no Lightning dependency; :class:`svcca_torch.callbacks.SVCCACallback`
 drives it from a ``Trainer``, and a plain training loop can drive it directly::
 
-    groups = default_layer_groups(model)               # bottom-up, one per recorded layer
+    groups = default_layer_groups(model, example_input=batch)  # bottom-up in forward order
     policy = AdaptiveFreezePolicy([g.name for g in groups])
     ...after each capture, with each layer's SVCCA similarity to its previous capture:
     for name in policy.update(step, similarities):
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .recorder import default_layers, first_tensor
+from .recorder import default_layers, first_tensor, forward_order
 from .utils.validation import check_fraction, check_positive_int
 
 __all__ = [
@@ -92,8 +92,15 @@ def _check_names(model: nn.Module, names: Sequence[str], arg: str) -> Dict[str, 
     return modules
 
 
-def default_layer_groups(model: nn.Module, layer_names: Optional[Sequence[str]] = None) -> List[LayerGroup]:
+def default_layer_groups(model: nn.Module, layer_names: Optional[Sequence[str]] = None, *,
+                         example_input: Any = None) -> List[LayerGroup]:
     """One group per recorded layer, bottom-up, with the modules that belong to it.
+
+    Groups follow the order of ``layer_names``, which must be the order the forward pass
+    reaches them (e.g. :attr:`ActivationRecorder.layers` after a record or
+    :meth:`~svcca_torch.ActivationRecorder.order_layers`, or
+    :func:`svcca_torch.recorder.forward_order`): "bottom-up" and "the last group is never
+    frozen" mean that order. With ``example_input`` the names are put in that order here.
 
     For each layer the group is the smallest module enclosing it that contains no other
     recorded layer (``features.block1`` for the conv ``features.block1.conv``, a residual
@@ -110,11 +117,18 @@ def default_layer_groups(model: nn.Module, layer_names: Optional[Sequence[str]] 
     Args:
         model: any ``nn.Module``.
         layer_names: recorded layers, bottom-up; default
-            :func:`svcca_torch.recorder.default_layers`.
+            :func:`svcca_torch.recorder.default_layers` (registration order unless
+            ``example_input`` is given).
+        example_input: one batch of model input; if given, ``layer_names`` is put in the
+            order a traced forward of it reaches them (:func:`forward_order`, which falls
+            back to the given order with a warning if the forward fails).
     """
     if layer_names is None:
         layer_names = default_layers(model)
     layer_names = list(layer_names)
+    if example_input is not None:
+        _check_names(model, layer_names, "layer_names")
+        layer_names = forward_order(model, layer_names, example_input)
     if not layer_names:
         raise ValueError("`layer_names` is empty; pass at least one module name.")
     modules = _check_names(model, layer_names, "layer_names")

@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from svcca_torch.models import ConvNet, resnet_small
-from svcca_torch.recorder import ActivationRecorder, default_layers, select_layers
+from svcca_torch.functional.conv import conv_datapoint_indices
+from svcca_torch.recorder import ActivationRecorder, default_layers, direction_limits, select_layers
 
 
 def _hook_count(model: nn.Module) -> int:
@@ -50,7 +51,10 @@ def test_select_by_type_and_pattern() -> None:
     net = ConvNet()
     assert select_layers(net, [nn.Linear]) == ["fc1", "fc"]
     assert select_layers(net, ["features.block*.conv"]) == [f"features.block{i}.conv" for i in range(1, 5)]
-    assert select_layers(net, ["fc", "features.block1"]) == ["features.block1", "fc"]
+    # the order given is kept (the recorder puts it in forward order), not re-sorted
+    assert select_layers(net, ["fc", "features.block1"]) == ["fc", "features.block1"]
+    convs = [f"features.block{i}.conv" for i in range(1, 5)]
+    assert select_layers(net, ["fc", "features.block*.conv", "fc"]) == ["fc"] + convs
 
 
 def test_unknown_layer_lists_existing_names() -> None:
@@ -256,3 +260,230 @@ def test_dict_batches_use_the_input_key_not_the_first_key() -> None:
     unnamed = [{"a": x[:4], "b": x[:4]}]
     with pytest.raises(ValueError, match="name the model input"):
         ActivationRecorder(model).record(unnamed)
+
+
+# ---------------------------------------------------------------- forward order, subsets, rows
+
+
+class Scrambled(nn.Module):
+    """Registered head, hidden, body; called body -> hidden -> head; counts head calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.hidden = nn.Linear(8, 8)
+        self.body = nn.Linear(5, 8)
+        self.head_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(torch.relu(self.body(x)))
+        self.head_calls += 1
+        return self.head(torch.relu(h))
+
+
+def test_layers_put_in_forward_order_by_the_first_record() -> None:
+    net, x = Scrambled(), torch.randn(10, 5)
+    rec = ActivationRecorder(net)
+    assert rec.layers == ["head", "hidden", "body"] and not rec.ordered  # registration order until traced
+    out = rec.record(x)
+    assert list(out) == ["body", "hidden", "head"]
+    assert rec.layers == ["body", "hidden", "head"] and rec.ordered
+    assert ActivationRecorder(net, example_input=x).layers == ["body", "hidden", "head"]
+
+
+def test_subset_record_stops_the_forward_after_its_last_layer() -> None:
+    torch.manual_seed(0)
+    net, x = Scrambled(), torch.randn(20, 5)
+    net.train()
+    rec = ActivationRecorder(net, batch_size=8)
+    full = rec.record(x)  # 3 batches, full forwards (the trace)
+    assert net.head_calls == 3 and not rec.last_stopped_early
+    assert rec.last_seconds is not None and rec.last_seconds > 0
+    low = rec.record(x, layers=["hidden", "body"])
+    assert list(low) == ["body", "hidden"]
+    assert net.head_calls == 3 and rec.last_stopped_early  # the top of the network never ran
+    for name in low:
+        torch.testing.assert_close(low[name], full[name], rtol=0, atol=0)
+    assert _hook_count(net) == 0 and all(m.training for m in net.modules())
+    with pytest.raises(ValueError, match=r"`layers`: \['fc'\] are not recorded"):
+        rec.record(x, layers=["fc"])
+
+
+def test_early_stop_survives_a_forward_that_catches_exceptions() -> None:
+    class Guarded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+            self.b_calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            try:
+                h = self.a(x)
+            except Exception:  # a model's own error handling must not swallow the stop
+                h = x
+            self.b_calls += 1
+            return self.b(h)
+
+    net, x = Guarded(), torch.randn(6, 3)
+    rec = ActivationRecorder(net, example_input=x)
+    calls = net.b_calls
+    out = rec.record(x, layers=["a"])
+    assert net.b_calls == calls and rec.last_stopped_early
+    with torch.no_grad():
+        torch.testing.assert_close(out["a"], net.a(x))
+
+
+def test_shared_module_found_before_early_stop_can_hide_it() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.lin(x))
+
+    with pytest.raises(ValueError, match="'lin'.*more than once"):
+        ActivationRecorder(Twice(), example_input=torch.randn(4, 3))
+
+
+class DeepOneByOne(nn.Module):
+    """8x8 -> conv (8x8 map) -> strided conv (1x1 map) -> linear: the ImageNet-stem-on-32x32 case."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.deep = nn.Conv2d(4, 6, 8, stride=8)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.deep(torch.relu(self.conv(x)))).flatten(1))
+
+
+def test_per_layer_rows_keep_each_layers_own_grid() -> None:
+    torch.manual_seed(0)
+    net, x = DeepOneByOne().eval(), torch.randn(12, 2, 8, 8)
+    rec = ActivationRecorder(net, grid=2)
+    common = rec.record(x)
+    assert rec.conv_grid == (1, 1) and all(t.shape[0] == 12 for t in common.values())  # 1x1 forces all
+    per = rec.record(x, rows="per_layer")
+    assert {n: tuple(t.shape) for n, t in per.items()} == {"conv": (48, 4), "deep": (12, 6), "fc": (12, 3)}
+    assert rec.layer_grids == {"conv": (2, 2), "deep": (1, 1), "fc": (1, 1)}
+    assert torch.equal(rec.layer_datapoint_index["conv"], torch.arange(48) // 4)
+    assert torch.equal(rec.layer_datapoint_index["fc"], torch.arange(12))
+    with torch.no_grad():
+        c = net.conv(x)
+    torch.testing.assert_close(per["conv"], F.adaptive_avg_pool2d(c, 2).permute(0, 2, 3, 1).reshape(48, 4))
+    torch.testing.assert_close(per["deep"], common["deep"], rtol=0, atol=0)
+    # one pass gives both, identical to two separate records
+    both_common, both_per = rec.record_both(x)
+    for name in per:
+        torch.testing.assert_close(both_per[name], per[name], rtol=0, atol=0)
+        torch.testing.assert_close(both_common[name], common[name], rtol=0, atol=0)
+    assert rec.conv_grid == (1, 1) and rec.layer_grids["conv"] == (2, 2)
+    with pytest.raises(ValueError, match="`rows`"):
+        rec.record(x, rows="both")
+
+
+def test_per_layer_max_datapoints_caps_each_layer_with_fixed_rows() -> None:
+    torch.manual_seed(0)
+    net, x = DeepOneByOne().eval(), torch.randn(30, 2, 8, 8)
+    rec = ActivationRecorder(net, grid=2, max_datapoints=50, seed=1, rows="per_layer")
+    a = rec.record(x)
+    idx = {n: i.clone() for n, i in rec.layer_datapoint_index.items()}
+    assert {n: t.shape[0] for n, t in a.items()} == {"conv": 50, "deep": 30, "fc": 30}
+    b = rec.record(x)
+    for name in a:
+        assert torch.equal(idx[name], rec.layer_datapoint_index[name])
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    # the kept conv rows are the fold's rows: row r of the result is image idx[r]
+    with torch.no_grad():
+        pooled = F.adaptive_avg_pool2d(net.conv(x), 2)
+    folded = pooled.permute(0, 2, 3, 1).reshape(120, 4)
+    kept = conv_datapoint_indices(30, (2, 2), max_datapoints=50, seed=1)
+    torch.testing.assert_close(a["conv"], folded[kept])
+    assert torch.equal(idx["conv"], kept // 4)
+    assert direction_limits(a) == {"conv": 10, "deep": 6, "fc": 6}
+
+
+def test_outputs_on_the_model_device_float32_and_out_device() -> None:
+    net, x = DeepOneByOne().to(torch.bfloat16), torch.randn(5, 2, 8, 8)
+    rec = ActivationRecorder(net)
+    out = rec.record(x)
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in out.values())
+    moved = rec.record(x, out_device="meta")  # any device other than the model's
+    assert all(t.device.type == "meta" and t.dtype == torch.float32 for t in moved.values())
+    assert rec.datapoint_index.device.type == "cpu"
+    assert all(t.device.type == "meta" for t in ActivationRecorder(net, out_device="meta").record(x).values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI is CPU-only)")
+def test_cuda_capture_stays_on_device_and_matches_cpu() -> None:
+    torch.manual_seed(0)
+    net, x = ConvNet(), torch.randn(40, 1, 8, 8)
+    ref = ActivationRecorder(net).record(x)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    # TF32 convolutions (a CUDA default) are ~1e-3 relative: compare float32 with float32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _check_cuda_capture(net, x, ref)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _check_cuda_capture(net: nn.Module, x: torch.Tensor, ref: dict) -> None:
+    rec = ActivationRecorder(net.cuda())
+    got = rec.record(x)
+    assert all(t.device.type == "cuda" and t.dtype == torch.float32 for t in got.values())
+    assert rec.datapoint_index.device.type == "cpu"
+    on_cpu = rec.record(x, out_device="cpu")
+    for name in ref:
+        assert on_cpu[name].device.type == "cpu"
+        torch.testing.assert_close(got[name].cpu(), ref[name], rtol=1e-4, atol=1e-4)
+
+
+def test_order_layers_fallback_and_errors() -> None:
+    from svcca_torch.recorder import LayerOrderWarning
+
+    net = Scrambled()
+    rec = ActivationRecorder(net)
+    with pytest.warns(LayerOrderWarning, match="could not be traced"):
+        assert rec.order_layers(torch.randn(3, 4)) == ["head", "hidden", "body"]  # wrong input width
+    assert not rec.ordered and _hook_count(net) == 0
+
+    class Skips(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    with pytest.raises(ValueError, match=r"\['unused'\] did not run"):
+        ActivationRecorder(Skips()).order_layers([(torch.randn(4, 3), torch.zeros(4))])
+
+
+def test_subset_before_the_order_is_known_traces_one_batch_first() -> None:
+    torch.manual_seed(0)
+    net, x = Scrambled(), torch.randn(9, 5)
+    rec = ActivationRecorder(net, batch_size=4)
+    low = rec.record(x, layers=["body"])
+    # one traced batch reached the head; the 3 batches of the capture stopped after body
+    assert net.head_calls == 1 and rec.last_stopped_early and rec.ordered
+    with torch.no_grad():
+        torch.testing.assert_close(low["body"], net.body(x))
+    # a one-shot iterator cannot be traced and replayed: whole forwards, same values
+    fresh = ActivationRecorder(net, batch_size=4)
+    again = fresh.record(iter([x[:4], x[4:]]), layers=["body"])
+    assert net.head_calls == 3 and not fresh.last_stopped_early and not fresh.ordered
+    torch.testing.assert_close(again["body"], low["body"])  # other batch sizes: float32 rounding
+
+
+def test_subset_common_rows_are_the_full_captures_rows() -> None:
+    torch.manual_seed(0)
+    net, x = DeepOneByOne().eval(), torch.randn(10, 2, 8, 8)
+    rec = ActivationRecorder(net, grid=2)
+    low = rec.record(x, layers=["conv"])  # alone, conv would fold on 2x2: 40 rows
+    assert rec.conv_grid == (1, 1) and low["conv"].shape == (10, 4)
+    full = rec.record(x)
+    torch.testing.assert_close(low["conv"], full["conv"], rtol=0, atol=0)
+    assert torch.equal(rec.datapoint_index, torch.arange(10))
