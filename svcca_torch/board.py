@@ -28,10 +28,11 @@ Tags, all under ``<name>/`` (layer tags ``NN_short`` sort by depth, ``NN`` zero-
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -155,6 +156,8 @@ class BoardLogger:
         min_change: matrices within this largest cell difference count as alike (see
             :func:`select_checkpoints`).
         dpi: pixels per inch of the images (figures are at least 6.4 in wide: >= 640 px at 100).
+        font_size: base font size in points of the images; TensorBoard scales an image down
+            to its card (about 0.4 to 0.6 of 640 px), so the default 16 reads like 7 to 10.
         keep: SVD truncation used when :meth:`log_capture` gets raw activations
             ``(datapoints, neurons)`` instead of reduced bases.
     """
@@ -171,6 +174,7 @@ class BoardLogger:
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
         min_change: float = 0.01,
         dpi: int = 100,
+        font_size: float = 16.0,
         keep: Union[int, float] = 0.99,
     ) -> None:
         missing = [m for m in ("add_image", "add_scalar", "add_text", "add_custom_scalars") if not hasattr(writer, m)]
@@ -193,6 +197,7 @@ class BoardLogger:
                           for f in fractions]
         self.min_change = float(min_change)
         self.dpi = check_positive_int(dpi, "dpi")
+        self.font_size = float(font_size)
         self.keep = check_keep(keep)
         self.short_names = short_layer_names(layers)
         width = max(2, len(str(len(layers) - 1)))
@@ -244,12 +249,19 @@ class BoardLogger:
         self.writer.add_text(self.tag("layers"), f"| tag | layer |\n|---|---|\n{rows}", step)
 
     # ------------------------------------------------------------------ images
-    def _add_image(self, tag: str, fig: Figure, step: int) -> bool:
-        steps = self.images_written.setdefault(tag, [])
-        if len(steps) >= self.max_images or (steps and step <= steps[-1]):
-            return False  # never more than the reservoir keeps, never out of order
-        self.writer.add_image(tag, figure_to_array(fig, self.dpi), step, dataformats="HWC")
-        steps.append(step)
+    def _room(self, tag: str, step: int) -> bool:
+        steps = self.images_written.get(tag, [])
+        # never more than the reservoir keeps, never out of step order
+        return len(steps) < self.max_images and (not steps or step > steps[-1])
+
+    def _add_image(self, tag: str, draw: Callable[[], Figure], step: int) -> bool:
+        """Draw (only when there is room) with card-sized fonts, render, write."""
+        if not self._room(tag, step):
+            return False
+        with rc_context({"font.size": self.font_size}):
+            image = figure_to_array(draw(), self.dpi)
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+        self.images_written.setdefault(tag, []).append(step)
         return True
 
     def _fraction(self, step: int, fraction: Optional[float]) -> Optional[float]:
@@ -345,19 +357,18 @@ class BoardLogger:
                 self.writer.add_scalar(self.layer_tag("to_previous", n), sims[n], step)
         if not sims or not self._live_due(f, final):
             return False
-        when = f"step {step}" if f is None else f"{100 * f:.0f}% of training, step {step}"
+        when = f"step {step}" if f is None else f"step {step} ({100 * f:.0f}%)"
         if matrix is None and previous is not None and current is not None:
             matrix = self._matrix(previous, current)
         if matrix is not None:
-            fig = plot_similarity_matrix(
-                torch.as_tensor(matrix), self.layers, title=f"{when}: each layer vs each layer at step {prev_step}",
-                xlabel=f"layer at previous capture (step {prev_step})", ylabel=f"layer now (step {step})")
-            self._add_image(self.tag("live", "to_previous_matrix"), fig, step)
+            m = torch.as_tensor(matrix)
+            self._add_image(self.tag("live", "to_previous_matrix"), lambda: plot_similarity_matrix(
+                m, self.layers, title=f"{when} vs step {prev_step}",
+                xlabel=f"layer at step {prev_step} (previous capture)", ylabel=f"layer at step {step}"), step)
         curves, known = self._live_curves()
-        fig = plot_convergence(curves, x="fraction" if known else "step",
-                               ylabel="SVCCA similarity to previous capture",
-                               title=f"each layer vs its previous capture, up to {when}")
-        return self._add_image(self.tag("live", "to_previous_curves"), fig, step)
+        return self._add_image(self.tag("live", "to_previous_curves"), lambda: plot_convergence(
+            curves, x="fraction" if known else "step", ylabel="SVCCA similarity",
+            title=f"each layer vs its previous capture, to {when}"), step)
 
     def log_freeze(
         self,
@@ -427,26 +438,26 @@ class BoardLogger:
         tag = self.tag("dynamics", "to_final_matrix")
         for c in select_checkpoints(dynamics.matrices, dynamics.fractions, max_images=self.max_images,
                                     anchors=self.fractions, min_change=self.min_change):
-            fig = plot_similarity_matrix(
-                dynamics.matrices[c], dynamics.layers,
-                title=f"{100 * dynamics.fractions[c]:.0f}% of training (step {dynamics.steps[c]}) vs end of training",
-                xlabel="layer at end of training", ylabel="layer at this checkpoint")
-            if self._add_image(tag, fig, int(dynamics.steps[c])):
-                written.setdefault(tag, []).append(int(dynamics.steps[c]))
-        grid = plot_learning_dynamics(dynamics, self.fractions, ncols=2, panel_size=3.6)
-        if self._add_image(self.tag("dynamics", "grid"), grid, final_step):
+            s = int(dynamics.steps[c])
+            if self._add_image(tag, lambda: plot_similarity_matrix(
+                    dynamics.matrices[c], dynamics.layers,
+                    title=f"step {s} ({100 * dynamics.fractions[c]:.0f}%) vs end of training",
+                    xlabel=f"layer at end (step {final_step})", ylabel=f"layer at step {s}"), s):
+                written.setdefault(tag, []).append(s)
+        if self._add_image(self.tag("dynamics", "grid"), lambda: plot_learning_dynamics(
+                dynamics, self.fractions, ncols=2, panel_size=3.6), final_step):
             written[self.tag("dynamics", "grid")] = [final_step]
-        curves = plot_convergence(dynamics.curves(), title="each layer vs its own final state (bottom-up convergence)")
-        if self._add_image(self.tag("dynamics", "to_final_curves"), curves, final_step):
+        if self._add_image(self.tag("dynamics", "to_final_curves"), lambda: plot_convergence(
+                dynamics.curves(), ylabel="SVCCA similarity", title="each layer vs its own final state"), final_step):
             written[self.tag("dynamics", "to_final_curves")] = [final_step]
         live = self.tag("live", "to_previous_curves")
-        if self._history and self._history[-1]["to_previous"] and self.images_written.get(live, [None])[-1] != \
-                self._history[-1]["step"]:
+        last = self._history[-1] if self._history else None
+        if last is not None and last["to_previous"] and self.images_written.get(live, [None])[-1] != last["step"]:
             lc, known = self._live_curves()
-            fig = plot_convergence(lc, x="fraction" if known else "step", ylabel="SVCCA similarity to previous capture",
-                                   title="each layer vs its previous capture, whole run")
-            if self._add_image(live, fig, self._history[-1]["step"]):
-                written[live] = [self._history[-1]["step"]]
+            if self._add_image(live, lambda: plot_convergence(
+                    lc, x="fraction" if known else "step", ylabel="SVCCA similarity",
+                    title="each layer vs its previous capture, whole run"), last["step"]):
+                written[live] = [last["step"]]
         if hasattr(self.writer, "flush"):
             self.writer.flush()
         return written

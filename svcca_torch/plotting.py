@@ -31,8 +31,6 @@ DEFAULT_FRACTIONS = (0.0, 0.35, 0.75, 1.0)
 MAX_NAMED_LAYERS = 16
 #: Above this many layers the curves get a depth colour bar instead of a legend.
 MAX_LEGEND_LAYERS = 12
-#: Font size of layer names on heatmap axes (readable when a TensorBoard card scales the image down).
-TICK_FONTSIZE = 10
 
 
 def short_layer_names(names: Sequence[str]) -> List[str]:
@@ -66,20 +64,27 @@ def _dropped_prefixes(names: Sequence[str], short: Sequence[str]) -> List[str]:
     return sorted({n[: len(n) - len(s)] for n, s in zip(names, short) if n != s})
 
 
-def _shortening_note(fig: Figure, names: Sequence[str], short: Sequence[str]) -> None:
+def _prefix_note(names: Sequence[str], short: Sequence[str]) -> str:
     dropped = _dropped_prefixes(names, short)
-    if dropped:
-        shown = ", ".join(repr(d) for d in dropped[:4]) + (", ..." if len(dropped) > 4 else "")
-        fig.supxlabel(f"layer names without the prefix {shown}", fontsize=9, color="0.35")
+    if not dropped:
+        return ""
+    return " (names without the prefix " + ", ".join(repr(d) for d in dropped[:4]) + (
+        ", ...)" if len(dropped) > 4 else ")")
+
+
+def _shortening_note(fig: Figure, names: Sequence[str], short: Sequence[str]) -> None:
+    note = _prefix_note(names, short)
+    if note:
+        fig.supxlabel(note.strip(" ()").replace("names", "layer names", 1), fontsize="small", color="0.35")
 
 
 def _layer_ticks(ax, names: Sequence[str], axis: str) -> None:
     idx = np.arange(len(names))
     if len(names) <= MAX_NAMED_LAYERS:
         if axis == "x":
-            ax.set_xticks(idx, names, rotation=45, ha="right", rotation_mode="anchor", fontsize=TICK_FONTSIZE)
+            ax.set_xticks(idx, names, rotation=45, ha="right", rotation_mode="anchor", fontsize="medium")
         else:
-            ax.set_yticks(idx, names, fontsize=TICK_FONTSIZE)
+            ax.set_yticks(idx, names, fontsize="medium")
     else:
         step = max(1, len(names) // 8)
         (ax.set_xticks if axis == "x" else ax.set_yticks)(idx[::step])
@@ -138,13 +143,13 @@ def plot_learning_dynamics(
         data = dynamics.matrices[c].T.numpy()
         image = ax.imshow(np.ma.masked_invalid(data), origin="lower", vmin=0.0, vmax=1.0, cmap=cmap,
                           interpolation="nearest", aspect="equal")
-        ax.set_title(f"{100 * dynamics.fractions[c]:.0f}% of training (step {dynamics.steps[c]})", fontsize=11)
+        ax.set_title(f"{100 * dynamics.fractions[c]:.0f}% trained (step {dynamics.steps[c]})", fontsize="large")
         if k // ncols == nrows - 1 or k + ncols >= len(picks):
-            ax.set_xlabel("layer at end of training", fontsize=10)
+            ax.set_xlabel("layer at end of training", fontsize="medium")
         _layer_ticks(ax, names, "x")
         _layer_ticks(ax, names, "y")
         if k % ncols == 0:
-            ax.set_ylabel("layer at this checkpoint", fontsize=10)
+            ax.set_ylabel("layer at this checkpoint", fontsize="medium")
     fig.colorbar(image, ax=axes[: len(picks)], shrink=0.8, label="SVCCA similarity")
     if short_names:
         _shortening_note(fig, dynamics.layers, names)
@@ -160,7 +165,7 @@ def plot_similarity_matrix(
     xlabel: str = "layer",
     ylabel: str = "layer",
     cmap: str = "viridis",
-    size: Tuple[float, float] = (6.4, 5.6),
+    size: Tuple[float, float] = (7.2, 5.4),
     short_names: bool = True,
     annotate: Optional[bool] = None,
 ) -> Figure:
@@ -173,7 +178,7 @@ def plot_similarity_matrix(
         x_layers, y_layers: layer names along each axis, bottom-up (``y_layers`` defaults to
             ``x_layers``).
         title, xlabel, ylabel: text of the figure.
-        size: inches (at TensorBoard's 100 dpi, 6.4 in = 640 px).
+        size: inches (at 100 dpi, 720 x 540 px: landscape, as TensorBoard's cards are).
         short_names: label the axes with :func:`short_layer_names`.
         annotate: write each value in its cell (default: when at most 10 layers per axis).
     """
@@ -194,14 +199,14 @@ def plot_similarity_matrix(
     if annotate:
         for (j, i), v in np.ndenumerate(data):
             if np.isfinite(v):
-                ax.text(i, j, f"{v:.2f}", ha="center", va="center", fontsize=9,
+                ax.text(i, j, f"{v:.2f}", ha="center", va="center", fontsize="small",
                         color="black" if v > 0.6 else "white")
     _layer_ticks(ax, xs, "x")
     _layer_ticks(ax, ys, "y")
-    ax.set_xlabel(xlabel, fontsize=11)
-    ax.set_ylabel(ylabel, fontsize=11)
+    ax.set_xlabel(xlabel, fontsize="medium")
+    ax.set_ylabel(ylabel, fontsize="medium")
     if title:
-        ax.set_title(title, fontsize=12)
+        ax.set_title(title, fontsize="large")
     fig.colorbar(image, ax=ax, shrink=0.9, label="SVCCA similarity")
     if short_names:
         _shortening_note(fig, list(x_layers) + [n for n in y_layers if n not in x_layers], xs + [
@@ -216,13 +221,14 @@ def plot_convergence(
     cmap: str = "viridis",
     ylabel: str = "SVCCA similarity to final state",
     title: Optional[str] = None,
-    size: Tuple[float, float] = (8.0, 4.5),
+    size: Tuple[float, float] = (8.0, 5.4),
 ) -> Figure:
     """Per-layer curves over training, one line per layer, coloured by depth.
 
-    Up to :data:`MAX_LEGEND_LAYERS` layers the legend (outside the axes, bottom-up, each
-    short name with its full name) tells the layers apart; with more layers a depth colour
-    bar replaces it.
+    Up to :data:`MAX_LEGEND_LAYERS` layers a legend below the axes (lowest layer first,
+    :func:`short_layer_names`, the dropped prefixes named under it) tells the layers apart; with more layers a depth colour
+    bar replaces it. Font sizes are relative to ``rcParams["font.size"]`` (raise it in a
+    ``matplotlib.rc_context`` for small displays, as :mod:`svcca_torch.board` does).
 
     Args:
         curves: a :class:`LayerCurves` (e.g. :func:`similarity_to_final` or
@@ -246,25 +252,29 @@ def plot_convergence(
     fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
     for j, name in enumerate(curves.layers):
-        label = short[j] if short[j] == name else f"{short[j]} ({name})"
-        ax.plot(xs, curves.values[:, j].numpy(), color=colours(norm(j)), label=label, marker=".", lw=1.8)
-    ax.set_xlabel("fraction of training" if x == "fraction" else "training step", fontsize=11)
-    ax.set_ylabel(ylabel, fontsize=11)
+        ax.plot(xs, curves.values[:, j].numpy(), color=colours(norm(j)), label=short[j], marker=".", lw=1.8)
+    ax.set_xlabel("fraction of training" if x == "fraction" else "training step", fontsize="medium")
+    ax.set_ylabel(ylabel, fontsize="medium")
     ax.set_ylim(0.0, 1.02)
-    ax.tick_params(labelsize=10)
+    ax.tick_params(labelsize="medium")
     ax.grid(alpha=0.3)
     if title:
-        ax.set_title(title, fontsize=12)
+        ax.set_title(title, fontsize="large")
     if n <= MAX_LEGEND_LAYERS:
+        # below the axes, where it covers no curve; depth order, row by row
         handles, labels = ax.get_legend_handles_labels()
-        # top of the legend = top layer, like the network drawn bottom-up
-        ax.legend(handles[::-1], labels[::-1], fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5),
-                  title="layer (top = deepest)", title_fontsize=9, frameon=False)
+        ncols = min(3, n)
+        rows = -(-n // ncols)
+        order = [r * ncols + c for c in range(ncols) for r in range(rows) if r * ncols + c < n]
+        fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside lower center",
+                   ncols=ncols, fontsize="small", title="layer, lowest first" + _prefix_note(curves.layers, short),
+                   title_fontsize="small", frameon=False)
     else:
         shown = ListedColormap(colours(np.linspace(0.0, 0.85, 256)))
         bar = fig.colorbar(ScalarMappable(Normalize(0, n - 1), shown), ax=ax,
                            label="depth (layer index, 0 = lowest)")
         bar.set_ticks(np.linspace(0, n - 1, 6).round())
+        _shortening_note(fig, curves.layers, short)
     return fig
 
 

@@ -119,13 +119,13 @@ def test_convergence_legend_tells_layers_apart_without_colour_bar() -> None:
     curves = LayerCurves(names, [0, 1], [0.0, 1.0], torch.rand(2, 3, dtype=torch.float64))
     fig = plot_convergence(curves)
     assert len(fig.axes) == 1  # no redundant depth colour bar beside the legend
-    legend = fig.axes[0].get_legend()
-    # top of the legend = deepest layer; short name with the full one
-    assert [t.get_text() for t in legend.get_texts()] == ["fc (net.fc)", "block2 (net.features.block2)",
-                                                          "block1 (net.features.block1)"]
+    (legend,) = fig.legends  # outside the axes: covers no curve
+    # lowest layer first, short names; the dropped prefixes are named under the plot
+    assert [t.get_text() for t in legend.get_texts()] == ["block1", "block2", "fc"]
+    assert "'net.features.'" in legend.get_title().get_text()
     many = LayerCurves([f"l{i}" for i in range(20)], [0, 1], [0.0, 1.0], torch.rand(2, 20, dtype=torch.float64))
     fig = plot_convergence(many)
-    assert fig.axes[0].get_legend() is None and len(fig.axes) == 2  # too many for a legend: depth colour bar
+    assert not fig.legends and len(fig.axes) == 2  # too many for a legend: depth colour bar
 
 
 def test_figures_wide_enough_for_tensorboard_cards(store) -> None:
