@@ -143,7 +143,7 @@ def plot_learning_dynamics(
         data = dynamics.matrices[c].T.numpy()
         image = ax.imshow(np.ma.masked_invalid(data), origin="lower", vmin=0.0, vmax=1.0, cmap=cmap,
                           interpolation="nearest", aspect="equal")
-        ax.set_title(f"{100 * dynamics.fractions[c]:.0f}% trained (step {dynamics.steps[c]})", fontsize="large")
+        ax.set_title(f"{100 * dynamics.fractions[c]:.0f}% (step {dynamics.steps[c]})", fontsize="large")
         if k // ncols == nrows - 1 or k + ncols >= len(picks):
             ax.set_xlabel("layer at end of training", fontsize="medium")
         _layer_ticks(ax, names, "x")
