@@ -366,9 +366,12 @@ class BoardLogger:
                 m, self.layers, title=f"{when} vs step {prev_step}",
                 xlabel=f"layer at step {prev_step} (previous capture)", ylabel=f"layer at step {step}"), step)
         curves, known = self._live_curves()
-        return self._add_image(self.tag("live", "to_previous_curves"), lambda: plot_convergence(
+        drawn = self._add_image(self.tag("live", "to_previous_curves"), lambda: plot_convergence(
             curves, x="fraction" if known else "step", ylabel="SVCCA similarity",
             title=f"similarity to previous capture, to {when}"), step)
+        if drawn and hasattr(self.writer, "flush"):
+            self.writer.flush()  # on disk now: visible at once, and kept if training crashes later
+        return drawn
 
     def log_freeze(
         self,
