@@ -368,7 +368,7 @@ class BoardLogger:
         curves, known = self._live_curves()
         drawn = self._add_image(self.tag("live", "to_previous_curves"), lambda: plot_convergence(
             curves, x="fraction" if known else "step", ylabel="SVCCA similarity",
-            title=f"similarity to previous capture, to {when}"), step)
+            title=f"vs previous capture, to {when}"), step)
         if drawn and hasattr(self.writer, "flush"):
             self.writer.flush()  # on disk now: visible at once, and kept if training crashes later
         return drawn
