@@ -28,6 +28,7 @@ Tags, all under ``<name>/`` (layer tags ``NN_short`` sort by depth, ``NN`` zero-
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -57,6 +58,10 @@ LIVE_FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 0.9)
 TENSORBOARD_IMAGES_PER_TAG = 10
 
 Bases = Mapping[str, Union[torch.Tensor, ReducedBasis]]
+
+# TensorBoard shows one custom-scalars layout per run (the last written): every BoardLogger on
+# one writer adds its categories to that writer's layout, so two loggers (names) both show.
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
 def figure_to_array(fig: Figure, dpi: int = 100) -> np.ndarray:
@@ -210,6 +215,34 @@ class BoardLogger:
         self._targets = list(self.live_fractions)
         self._header = False
 
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """What a resumed run needs to keep each image tag within ``max_images``: the steps
+        of the images written, the capture history (to-previous curves) and the live schedule."""
+        return {"images_written": {k: list(v) for k, v in self.images_written.items()},
+                "history": [dict(h, to_previous=dict(h["to_previous"])) for h in self._history],
+                "targets": list(self._targets)}
+
+    def load_state_dict(self, state: Mapping[str, Any], resume_step: Optional[int] = None) -> None:
+        """Restore :meth:`state_dict` in a resumed run.
+
+        The capture history after ``resume_step`` is forgotten (those captures are made
+        again). The live images already written stay counted, whatever their step: whether
+        TensorBoard drops them when earlier steps arrive again depends on its reader (the
+        Python reader keeps them), so new live images go only after the last one and a tag
+        never exceeds ``max_images``. The end-of-training tags start afresh (``log_final``
+        writes them from step 0 again).
+        """
+        live = self.tag("live", "")
+        self.images_written = {k: list(v) for k, v in state.get("images_written", {}).items() if k.startswith(live)}
+        keep = (lambda st: True) if resume_step is None else (lambda st: st <= int(resume_step))
+        self._history = [dict(h, to_previous=dict(h["to_previous"])) for h in state.get("history", [])
+                         if keep(h["step"])]
+        last = self._history[-1]["fraction"] if self._history else None
+        self._targets = [f for f in state.get("targets", self.live_fractions) if last is None or f > last]
+        if resume_step is not None and last is not None:
+            self._targets = sorted(set(self._targets) | {f for f in self.live_fractions if f > last})
+
     # ------------------------------------------------------------------ tags
     def tag(self, *parts: str) -> str:
         """``<name>/part/...``."""
@@ -244,7 +277,12 @@ class BoardLogger:
         if self._header:
             return
         self._header = True
-        self.writer.add_custom_scalars(self.layout())
+        try:
+            merged = _LAYOUTS.setdefault(self.writer, {})
+        except TypeError:  # a writer that cannot be weakly referenced: its own layout only
+            merged = {}
+        merged.update(self.layout())
+        self.writer.add_custom_scalars(dict(merged))
         rows = "\n".join(f"| `{self.layer_tags[n]}` | `{n}` |" for n in self.layers)
         self.writer.add_text(self.tag("layers"), f"| tag | layer |\n|---|---|\n{rows}", step)
 

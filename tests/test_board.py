@@ -201,3 +201,45 @@ def test_bad_arguments_name_themselves(tmp_path):
     with pytest.raises(ValueError, match="`to_previous`"):
         board.log_capture(0, {"zz": 0.5})
     writer.close()
+
+
+def test_two_loggers_on_one_writer_keep_both_layouts(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    writer = SummaryWriter(str(tmp_path))
+    first = BoardLogger(writer, "svcca", ["a", "b"])
+    second = BoardLogger(writer, "probe2", ["c"])
+    first.log_capture(0, {})
+    second.log_capture(0, {})
+    writer.close()
+    acc = _accumulate(tmp_path)
+    # TensorBoard reads the last layout of a run (downsample=1)
+    last = acc.Tensors("custom_scalars__config__")[-1]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(last.tensor_proto.string_val[0])
+    titles = [c.title for c in layout.category]
+    assert any(t.startswith("svcca:") for t in titles) and any(t.startswith("probe2:") for t in titles)
+
+
+def test_resume_keeps_each_tag_within_the_budget(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    m = torch.eye(2, dtype=torch.float64)
+    board = BoardLogger(writer, "s", ["a", "b"], total_steps=100)
+    for step in range(0, 61, 5):
+        board.log_capture(step, {"a": 0.5, "b": 0.5} if step else {}, matrix=m)
+    state = board.state_dict()
+    before = {k: list(v) for k, v in board.images_written.items()}
+    assert max(before["s/live/to_previous_curves"]) > 40
+    # resumed from the checkpoint at step 40: TensorBoard's Python reader keeps the images the
+    # first run wrote after it, so they still count, and new ones come after them
+    resumed = BoardLogger(writer, "s", ["a", "b"], total_steps=100)
+    resumed.load_state_dict(state, resume_step=40)
+    assert resumed.images_written == before
+    assert [h["step"] for h in resumed.state_dict()["history"]] == list(range(0, 41, 5))
+    for step in range(45, 101, 5):
+        resumed.log_capture(step, {"a": 0.6, "b": 0.6}, matrix=m, final=step == 100)
+    writer.close()
+    acc = _accumulate(tmp_path)
+    for tag in ("s/live/to_previous_matrix", "s/live/to_previous_curves"):
+        steps = [e.step for e in acc.Tensors(tag)]
+        assert steps == resumed.images_written[tag] and len(steps) <= 10 and steps[-1] == 100
