@@ -111,6 +111,7 @@ def select_checkpoints(
         raise ValueError(f"`matrices` must be (checkpoints, layers, layers) with one fraction per checkpoint; got "
                          f"shape {tuple(m.shape)} and {len(fractions)} fractions.")
     max_images = check_positive_int(max_images, "max_images", minimum=2)  # the first and the last
+    min_change = check_fraction(min_change, "min_change", low_inclusive=True, high_inclusive=True)
     if n == 0:
         return []
     chosen: List[int] = [0] if n == 1 else [0, n - 1]
@@ -161,8 +162,9 @@ class BoardLogger:
         min_change: matrices within this largest cell difference count as alike (see
             :func:`select_checkpoints`).
         dpi: pixels per inch of the images (figures are at least 6.4 in wide: >= 640 px at 100).
-        font_size: base font size in points of the images; TensorBoard scales an image down
-            to its card (Time Series: about 215 px high, 0.4 of a 540 px image; Images tab: about 0.5), so the default 18 reads like 10 to 12 pt.
+        font_size: base font size in points of the images; TensorBoard shrinks an image to
+            its card (Time Series: about 215 px high, 0.4 of a 540 px image; Images tab: about
+            0.5), so the default 18 reads like 10 to 12 pt.
         keep: SVD truncation used when :meth:`log_capture` gets raw activations
             ``(datapoints, neurons)`` instead of reduced bases.
     """
@@ -200,7 +202,7 @@ class BoardLogger:
                                      for f in live_fractions)
         self.fractions = [check_fraction(f, "fractions[i]", low_inclusive=True, high_inclusive=True)
                           for f in fractions]
-        self.min_change = float(min_change)
+        self.min_change = check_fraction(min_change, "min_change", low_inclusive=True, high_inclusive=True)
         self.dpi = check_positive_int(dpi, "dpi")
         self.font_size = float(font_size)
         self.keep = check_keep(keep)
