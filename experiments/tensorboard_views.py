@@ -45,11 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="parent folder of the run folder")
     p.add_argument("--name", default="svcca", help="first component of the TensorBoard tags")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--smoke", action="store_true", help="tiny budget (seconds): 1 epoch, 3 captures, 100 probe images")
     return p
 
 
 def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     """Train, log, and return ``{"run_dir", "logdir", "captures", "frozen"}``."""
+    if args.smoke:
+        args.epochs, args.captures_per_epoch, args.probe_size = 1, 3, 100
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train, _ = load_digits_dataset(seed=args.seed)

@@ -243,3 +243,20 @@ def test_resume_keeps_each_tag_within_the_budget(tmp_path):
     for tag in ("s/live/to_previous_matrix", "s/live/to_previous_curves"):
         steps = [e.step for e in acc.Tensors(tag)]
         assert steps == resumed.images_written[tag] and len(steps) <= 10 and steps[-1] == 100
+
+
+def test_plain_training_loop_example_smoke(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from experiments import tensorboard_views
+
+    lines: List[str] = []
+    res = tensorboard_views.run(tensorboard_views.build_parser().parse_args(["--smoke", "--out", str(tmp_path)]),
+                                log=lines.append)
+    assert res["captures"] == 5  # step 0, every 43 // 3 = 14 steps (14, 28, 42), the last step (43)
+    acc = _accumulate(Path(res["logdir"]))
+    images = _by_plugin(acc)["images"]
+    assert "svcca/dynamics/to_final_matrix" in images and "svcca/live/to_previous_curves" in images
+    assert [e.step for e in acc.Tensors("svcca/freeze/frozen_groups")][0] == 0
+    assert lines[-1].startswith(f"open the logs with:  {sys.executable} -m tensorboard.main --logdir ")
