@@ -368,7 +368,8 @@ class BoardLogger:
         """Log one capture: per-layer scalars always, the live images when due.
 
         Args:
-            step: the training step of the capture (increasing from call to call).
+            step: the training step of the capture (increasing from call to call; the same step
+                again logs nothing new, except the final live images with ``final=True``).
             to_previous: ``{layer: SVCCA similarity to its previous capture}`` (empty or
                 ``None`` at the first capture).
             fraction: fraction of training done (default ``step / total_steps`` when
@@ -390,11 +391,19 @@ class BoardLogger:
         if unknown:
             raise ValueError(f"`to_previous` names layers {unknown} that are not among {self.layers}.")
         f = self._fraction(step, fraction)
-        prev_step = self._history[-1]["step"] if self._history else None
-        self._history.append({"step": step, "fraction": f, "to_previous": sims})
-        for n in self.layers:
-            if n in sims and math.isfinite(sims[n]):
-                self.writer.add_scalar(self.layer_tag("to_previous", n), sims[n], step)
+        if self._history and step == self._history[-1]["step"]:
+            # the same capture again (e.g. the end-of-training capture at the step of the last
+            # periodic one): its scalars are logged already; only the final drawing may be new
+            if not final:
+                return False
+            sims, f = self._history[-1]["to_previous"], self._history[-1]["fraction"]
+            prev_step = self._history[-2]["step"] if len(self._history) > 1 else None
+        else:
+            prev_step = self._history[-1]["step"] if self._history else None
+            self._history.append({"step": step, "fraction": f, "to_previous": sims})
+            for n in self.layers:
+                if n in sims and math.isfinite(sims[n]):
+                    self.writer.add_scalar(self.layer_tag("to_previous", n), sims[n], step)
         if not sims or not self._live_due(f, final):
             return False
         when = f"step {step}" if f is None else f"step {step} ({100 * f:.0f}%)"

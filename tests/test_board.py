@@ -260,3 +260,17 @@ def test_plain_training_loop_example_smoke(tmp_path):
     assert "svcca/dynamics/to_final_matrix" in images and "svcca/live/to_previous_curves" in images
     assert [e.step for e in acc.Tensors("svcca/freeze/frozen_groups")][0] == 0
     assert lines[-1].startswith(f"open the logs with:  {sys.executable} -m tensorboard.main --logdir ")
+
+
+def test_the_same_capture_twice_logs_once_and_draws_the_final(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    board = BoardLogger(writer, "s", ["a", "b"], total_steps=1000)
+    m = torch.eye(2, dtype=torch.float64)
+    for step in (0, 100, 200, 300):
+        board.log_capture(step, {"a": 0.5, "b": 0.7} if step else {}, matrix=m)
+    assert board.images_written["s/live/to_previous_curves"][-1] == 200  # 300 (30%) is not a live point
+    assert board.log_capture(300, {"a": 0.5, "b": 0.7}, matrix=m, final=True)  # end of training, same step
+    writer.close()
+    acc = _accumulate(tmp_path)
+    assert [e.step for e in acc.Tensors("s/to_previous/00_a")] == [100, 200, 300]  # not twice at 300
+    assert [e.step for e in acc.Tensors("s/live/to_previous_curves")][-1] == 300
