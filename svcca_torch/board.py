@@ -164,7 +164,7 @@ class BoardLogger:
         dpi: pixels per inch of the images (figures are at least 6.4 in wide: >= 640 px at 100).
         font_size: base font size in points of the images; TensorBoard shrinks an image to
             its card (Time Series: about 215 px high, 0.4 of a 540 px image; Images tab: about
-            0.5), so the default 18 reads like 10 to 12 pt.
+            0.5), so the default 18 (25 px) shows 10 to 12 px high.
         keep: SVD truncation used when :meth:`log_capture` gets raw activations
             ``(datapoints, neurons)`` instead of reduced bases.
     """
