@@ -25,15 +25,18 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
+if __package__ in (None, ""):  # run as a script: import it as part of the package `experiments`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import experiments  # noqa: F401  (PEP 366: relative imports below then resolve)
+
+    __package__ = "experiments"
 
 import pytorch_lightning as pl
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from experiments.common import (
+from .common import (
     ExperimentError,
     accuracy,
     base_parser,

@@ -21,14 +21,17 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
+if __package__ in (None, ""):  # run as a script: import it as part of the package `experiments`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import experiments  # noqa: F401  (PEP 366: relative imports below then resolve)
+
+    __package__ = "experiments"
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from experiments.common import (
+from .common import (
     Data,
     ExperimentError,
     accuracy,
@@ -44,7 +47,7 @@ from experiments.common import (
 from svcca_torch import ActivationRecorder, aligned_directions, similarity_matrix
 from svcca_torch.data import probe_set
 from svcca_torch.functional.matrix import METHODS
-from svcca_torch.plotting import plot_aligned_directions
+from svcca_torch.plotting import plot_aligned_directions, short_layer_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,18 +103,24 @@ def _plot_matrices(layers_a: List[str], layers_b: List[str], mats: Dict[str, tor
 
 
 def _plot_per_layer(rows: List[Dict[str, Any]]) -> Figure:
-    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
-    ax = fig.subplots()
+    """One panel per method: each layer against its twin, and that method's random baseline."""
+    fig = Figure(figsize=(10.0, 6.5), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True, sharey=True)
     x = np.arange(len(rows))
-    for i, m in enumerate(METHODS):
-        colour = f"C{i}"
-        ax.plot(x, [r["trained"][m] for r in rows], marker="o", color=colour, label=f"{m}: two seeds")
-        ax.plot(x, [r["random"][m] for r in rows], ls="--", color=colour, alpha=0.7, label=f"{m}: random baseline")
-    ax.set_xticks(x, [r["layer"] for r in rows], rotation=60, fontsize=7, ha="right")
-    ax.set_ylabel("similarity of layer to its twin")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    for i, (ax, m) in enumerate(zip(axes.flat, METHODS)):
+        ax.plot(x, [r["trained"][m] for r in rows], marker="o", color=f"C{i}", lw=2, label="two seeds")
+        ax.plot(x, [r["random"][m] for r in rows], marker="x", ls="--", color="0.45", lw=1.5,
+                label="random layers, same shapes")
+        ax.set_title(m, fontsize=11)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xticks(x, short_layer_names([r["layer"] for r in rows]), rotation=45, fontsize=10, ha="right",
+                      rotation_mode="anchor")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("similarity of layer to its twin")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside upper center", ncols=2, fontsize=10,
+               frameon=False)  # above the panels: covers no curve
     return fig
 
 
@@ -147,7 +156,7 @@ def compare_trained(args: argparse.Namespace, data: Data, log: Callable[[str], N
                "aligned_directions": run_dir / "aligned_directions.png"}
     _plot_matrices(layers, layers, mats).savefig(figures["matrix"], dpi=110)
     _plot_per_layer(rows).savefig(figures["per_layer"], dpi=110)
-    plot_aligned_directions(al, labels, names=(f"seed {args.seed}", f"seed {seed_b}")).savefig(
+    plot_aligned_directions(al, labels, names=(f"seed {args.seed}", f"seed {seed_b}"), layer=layer).savefig(
         figures["aligned_directions"], dpi=110)
     above = [r["layer"] for r in rows if all(r["trained"][m] > r["random"][m] for m in METHODS)]
     return {

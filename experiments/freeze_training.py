@@ -18,10 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
+if __package__ in (None, ""):  # run as a script: import it as part of the package `experiments`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import experiments  # noqa: F401  (PEP 366: relative imports below then resolve)
 
-from experiments.common import (
+    __package__ = "experiments"
+
+from .common import (
     ExperimentError,
     accuracy,
     backward_saved,

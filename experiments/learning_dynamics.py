@@ -19,12 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-if __package__ in (None, ""):  # run as a script: make `experiments` importable
+if __package__ in (None, ""):  # run as a script: import it as part of the package `experiments`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import experiments  # noqa: F401  (PEP 366: relative imports below then resolve)
+
+    __package__ = "experiments"
 
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from experiments.common import (
+from .common import (
     accuracy,
     backward_saved,
     base_parser,
@@ -177,7 +180,7 @@ def run(args: argparse.Namespace, log: Optional[Callable[[str], None]] = print) 
     log(f"results: {run_dir / 'results.json'}")
     for model in models:
         log(f"learning-dynamics grid ({model}): {results['models'][model]['figures']['learning_dynamics']}")
-    log(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    log(f"TensorBoard: {sys.executable} -m tensorboard.main --logdir {run_dir / 'tensorboard'}")
     return results
 
 

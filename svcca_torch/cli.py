@@ -252,16 +252,19 @@ def _report(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- demo
 def _experiments():
-    """Import the repository's ``experiments`` package (the demo runs from a source checkout)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "experiments" / "common.py").is_file():
-        raise CLIError(f"the demo needs the source checkout's experiments/ folder (not found next to {root / 'svcca_torch'}); "
-                       "clone the repository and run `make demo` there")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from experiments import compare_networks, learning_dynamics  # noqa: F401
-
+    """The reproduction scripts, installed as ``svcca_torch.experiments`` (see setup.cfg)."""
+    try:
+        from .experiments import compare_networks, learning_dynamics
+    except ImportError as err:  # e.g. an old install made before experiments/ was packaged
+        raise CLIError(f"the demo needs the package svcca_torch.experiments ({_one_line(err)}); reinstall "
+                       "svcca-torch (pip install .) or run `make demo` in the source checkout") from None
     return learning_dynamics, compare_networks
+
+
+def tensorboard_command(logdir: Union[str, Path]) -> str:
+    """The command that opens ``logdir`` in TensorBoard with this interpreter, so it works
+    without activating the virtual environment."""
+    return f"{sys.executable} -m tensorboard.main --logdir {logdir}"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -286,7 +289,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"convergence curves ({model}):    {m['figures']['convergence']}")
     print(f"network comparison figures:      {cmp['run_dir']}")
     print(f"numbers: {res['run_dir']}/results.json, {cmp['run_dir']}/results.json")
-    print(f"open the logs with:  tensorboard --logdir {Path(res['run_dir']) / 'tensorboard'}")
+    print(f"open the logs with:  {tensorboard_command(Path(res['run_dir']) / 'tensorboard')}")
     return 0
 
 

@@ -6,13 +6,13 @@ global state, no GUI backend needed: it renders with Agg), so it can be saved wi
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 
 from .dynamics import (
@@ -23,21 +23,68 @@ from .dynamics import (
     similarity_to_final,
 )
 from .store import RepresentationStore
-from .utils.validation import as_tensor, check_choice, check_fraction
+from .utils.validation import as_tensor, check_choice, check_fraction, check_positive_int
 
 #: The paper's snapshots: start, 35%, 75% and end of training.
 DEFAULT_FRACTIONS = (0.0, 0.35, 0.75, 1.0)
 #: Above this many layers the axes show indices instead of names.
 MAX_NAMED_LAYERS = 16
+#: Above this many layers the curves get a depth colour bar instead of a legend.
+MAX_LEGEND_LAYERS = 12
+
+
+def short_layer_names(names: Sequence[str]) -> List[str]:
+    """Shortest distinct display names: leading dotted components that add nothing are dropped.
+
+    Each name keeps its shortest dotted suffix that no other name ends with, extended while
+    it would start with a bare index (``layer1.0``, never ``0``), e.g.
+    ``["net.features.block1", "net.fc1", "net.fc"]`` -> ``["block1", "fc1", "fc"]`` and
+    ``["net.layer1.0.conv1", "net.layer2.0.conv1"]`` -> ``["layer1.0.conv1", "layer2.0.conv1"]``.
+    Names that are not unique to begin with are returned unchanged.
+    """
+    names = [str(n) for n in names]
+    if len(set(names)) != len(names):
+        return list(names)
+    parts = [n.split(".") for n in names]
+    out = []
+    for i, p in enumerate(parts):
+        for k in range(1, len(p) + 1):
+            suffix = p[-k:]
+            if suffix[0].isdigit() and k < len(p):
+                continue
+            if not any(len(q) >= k and q[-k:] == suffix for j, q in enumerate(parts) if j != i):
+                out.append(".".join(suffix))
+                break
+        else:
+            out.append(names[i])
+    return out
+
+
+def _dropped_prefixes(names: Sequence[str], short: Sequence[str]) -> List[str]:
+    return sorted({n[: len(n) - len(s)] for n, s in zip(names, short) if n != s})
+
+
+def _prefix_note(names: Sequence[str], short: Sequence[str]) -> str:
+    dropped = _dropped_prefixes(names, short)
+    if not dropped:
+        return ""
+    return " (names without the prefix " + ", ".join(repr(d) for d in dropped[:4]) + (
+        ", ...)" if len(dropped) > 4 else ")")
+
+
+def _shortening_note(fig: Figure, names: Sequence[str], short: Sequence[str]) -> None:
+    note = _prefix_note(names, short)
+    if note:
+        fig.supxlabel(note.strip(" ()").replace("names", "layer names", 1), fontsize="small", color="0.35")
 
 
 def _layer_ticks(ax, names: Sequence[str], axis: str) -> None:
     idx = np.arange(len(names))
     if len(names) <= MAX_NAMED_LAYERS:
         if axis == "x":
-            ax.set_xticks(idx, names, rotation=90, fontsize=7)
+            ax.set_xticks(idx, names, rotation=45, ha="right", rotation_mode="anchor", fontsize="medium")
         else:
-            ax.set_yticks(idx, names, fontsize=7)
+            ax.set_yticks(idx, names, fontsize="medium")
     else:
         step = max(1, len(names) // 8)
         (ax.set_xticks if axis == "x" else ax.set_yticks)(idx[::step])
@@ -49,6 +96,8 @@ def plot_learning_dynamics(
     *,
     cmap: str = "viridis",
     panel_size: float = 3.0,
+    ncols: Optional[int] = None,
+    short_names: bool = True,
 ) -> Figure:
     """The paper's learning-dynamics grid: one heatmap per chosen moment of training.
 
@@ -63,6 +112,10 @@ def plot_learning_dynamics(
             nearest to it (its actual fraction and step are in the title).
         cmap: a matplotlib colormap name.
         panel_size: inches per panel.
+        ncols: panels per row (default: all in one row, as in the paper; 2 gives the 2x2
+            grid that suits a TensorBoard card).
+        short_names: label the axes with :func:`short_layer_names` (the dropped prefixes
+            are named under the panels).
     """
     if not fractions:
         raise ValueError("`fractions` must name at least one moment of training, e.g. (0, 0.35, 0.75, 1).")
@@ -73,21 +126,91 @@ def plot_learning_dynamics(
         dynamics = learning_dynamics(dynamics, unique)
     if not isinstance(dynamics, LearningDynamics):
         raise ValueError(f"`dynamics` must be a LearningDynamics or a RepresentationStore, got {type(dynamics).__name__}.")
+    if ncols is not None:
+        ncols = check_positive_int(ncols, "ncols")
     picks = [dynamics.nearest(f) for f in fractions]
-    fig = Figure(figsize=(panel_size * len(picks) + 1.0, panel_size + 0.8), layout="constrained")
-    axes = fig.subplots(1, len(picks), squeeze=False)[0]
+    ncols = len(picks) if ncols is None else min(ncols, len(picks))
+    nrows = -(-len(picks) // ncols)
+    names = short_layer_names(dynamics.layers) if short_names else list(dynamics.layers)
+    fig = Figure(figsize=(panel_size * ncols + 1.2, (panel_size + 0.9) * nrows + 0.3), layout="constrained")
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(picks):]:
+        ax.set_axis_off()
     image = None
-    for ax, c in zip(axes, picks):
+    for k, (ax, c) in enumerate(zip(axes, picks)):
         # matrices[c, i, j]: i = layer at the end (x), j = layer at checkpoint c (y)
         data = dynamics.matrices[c].T.numpy()
         image = ax.imshow(np.ma.masked_invalid(data), origin="lower", vmin=0.0, vmax=1.0, cmap=cmap,
                           interpolation="nearest", aspect="equal")
-        ax.set_title(f"{100 * dynamics.fractions[c]:.0f}% of training (step {dynamics.steps[c]})", fontsize=9)
-        ax.set_xlabel("layer at end of training")
-        _layer_ticks(ax, dynamics.layers, "x")
-        _layer_ticks(ax, dynamics.layers, "y")
-    axes[0].set_ylabel("layer at this checkpoint")
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="SVCCA similarity")
+        ax.set_title(f"{100 * dynamics.fractions[c]:.0f}% (step {dynamics.steps[c]})", fontsize="large")
+        if k // ncols == nrows - 1 or k + ncols >= len(picks):
+            ax.set_xlabel("layer at end of training", fontsize="medium")
+        _layer_ticks(ax, names, "x")
+        _layer_ticks(ax, names, "y")
+        if k % ncols == 0:
+            ax.set_ylabel("layer at this checkpoint", fontsize="medium")
+    fig.colorbar(image, ax=axes[: len(picks)], shrink=0.8, label="SVCCA similarity")
+    if short_names:
+        _shortening_note(fig, dynamics.layers, names)
+    return fig
+
+
+def plot_similarity_matrix(
+    matrix: torch.Tensor,
+    x_layers: Sequence[str],
+    y_layers: Optional[Sequence[str]] = None,
+    *,
+    title: str = "",
+    xlabel: str = "layer",
+    ylabel: str = "layer",
+    cmap: str = "viridis",
+    size: Tuple[float, float] = (7.2, 5.4),
+    short_names: bool = True,
+    annotate: Optional[bool] = None,
+) -> Figure:
+    """One layers x layers similarity heatmap (e.g. each layer now against each layer at the
+    previous capture), origin bottom-left, colour scale 0..1.
+
+    Args:
+        matrix: ``(len(x_layers), len(y_layers))``; ``matrix[i, j]`` is drawn at ``x = i``,
+            ``y = j`` (NaN cells are left blank).
+        x_layers, y_layers: layer names along each axis, bottom-up (``y_layers`` defaults to
+            ``x_layers``).
+        title, xlabel, ylabel: text of the figure.
+        size: inches (at 100 dpi, 720 x 540 px: landscape, as TensorBoard's cards are).
+        short_names: label the axes with :func:`short_layer_names`.
+        annotate: write each value in its cell (default: when at most 10 layers per axis).
+    """
+    m = as_tensor(matrix, "matrix").detach().cpu().double()
+    y_layers = list(x_layers) if y_layers is None else list(y_layers)
+    if m.ndim != 2 or tuple(m.shape) != (len(x_layers), len(y_layers)):
+        raise ValueError(f"`matrix` must be (len(x_layers), len(y_layers)) = ({len(x_layers)}, {len(y_layers)}), "
+                         f"got shape {tuple(m.shape)}.")
+    xs = short_layer_names(x_layers) if short_names else list(x_layers)
+    ys = short_layer_names(y_layers) if short_names else list(y_layers)
+    fig = Figure(figsize=size, layout="constrained")
+    ax = fig.subplots()
+    data = m.T.numpy()
+    image = ax.imshow(np.ma.masked_invalid(data), origin="lower", vmin=0.0, vmax=1.0, cmap=cmap,
+                      interpolation="nearest", aspect="auto")
+    if annotate is None:
+        annotate = max(len(xs), len(ys)) <= 10
+    if annotate:
+        for (j, i), v in np.ndenumerate(data):
+            if np.isfinite(v):
+                ax.text(i, j, f"{v:.2f}", ha="center", va="center", fontsize="small",
+                        color="black" if v > 0.6 else "white")
+    _layer_ticks(ax, xs, "x")
+    _layer_ticks(ax, ys, "y")
+    ax.set_xlabel(xlabel, fontsize="medium")
+    ax.set_ylabel(ylabel, fontsize="medium")
+    if title:
+        ax.set_title(title, fontsize="large")
+    fig.colorbar(image, ax=ax, shrink=0.9, label="SVCCA similarity")
+    if short_names:
+        _shortening_note(fig, list(x_layers) + [n for n in y_layers if n not in x_layers], xs + [
+            s for n, s in zip(y_layers, ys) if n not in x_layers])
     return fig
 
 
@@ -98,8 +221,14 @@ def plot_convergence(
     cmap: str = "viridis",
     ylabel: str = "SVCCA similarity to final state",
     title: Optional[str] = None,
+    size: Tuple[float, float] = (8.0, 5.4),
 ) -> Figure:
     """Per-layer curves over training, one line per layer, coloured by depth.
+
+    Up to :data:`MAX_LEGEND_LAYERS` layers a legend below the axes (lowest layer first,
+    :func:`short_layer_names`, the dropped prefixes named under it) tells the layers apart; with more layers a depth colour
+    bar replaces it. Font sizes are relative to ``rcParams["font.size"]`` (raise it in a
+    ``matplotlib.rc_context`` for small displays, as :mod:`svcca_torch.board` does).
 
     Args:
         curves: a :class:`LayerCurves` (e.g. :func:`similarity_to_final` or
@@ -107,6 +236,7 @@ def plot_convergence(
         x: ``"fraction"`` (of training, default) or ``"step"``.
         cmap: colormap running from the lowest layer to the highest.
         ylabel, title: axis label and title.
+        size: inches (at 100 dpi, 8 in = 800 px).
     """
     check_choice(x, "x", ("fraction", "step"))
     if isinstance(curves, RepresentationStore):
@@ -116,21 +246,35 @@ def plot_convergence(
     xs = np.asarray(curves.fractions if x == "fraction" else curves.steps, dtype=float)
     n = len(curves.layers)
     colours = colormaps[cmap]
-    norm = Normalize(0, max(n - 1, 1))
-    fig = Figure(figsize=(6.5, 4.0), layout="constrained")
+    # the top 15% of viridis is pale yellow, hard to see on white: the deepest layer stops below it
+    norm = Normalize(0, max(n - 1, 1) / 0.85)
+    short = short_layer_names(curves.layers)
+    fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
     for j, name in enumerate(curves.layers):
-        ax.plot(xs, curves.values[:, j].numpy(), color=colours(norm(j)), label=name, marker=".", lw=1.5)
-    ax.set_xlabel("fraction of training" if x == "fraction" else "training step")
-    ax.set_ylabel(ylabel)
+        ax.plot(xs, curves.values[:, j].numpy(), color=colours(norm(j)), label=short[j], marker=".", lw=1.8)
+    ax.set_xlabel("fraction of training" if x == "fraction" else "training step", fontsize="medium")
+    ax.set_ylabel(ylabel, fontsize="medium")
     ax.set_ylim(0.0, 1.02)
+    ax.tick_params(labelsize="medium")
     ax.grid(alpha=0.3)
     if title:
-        ax.set_title(title)
-    if n <= 12:
-        ax.legend(fontsize=7, loc="lower right", title="layer (bottom-up)", title_fontsize=7)
-    bar = fig.colorbar(ScalarMappable(norm, colours), ax=ax, label="depth (layer index)")
-    bar.set_ticks(np.arange(n) if n <= 12 else np.linspace(0, n - 1, 6).round())
+        ax.set_title(title, fontsize="large")
+    if n <= MAX_LEGEND_LAYERS:
+        # below the axes, where it covers no curve; depth order, row by row
+        handles, labels = ax.get_legend_handles_labels()
+        ncols = min(3, n)
+        rows = -(-n // ncols)
+        order = [r * ncols + c for c in range(ncols) for r in range(rows) if r * ncols + c < n]
+        fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside lower center",
+                   ncols=ncols, fontsize="small", title="layer, lowest first" + _prefix_note(curves.layers, short),
+                   title_fontsize="small", frameon=False)
+    else:
+        shown = ListedColormap(colours(np.linspace(0.0, 0.85, 256)))
+        bar = fig.colorbar(ScalarMappable(Normalize(0, n - 1), shown), ax=ax,
+                           label="depth (layer index, 0 = lowest)")
+        bar.set_ticks(np.linspace(0, n - 1, 6).round())
+        _shortening_note(fig, curves.layers, short)
     return fig
 
 
@@ -144,6 +288,7 @@ def plot_aligned_directions(
     labels: torch.Tensor,
     *,
     names: Tuple[str, str] = ("network A", "network B"),
+    layer: Optional[str] = None,
 ) -> Figure:
     """Top neurons versus top SVCCA directions of one layer in two networks (paper's figure).
 
@@ -158,6 +303,7 @@ def plot_aligned_directions(
         labels: ``(datapoints,)`` the class of every row (for folded conv layers map image
             labels to rows with ``labels[recorder.datapoint_index]``).
         names: the two networks' names for the legend.
+        layer: the compared layer's name, shown in the figure's title.
     """
     lab = as_tensor(labels, "labels").cpu()
     n = aligned.x_neurons.shape[0]
@@ -193,5 +339,7 @@ def plot_aligned_directions(
                 ax.set_ylabel("standardised activation")
     for ax in axes[1]:
         ax.set_xlabel("probe datapoints, sorted by class")
-    axes[0, 0].legend(fontsize=7, loc="upper right")
+    axes[0, 0].legend(fontsize=8, loc="upper right")
+    what = f"layer {layer}" if layer else "one layer"
+    fig.suptitle(f"{what} in two networks: top neurons (top row) vs top SVCCA directions (bottom row)", fontsize=11)
     return fig

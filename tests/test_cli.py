@@ -163,7 +163,8 @@ def test_demo_smoke_ends_with_figures_and_tensorboard(tmp_path, capsys):
     rc, out, err = _run(capsys, "demo", "--smoke", "--out", tmp_path)
     assert rc == 0, err
     last = out.strip().splitlines()[-1]
-    assert last.startswith("open the logs with:  tensorboard --logdir ")
+    # the interpreter's full path: works without activating the virtual environment
+    assert last.startswith(f"open the logs with:  {sys.executable} -m tensorboard.main --logdir ")
     assert Path(last.split("--logdir ")[1]).is_dir()
     grid = [l for l in out.splitlines() if l.startswith("learning-dynamics grid (convnet):")][-1]
     assert Path(grid.split(": ", 1)[1]).is_file()

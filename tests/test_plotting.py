@@ -102,3 +102,46 @@ def test_figures_reject_wrong_input() -> None:
         plot_learning_dynamics(torch.zeros(3, 3))
     curves = LayerCurves(["a"], [0], [0.0], torch.zeros(1, 1, dtype=torch.float64))
     assert len(plot_convergence(curves).axes[0].get_lines()) == 1
+
+
+def test_short_layer_names() -> None:
+    from svcca_torch.plotting import short_layer_names
+
+    assert short_layer_names(["net.features.block1", "net.fc1", "net.fc"]) == ["block1", "fc1", "fc"]
+    # never a bare index: layer1.0, not 0
+    assert short_layer_names(["net.layer1.0", "net.layer2.0", "net.fc"]) == ["layer1.0", "layer2.0", "fc"]
+    assert short_layer_names(["net.layer1.0.conv1", "net.layer2.0.conv1"]) == ["layer1.0.conv1", "layer2.0.conv1"]
+    assert short_layer_names(["a", "a"]) == ["a", "a"]
+
+
+def test_convergence_legend_tells_layers_apart_without_colour_bar() -> None:
+    names = ["net.features.block1", "net.features.block2", "net.fc"]
+    curves = LayerCurves(names, [0, 1], [0.0, 1.0], torch.rand(2, 3, dtype=torch.float64))
+    fig = plot_convergence(curves)
+    assert len(fig.axes) == 1  # no redundant depth colour bar beside the legend
+    (legend,) = fig.legends  # outside the axes: covers no curve
+    # lowest layer first, short names; the dropped prefixes are named under the plot
+    assert [t.get_text() for t in legend.get_texts()] == ["block1", "block2", "fc"]
+    assert "'net.features.'" in legend.get_title().get_text()
+    many = LayerCurves([f"l{i}" for i in range(20)], [0, 1], [0.0, 1.0], torch.rand(2, 20, dtype=torch.float64))
+    fig = plot_convergence(many)
+    assert not fig.legends and len(fig.axes) == 2  # too many for a legend: depth colour bar
+
+
+def test_figures_wide_enough_for_tensorboard_cards(store) -> None:
+    from svcca_torch.board import figure_to_array
+    from svcca_torch.plotting import plot_similarity_matrix
+
+    dyn = learning_dynamics(store)
+    for fig in (plot_learning_dynamics(dyn, ncols=2), plot_convergence(dyn.curves()),
+                plot_similarity_matrix(dyn.matrices[1], dyn.layers)):
+        assert figure_to_array(fig, dpi=100).shape[1] >= 600
+    assert len(_heatmaps(plot_learning_dynamics(dyn, ncols=2))) == 4
+
+
+def test_aligned_directions_names_the_layer() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(100, 6, generator=g, dtype=torch.float64)
+    al = aligned_directions(x, x @ torch.randn(6, 6, generator=g, dtype=torch.float64))
+    fig = plot_aligned_directions(al, torch.arange(100) % 3, layer="net.fc1")
+    assert "net.fc1" in fig.get_suptitle()

@@ -1,0 +1,515 @@
+"""TensorBoard views of SVCCA learning dynamics, while training runs and at its end.
+
+Plain PyTorch (never imports Lightning): :class:`BoardLogger` takes plain data (steps,
+fractions of training, ``{layer: similarity}`` dicts, layer bases, a
+:class:`~svcca_torch.dynamics.LearningDynamics`) and writes through any object with
+``add_image``, ``add_scalar``, ``add_text`` and ``add_custom_scalars``, e.g.
+``torch.utils.tensorboard.SummaryWriter`` or Lightning's ``TensorBoardLogger.experiment``.
+
+TensorBoard keeps at most 10 images per tag by default and picks them by reservoir
+sampling once more arrive, so the images shown would be a random draw. Every image tag
+written here therefore receives at most ``max_images`` (10) images, in increasing step
+order, chosen in advance: what TensorBoard shows is exactly what was chosen.
+
+Tags, all under ``<name>/`` (layer tags ``NN_short`` sort by depth, ``NN`` zero-padded)::
+
+    <name>/live/to_previous_matrix    image: layers x layers SVCCA, previous capture vs this one
+    <name>/live/to_previous_curves    image: every layer's similarity to its previous capture so far
+    <name>/dynamics/grid              image: the paper's grid at 0/35/75/100% (end of training)
+    <name>/dynamics/to_final_matrix   images: layers x layers vs the final network, chosen captures
+    <name>/dynamics/to_final_curves   image: similarity to the final state, coloured by depth
+    <name>/to_previous/NN_layer       scalar at every capture (from the second on)
+    <name>/to_final/NN_layer          scalar at every capture (written at the end)
+    <name>/freeze/frozen_groups       scalar (count) at every capture from step 0
+    <name>/freeze/backward_flops_saved  scalar (fraction of one backward pass)
+    <name>/freeze/frozen_parameters   scalar (count)
+    <name>/freeze/events, <name>/layers  text: what was frozen when; tag -> full layer name
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from matplotlib import rc_context
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .dynamics import LayerCurves, LearningDynamics
+from .functional.matrix import similarity_matrix
+from .functional.svcca import ReducedBasis, svd_reduce
+from .plotting import (
+    DEFAULT_FRACTIONS,
+    plot_convergence,
+    plot_learning_dynamics,
+    plot_similarity_matrix,
+    short_layer_names,
+)
+from .utils.validation import check_fraction, check_keep, check_positive_int
+
+__all__ = ["BoardLogger", "LIVE_FRACTIONS", "select_checkpoints", "figure_to_array"]
+
+#: Fractions of training after which the live images are refreshed (besides the second
+#: capture, the first with a previous one, and the last capture).
+LIVE_FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 0.9)
+#: TensorBoard's default number of images kept per tag (``--samples_per_plugin images=10``).
+TENSORBOARD_IMAGES_PER_TAG = 10
+
+Bases = Mapping[str, Union[torch.Tensor, ReducedBasis]]
+
+# TensorBoard shows one custom-scalars layout per run (the last written): every BoardLogger on
+# one writer adds its categories to that writer's layout, so two loggers (names) both show.
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def figure_to_array(fig: Figure, dpi: int = 100) -> np.ndarray:
+    """Render a matplotlib figure with Agg to an ``(height, width, 3)`` uint8 RGB array."""
+    fig.set_dpi(dpi)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest cell difference of two similarity matrices (a cell finite in one, NaN in the other counts 1)."""
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if bool((fa != fb).any()):
+        return 1.0
+    both = fa & fb
+    return float((a[both] - b[both]).abs().max()) if bool(both.any()) else 0.0
+
+
+def select_checkpoints(
+    matrices: torch.Tensor,
+    fractions: Sequence[float],
+    *,
+    max_images: int = TENSORBOARD_IMAGES_PER_TAG,
+    anchors: Sequence[float] = DEFAULT_FRACTIONS,
+    min_change: float = 0.01,
+) -> List[int]:
+    """The checkpoints worth an image each: at most ``max_images``, sorted, no two alike.
+
+    Always the first (step 0) and the last checkpoint; then the one nearest each of
+    ``anchors`` (the paper's 0/35/75/100%) unless its matrix is within ``min_change`` of
+    one already chosen; then, while room is left, the checkpoint farthest from every chosen
+    one (largest cell difference), i.e. where the matrices change most, until every
+    remaining one is within ``min_change`` of a chosen one.
+
+    Args:
+        matrices: ``(checkpoints, layers, layers)``, e.g. :attr:`LearningDynamics.matrices`.
+        fractions: the fraction of training of each checkpoint.
+        max_images: the most checkpoints returned (at least 2).
+        anchors: fractions of training to include first.
+        min_change: two matrices whose cells all differ by at most this count as alike
+            (0.01 is below what a 0..1 colour scale shows).
+    """
+    m = torch.as_tensor(matrices).detach().cpu().double()
+    n = m.shape[0]
+    if m.ndim != 3 or len(fractions) != n:
+        raise ValueError(f"`matrices` must be (checkpoints, layers, layers) with one fraction per checkpoint; got "
+                         f"shape {tuple(m.shape)} and {len(fractions)} fractions.")
+    max_images = check_positive_int(max_images, "max_images", minimum=2)  # the first and the last
+    min_change = check_fraction(min_change, "min_change", low_inclusive=True, high_inclusive=True)
+    if n == 0:
+        return []
+    chosen: List[int] = [0] if n == 1 else [0, n - 1]
+    for f in anchors:
+        c = min(range(n), key=lambda i: abs(fractions[i] - f))
+        if len(chosen) < max_images and all(_distance(m[c], m[s]) > min_change for s in chosen):
+            chosen.append(c)
+    while len(chosen) < max_images:
+        rest = [c for c in range(n) if c not in chosen]
+        if not rest:
+            break
+        gaps = [min(_distance(m[c], m[s]) for s in chosen) for c in rest]
+        best = int(np.argmax(gaps))
+        if gaps[best] <= min_change:
+            break
+        chosen.append(rest[best])
+    return sorted(chosen)
+
+
+def _tag_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name) or "layer"
+
+
+class BoardLogger:
+    """Writes SVCCA learning dynamics to TensorBoard under ``<name>/``, with bounded image tags.
+
+    Call :meth:`log_capture` after every capture (step 0 included), :meth:`log_freeze` at
+    every capture when freeze training is on, and :meth:`log_final` once training ends.
+    Each image tag gets at most ``max_images`` images, in increasing step order, so
+    TensorBoard's reservoir (10 per tag by default) keeps every one of them.
+
+    Live images (``<name>/live/...``) are drawn at the second capture (the first that has a
+    previous one), at the first capture past each of ``live_fractions`` (or, when the
+    fraction of training is unknown, at the 2nd, 4th, 8th, ... capture), and at the capture
+    marked ``final=True``; one slot is kept for that last one.
+
+    Args:
+        writer: a ``SummaryWriter`` (or anything with ``add_image``, ``add_scalar``,
+            ``add_text`` and ``add_custom_scalars``).
+        name: the first component of every tag (two loggers with different names coexist).
+        layers: the recorded layer names, bottom-up (the store's order).
+        total_steps: the planned number of training steps, used for the fraction of
+            training when :meth:`log_capture` is given none.
+        max_images: images per image tag (TensorBoard keeps 10 by default; raise it only
+            together with ``--samples_per_plugin images=N``).
+        live_fractions: fractions of training at which the live images are refreshed.
+        fractions: the panels of the paper's grid.
+        min_change: matrices within this largest cell difference count as alike (see
+            :func:`select_checkpoints`).
+        dpi: pixels per inch of the images (figures are at least 6.4 in wide: >= 640 px at 100).
+        font_size: base font size in points of the images; TensorBoard shrinks an image to
+            its card (Time Series: about 215 px high, 0.4 of a 540 px image; Images tab: about
+            0.5), so the default 18 (25 px) shows 10 to 12 px high.
+        keep: SVD truncation used when :meth:`log_capture` gets raw activations
+            ``(datapoints, neurons)`` instead of reduced bases.
+    """
+
+    def __init__(
+        self,
+        writer: Any,
+        name: str = "svcca",
+        layers: Sequence[str] = (),
+        *,
+        total_steps: Optional[int] = None,
+        max_images: int = TENSORBOARD_IMAGES_PER_TAG,
+        live_fractions: Sequence[float] = LIVE_FRACTIONS,
+        fractions: Sequence[float] = DEFAULT_FRACTIONS,
+        min_change: float = 0.01,
+        dpi: int = 100,
+        font_size: float = 18.0,
+        keep: Union[int, float] = 0.99,
+    ) -> None:
+        missing = [m for m in ("add_image", "add_scalar", "add_text", "add_custom_scalars") if not hasattr(writer, m)]
+        if missing:
+            raise ValueError(f"`writer` must be a TensorBoard SummaryWriter (or have add_image, add_scalar, add_text, "
+                             f"add_custom_scalars); {type(writer).__name__} lacks {', '.join(missing)}.")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"`name` must be a non-empty string without '/', got {name!r}.")
+        layers = [str(n) for n in layers]
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"`layers` must be the recorded layer names, bottom-up, each once; got {layers}.")
+        self.writer = writer
+        self.name = name
+        self.layers = layers
+        self.total_steps = None if total_steps is None else check_positive_int(total_steps, "total_steps")
+        self.max_images = check_positive_int(max_images, "max_images", minimum=2)  # live images and the last
+        self.live_fractions = sorted(check_fraction(f, "live_fractions[i]", low_inclusive=True, high_inclusive=True)
+                                     for f in live_fractions)
+        self.fractions = [check_fraction(f, "fractions[i]", low_inclusive=True, high_inclusive=True)
+                          for f in fractions]
+        self.min_change = check_fraction(min_change, "min_change", low_inclusive=True, high_inclusive=True)
+        self.dpi = check_positive_int(dpi, "dpi")
+        self.font_size = float(font_size)
+        self.keep = check_keep(keep)
+        self.short_names = short_layer_names(layers)
+        width = max(2, len(str(len(layers) - 1)))
+        #: layer -> ``NN_short``: the last component of its scalar tags (sorts by depth).
+        self.layer_tags: Dict[str, str] = {
+            n: f"{i:0{width}d}_{_tag_safe(s)}" for i, (n, s) in enumerate(zip(layers, self.short_names))}
+        #: tag -> steps of the images written to it (each tag holds at most ``max_images``).
+        self.images_written: Dict[str, List[int]] = {}
+        self._history: List[Dict[str, Any]] = []  # one entry per capture: step, fraction, to_previous
+        self._targets = list(self.live_fractions)
+        self._header = False
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """What a resumed run needs to keep each image tag within ``max_images``: the steps
+        of the images written, the capture history (to-previous curves) and the live schedule."""
+        return {"images_written": {k: list(v) for k, v in self.images_written.items()},
+                "history": [dict(h, to_previous=dict(h["to_previous"])) for h in self._history],
+                "targets": list(self._targets)}
+
+    def load_state_dict(self, state: Mapping[str, Any], resume_step: Optional[int] = None) -> None:
+        """Restore :meth:`state_dict` in a resumed run.
+
+        The capture history after ``resume_step`` is forgotten (those captures are made
+        again). The live images already written stay counted, whatever their step: whether
+        TensorBoard drops them when earlier steps arrive again depends on its reader (the
+        Python reader keeps them), so new live images go only after the last one and a tag
+        never exceeds ``max_images``. The end-of-training tags start afresh (``log_final``
+        writes them from step 0 again).
+        """
+        live = self.tag("live", "")
+        self.images_written = {k: list(v) for k, v in state.get("images_written", {}).items() if k.startswith(live)}
+        keep = (lambda st: True) if resume_step is None else (lambda st: st <= int(resume_step))
+        self._history = [dict(h, to_previous=dict(h["to_previous"])) for h in state.get("history", [])
+                         if keep(h["step"])]
+        last = self._history[-1]["fraction"] if self._history else None
+        self._targets = [f for f in state.get("targets", self.live_fractions) if last is None or f > last]
+        if resume_step is not None and last is not None:
+            self._targets = sorted(set(self._targets) | {f for f in self.live_fractions if f > last})
+
+    # ------------------------------------------------------------------ tags
+    def tag(self, *parts: str) -> str:
+        """``<name>/part/...``."""
+        return "/".join((self.name,) + parts)
+
+    def layer_tag(self, kind: str, layer: str) -> str:
+        """``<name>/<kind>/NN_short`` of one layer, e.g. ``svcca/to_previous/00_block1``."""
+        if layer not in self.layer_tags:
+            raise ValueError(f"`layer` {layer!r} is not one of the layers {self.layers}.")
+        return self.tag(kind, self.layer_tags[layer])
+
+    def layout(self) -> Dict[str, Dict[str, List[Any]]]:
+        """Custom-scalars layout: one chart per layer (titled ``NN short``, bottom-up) for the
+        similarity to the previous capture and to the final state, and the freeze count and
+        fraction in separate charts. (TensorBoard draws all lines of one chart in the run's
+        colour, so one line per chart is what keeps layers apart; the image
+        ``<name>/live/to_previous_curves`` shows all layers in one plot, coloured by depth.)"""
+        out: Dict[str, Dict[str, List[Any]]] = {}
+        for kind, what in (("to_previous", "similarity to previous capture"),
+                           ("to_final", "similarity to final state")):
+            out[f"{self.name}: {what}, per layer (bottom-up)"] = {
+                f"{self.layer_tags[n].replace('_', ' ', 1)} ({n})": [
+                    "Multiline", [f"^{self.layer_tag(kind, n)}$"]] for n in self.layers}
+        out[f"{self.name}: freeze training"] = {
+            "frozen layer groups (count)": ["Multiline", [f"^{self.tag('freeze', 'frozen_groups')}$"]],
+            "backward FLOPs saved (fraction of one backward pass)": [
+                "Multiline", [f"^{self.tag('freeze', 'backward_flops_saved')}$"]],
+        }
+        return out
+
+    def _write_header(self, step: int) -> None:
+        if self._header:
+            return
+        self._header = True
+        try:
+            merged = _LAYOUTS.setdefault(self.writer, {})
+        except TypeError:  # a writer that cannot be weakly referenced: its own layout only
+            merged = {}
+        merged.update(self.layout())
+        self.writer.add_custom_scalars(dict(merged))
+        rows = "\n".join(f"| `{self.layer_tags[n]}` | `{n}` |" for n in self.layers)
+        self.writer.add_text(self.tag("layers"), f"| tag | layer |\n|---|---|\n{rows}", step)
+
+    # ------------------------------------------------------------------ images
+    def _room(self, tag: str, step: int) -> bool:
+        steps = self.images_written.get(tag, [])
+        # never more than the reservoir keeps, never out of step order
+        return len(steps) < self.max_images and (not steps or step > steps[-1])
+
+    def _add_image(self, tag: str, draw: Callable[[], Figure], step: int) -> bool:
+        """Draw (only when there is room) with card-sized fonts, render, write."""
+        if not self._room(tag, step):
+            return False
+        with rc_context({"font.size": self.font_size}):
+            image = figure_to_array(draw(), self.dpi)
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+        self.images_written.setdefault(tag, []).append(step)
+        return True
+
+    def _fraction(self, step: int, fraction: Optional[float]) -> Optional[float]:
+        if fraction is not None:
+            return check_fraction(fraction, "fraction", low_inclusive=True, high_inclusive=True)
+        if self.total_steps is not None:
+            return min(1.0, step / self.total_steps)
+        return None
+
+    def _live_due(self, fraction: Optional[float], final: bool) -> bool:
+        used = len(self.images_written.get(self.tag("live", "to_previous_curves"), []))
+        if final:
+            return used < self.max_images
+        if used >= self.max_images - 1:  # the last slot is the final capture's
+            return False
+        with_previous = sum(1 for h in self._history if h["to_previous"])
+        due = with_previous == 1
+        if fraction is not None:
+            while self._targets and fraction >= self._targets[0]:
+                self._targets.pop(0)
+                due = True
+        elif with_previous & (with_previous - 1) == 0:  # 1, 2, 4, 8, ... captures with a previous
+            due = True
+        return due
+
+    def _live_curves(self) -> Tuple[LayerCurves, bool]:
+        rows = self._history
+        values = torch.full((len(rows), len(self.layers)), math.nan, dtype=torch.float64)
+        for c, h in enumerate(rows):
+            for j, n in enumerate(self.layers):
+                if n in h["to_previous"]:
+                    values[c, j] = h["to_previous"][n]
+        fractions = [h["fraction"] for h in rows]
+        known = all(f is not None for f in fractions)
+        return LayerCurves(list(self.layers), [h["step"] for h in rows],
+                           [float(f) if known else float("nan") for f in fractions], values), known
+
+    def _matrix(self, previous: Bases, current: Bases) -> Optional[torch.Tensor]:
+        names = [n for n in self.layers if n in previous and n in current]
+        if not names:
+            return None
+
+        def basis(z: Any, n: str) -> ReducedBasis:
+            return z if isinstance(z, ReducedBasis) else svd_reduce(z, self.keep, name=f"layers[{n!r}]")
+
+        m = similarity_matrix([basis(previous[n], n) for n in names], [basis(current[n], n) for n in names])
+        full = torch.full((len(self.layers), len(self.layers)), math.nan, dtype=torch.float64)
+        idx = torch.tensor([self.layers.index(n) for n in names])
+        full[idx[:, None], idx[None, :]] = m.double().cpu()
+        return full
+
+    # ------------------------------------------------------------------ public logging
+    def log_capture(
+        self,
+        step: int,
+        to_previous: Optional[Mapping[str, float]] = None,
+        *,
+        fraction: Optional[float] = None,
+        previous: Optional[Bases] = None,
+        current: Optional[Bases] = None,
+        matrix: Optional[torch.Tensor] = None,
+        final: bool = False,
+    ) -> bool:
+        """Log one capture: per-layer scalars always, the live images when due.
+
+        Args:
+            step: the training step of the capture (increasing from call to call; the same step
+                again logs nothing new, except the final live images with ``final=True``).
+            to_previous: ``{layer: SVCCA similarity to its previous capture}`` (empty or
+                ``None`` at the first capture).
+            fraction: fraction of training done (default ``step / total_steps`` when
+                ``total_steps`` was given).
+            previous, current: ``{layer: ReducedBasis or activations (datapoints, neurons)}``
+                of the previous capture and this one; the layers x layers heatmap is computed
+                from them only when a live image is due.
+            matrix: that heatmap precomputed instead, ``(layers, layers)`` with
+                ``matrix[i, j]`` = layer ``i`` at the previous capture vs layer ``j`` now.
+            final: this is the last capture of training (always drawn).
+
+        Returns:
+            whether live images were written at this capture.
+        """
+        step = int(step)
+        self._write_header(step)
+        sims = {str(k): float(v) for k, v in (to_previous or {}).items()}
+        unknown = [k for k in sims if k not in self.layer_tags]
+        if unknown:
+            raise ValueError(f"`to_previous` names layers {unknown} that are not among {self.layers}.")
+        f = self._fraction(step, fraction)
+        if self._history and step == self._history[-1]["step"]:
+            # the same capture again (e.g. the end-of-training capture at the step of the last
+            # periodic one): its scalars are logged already; only the final drawing may be new
+            if not final:
+                return False
+            sims, f = self._history[-1]["to_previous"], self._history[-1]["fraction"]
+            prev_step = self._history[-2]["step"] if len(self._history) > 1 else None
+        else:
+            prev_step = self._history[-1]["step"] if self._history else None
+            self._history.append({"step": step, "fraction": f, "to_previous": sims})
+            for n in self.layers:
+                if n in sims and math.isfinite(sims[n]):
+                    self.writer.add_scalar(self.layer_tag("to_previous", n), sims[n], step)
+        if not sims or not self._live_due(f, final):
+            return False
+        when = f"step {step}" if f is None else f"step {step} ({100 * f:.0f}%)"
+        if matrix is None and previous is not None and current is not None:
+            matrix = self._matrix(previous, current)
+        if matrix is not None:
+            m = torch.as_tensor(matrix)
+            self._add_image(self.tag("live", "to_previous_matrix"), lambda: plot_similarity_matrix(
+                m, self.layers, title=f"{when} vs step {prev_step}",
+                xlabel=f"layer at step {prev_step} (previous capture)", ylabel=f"layer at step {step}"), step)
+        curves, known = self._live_curves()
+        drawn = self._add_image(self.tag("live", "to_previous_curves"), lambda: plot_convergence(
+            curves, x="fraction" if known else "step", ylabel="SVCCA similarity",
+            title=f"vs previous capture, to {when}"), step)
+        if drawn and hasattr(self.writer, "flush"):
+            self.writer.flush()  # on disk now: visible at once, and kept if training crashes later
+        return drawn
+
+    def log_freeze(
+        self,
+        step: int,
+        frozen_groups: int,
+        *,
+        backward_flops_saved: Optional[float] = None,
+        frozen_parameters: Optional[int] = None,
+        newly_frozen: Sequence[str] = (),
+        n_groups: Optional[int] = None,
+    ) -> None:
+        """Log the freeze state at ``step``: call it at every capture from step 0 (0 frozen)
+        and whenever groups are frozen, in increasing step order.
+
+        Args:
+            step: the training step.
+            frozen_groups: how many layer groups are frozen (count chart).
+            backward_flops_saved: fraction of one backward pass's FLOPs no longer spent
+                (fraction chart; 0.0 before anything is frozen).
+            frozen_parameters: how many parameters are frozen.
+            newly_frozen: names of the groups frozen at this step (written as text).
+            n_groups: how many groups there are (for the text).
+        """
+        step = int(step)
+        self._write_header(step)
+        self.writer.add_scalar(self.tag("freeze", "frozen_groups"), float(frozen_groups), step)
+        if backward_flops_saved is not None:
+            self.writer.add_scalar(self.tag("freeze", "backward_flops_saved"), float(backward_flops_saved), step)
+        if frozen_parameters is not None:
+            self.writer.add_scalar(self.tag("freeze", "frozen_parameters"), float(frozen_parameters), step)
+        if newly_frozen:
+            of = f" of {n_groups}" if n_groups is not None else ""
+            saved = "" if backward_flops_saved is None else f", {100 * backward_flops_saved:.0f}% of backward FLOPs saved"
+            self.writer.add_text(self.tag("freeze", "events"),
+                                 f"step {step}: froze {', '.join(newly_frozen)} ({frozen_groups}{of} groups frozen{saved})",
+                                 step)
+
+    def log_final(self, dynamics: LearningDynamics) -> Dict[str, List[int]]:
+        """Log the end-of-training views from the learning-dynamics matrices.
+
+        Writes ``<name>/to_final/NN_layer`` at every capture's step, the chosen
+        ``<name>/dynamics/to_final_matrix`` heatmaps (:func:`select_checkpoints`), the paper's
+        grid and the depth-coloured convergence curves at the final step, and the last live
+        curves if the final capture was not logged with ``final=True``.
+
+        Args:
+            dynamics: from :func:`svcca_torch.dynamics.learning_dynamics` over the run's store.
+
+        Returns:
+            ``{image tag: steps written}`` for the tags written here.
+        """
+        if not isinstance(dynamics, LearningDynamics) or not dynamics.steps:
+            raise ValueError("`dynamics` must be a LearningDynamics with at least one checkpoint "
+                             "(svcca_torch.dynamics.learning_dynamics(store)).")
+        unknown = [n for n in dynamics.layers if n not in self.layer_tags]
+        if unknown:
+            raise ValueError(f"`dynamics` has layers {unknown} that are not among {self.layers}.")
+        final_step = int(dynamics.steps[-1])
+        self._write_header(int(dynamics.steps[0]))
+        tf = dynamics.to_final()
+        for c, step in enumerate(dynamics.steps):
+            for j, n in enumerate(dynamics.layers):
+                v = float(tf[c, j])
+                if math.isfinite(v):
+                    self.writer.add_scalar(self.layer_tag("to_final", n), v, int(step))
+        written: Dict[str, List[int]] = {}
+        tag = self.tag("dynamics", "to_final_matrix")
+        for c in select_checkpoints(dynamics.matrices, dynamics.fractions, max_images=self.max_images,
+                                    anchors=self.fractions, min_change=self.min_change):
+            s = int(dynamics.steps[c])
+            if self._add_image(tag, lambda: plot_similarity_matrix(
+                    dynamics.matrices[c], dynamics.layers,
+                    title=f"step {s} ({100 * dynamics.fractions[c]:.0f}%) vs end of training",
+                    xlabel=f"layer at end (step {final_step})", ylabel=f"layer at step {s}"), s):
+                written.setdefault(tag, []).append(s)
+        if self._add_image(self.tag("dynamics", "grid"), lambda: plot_learning_dynamics(
+                dynamics, self.fractions, ncols=2, panel_size=3.6), final_step):
+            written[self.tag("dynamics", "grid")] = [final_step]
+        if self._add_image(self.tag("dynamics", "to_final_curves"), lambda: plot_convergence(
+                dynamics.curves(), ylabel="SVCCA similarity", title="similarity to own final state"), final_step):
+            written[self.tag("dynamics", "to_final_curves")] = [final_step]
+        live = self.tag("live", "to_previous_curves")
+        last = self._history[-1] if self._history else None
+        if last is not None and last["to_previous"] and self.images_written.get(live, [None])[-1] != last["step"]:
+            lc, known = self._live_curves()
+            if self._add_image(live, lambda: plot_convergence(
+                    lc, x="fraction" if known else "step", ylabel="SVCCA similarity",
+                    title="similarity to previous capture, whole run"), last["step"]):
+                written[live] = [last["step"]]
+        if hasattr(self.writer, "flush"):
+            self.writer.flush()
+        return written

@@ -1,0 +1,276 @@
+"""BoardLogger: what TensorBoard actually keeps and shows, read back with TensorBoard's own
+reader at the size guidance its server uses by default (10 images per tag)."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing import data_ingester  # noqa: E402
+from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from svcca_torch.board import BoardLogger, select_checkpoints  # noqa: E402
+from svcca_torch.dynamics import learning_dynamics, paired_similarity  # noqa: E402
+from svcca_torch.functional.svcca import svd_reduce  # noqa: E402
+from svcca_torch.store import RepresentationStore  # noqa: E402
+
+# deliberately not alphabetical in depth order (fc1 < fc alphabetically would put them first)
+LAYERS = ["net.features.block1", "net.features.block2", "net.features.block3", "net.fc1", "net.fc"]
+SHORT = ["block1", "block2", "block3", "fc1", "fc"]
+CAPTURES = 31  # more than TensorBoard keeps per tag
+TOTAL = 300
+
+
+def _accumulate(logdir: Path) -> EventAccumulator:
+    """TensorBoard's server defaults (data_ingester), i.e. `tensorboard --logdir` without flags."""
+    acc = EventAccumulator(str(logdir), size_guidance=data_ingester.DEFAULT_SIZE_GUIDANCE,
+                           tensor_size_guidance=data_ingester.DEFAULT_TENSOR_SIZE_GUIDANCE)
+    acc.Reload()
+    return acc
+
+
+def _by_plugin(acc: EventAccumulator) -> Dict[str, List[str]]:
+    out: Dict[str, List[str]] = {}
+    for tag in acc.Tags()["tensors"]:
+        out.setdefault(acc.SummaryMetadata(tag).plugin_data.plugin_name, []).append(tag)
+    return out
+
+
+def _png_size(png: bytes):
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", png[16:24])  # IHDR width, height
+
+
+def _activations(g: torch.Generator, final, noise, f: float) -> Dict[str, torch.Tensor]:
+    acts = {}
+    for depth, name in enumerate(LAYERS):
+        w = min(1.0, f * (1.0 + 1.5 * (len(LAYERS) - depth)))  # lower layers settle first
+        acts[name] = w * final[name] + (1 - w) * noise[name] + 0.02 * (1 - w) * torch.randn(
+            final[name].shape, generator=g)
+    return acts
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A synthetic training run logged through BoardLogger with a real SummaryWriter."""
+    root = tmp_path_factory.mktemp("board")
+    g = torch.Generator().manual_seed(0)
+    final = {n: torch.randn(200, 5 + 2 * i, generator=g) for i, n in enumerate(LAYERS)}
+    noise = {n: torch.randn(200, 5 + 2 * i, generator=g) for i, n in enumerate(LAYERS)}
+    store = RepresentationStore(root / "store")
+    writer = SummaryWriter(str(root / "tb"))
+    board = BoardLogger(writer, "svcca", LAYERS, total_steps=TOTAL)
+    steps = [round(TOTAL * i / (CAPTURES - 1)) for i in range(CAPTURES)]
+    prev = None
+    mid_training = None
+    for c, step in enumerate(steps):
+        f = step / TOTAL
+        bases = {n: svd_reduce(a, 0.99) for n, a in _activations(g, final, noise, f).items()}
+        store.add(bases, step=step, fraction=f)
+        sims = paired_similarity(prev, bases) if prev is not None else {}
+        board.log_capture(step, sims, previous=prev, current=bases, final=c == CAPTURES - 1)
+        frozen = min(3, c // 10)
+        board.log_freeze(step, frozen, backward_flops_saved=0.2 * frozen, newly_frozen=["x"] if c == 10 else (),
+                         n_groups=len(LAYERS))
+        if c == CAPTURES // 2:  # what TensorBoard shows while training is still running
+            writer.flush()
+            mid_training = _accumulate(root / "tb")
+        prev = bases
+    dyn = learning_dynamics(store)
+    written = board.log_final(dyn)
+    writer.close()
+    return {"acc": _accumulate(root / "tb"), "mid": mid_training, "board": board, "steps": steps, "dyn": dyn,
+            "written": written}
+
+
+def test_every_image_tag_keeps_exactly_what_was_chosen(run):
+    acc, board = run["acc"], run["board"]
+    images = _by_plugin(acc)["images"]
+    assert sorted(images) == sorted(board.images_written)
+    for tag in images:
+        steps = [e.step for e in acc.Tensors(tag)]
+        assert 1 <= len(steps) <= 10, tag
+        # the reservoir dropped nothing: every image written is there, in order
+        assert steps == board.images_written[tag], tag
+        for e in acc.Tensors(tag):
+            width, height = _png_size(e.tensor_proto.string_val[2])
+            assert width >= 600, (tag, width)
+            assert int(e.tensor_proto.string_val[0]) == width
+
+
+def test_to_final_heatmaps_start_at_step_0_and_end_at_the_final_state(run):
+    acc, steps = run["acc"], run["steps"]
+    shown = [e.step for e in acc.Tensors("svcca/dynamics/to_final_matrix")]
+    assert shown[0] == 0 and shown[-1] == steps[-1]
+    assert len(shown) == 10  # 31 captures that keep changing: the budget is used
+    dyn = run["dyn"]
+    chosen = [dyn.steps.index(s) for s in shown]
+    for a in chosen:  # no two alike
+        for b in chosen:
+            if a < b:
+                assert float((dyn.matrices[a] - dyn.matrices[b]).abs().max()) > 0.01
+    # the paper's fractions are there, unless alike one shown (here 75% = the converged final state)
+    assert dyn.steps[dyn.nearest(0.35)] in shown
+    late = dyn.nearest(0.75)
+    assert dyn.steps[late] not in shown
+    assert float((dyn.matrices[late] - dyn.matrices[-1]).abs().max()) <= 0.01
+    assert [e.step for e in acc.Tensors("svcca/dynamics/grid")] == [steps[-1]]
+    assert [e.step for e in acc.Tensors("svcca/dynamics/to_final_curves")] == [steps[-1]]
+
+
+def test_live_images_appear_while_training_runs(run):
+    mid = run["mid"]
+    live = [e.step for e in mid.Tensors("svcca/live/to_previous_matrix")]
+    assert live and live[0] == run["steps"][1]  # from the first capture that has a previous one
+    assert max(live) < run["steps"][-1]
+    curves = [e.step for e in run["acc"].Tensors("svcca/live/to_previous_curves")]
+    assert curves[-1] == run["steps"][-1] and len(curves) <= 10
+
+
+def test_tags_under_the_name_sorted_by_depth_with_short_names(run):
+    acc = run["acc"]
+    tags = [t for ts in _by_plugin(acc).values() for t in ts if t != "custom_scalars__config__"]
+    assert tags and all(t.startswith("svcca/") for t in tags)
+    scalars = _by_plugin(acc)["scalars"]
+    for kind in ("to_previous", "to_final"):
+        per_layer = sorted(t for t in scalars if t.startswith(f"svcca/{kind}/"))
+        assert per_layer == [f"svcca/{kind}/{i:02d}_{s}" for i, s in enumerate(SHORT)]
+    text = [t for t in _by_plugin(acc)["text"] if t.startswith("svcca/layers")]
+    assert text
+
+
+def test_freeze_scalars_from_step_0_count_and_fraction_apart(run):
+    acc, steps = run["acc"], run["steps"]
+    count = acc.Tensors("svcca/freeze/frozen_groups")
+    assert [e.step for e in count] == steps
+    assert float(torch.tensor(count[0].tensor_proto.float_val)[0]) == 0.0
+    saved = acc.Tensors("svcca/freeze/backward_flops_saved")
+    assert [e.step for e in saved] == steps
+    layout = run["board"].layout()
+    freeze = layout["svcca: freeze training"]
+    assert len(freeze) == 2 and all(len(chart[1]) == 1 for chart in freeze.values())
+
+
+def test_layout_one_chart_per_layer_in_depth_order(run):
+    layout = run["board"].layout()
+    charts = layout["svcca: similarity to previous capture, per layer (bottom-up)"]
+    assert [title.split(" ")[1] for title in charts] == SHORT
+    assert [c[1] for c in charts.values()] == [[f"^svcca/to_previous/{i:02d}_{s}$"] for i, s in enumerate(SHORT)]
+
+
+def test_live_images_bounded_without_known_fractions(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    board = BoardLogger(writer, "probe", ["a", "b"])
+    m = torch.eye(2, dtype=torch.float64)
+    for c in range(200):
+        board.log_capture(c, {"a": 0.5, "b": 0.6} if c else {}, matrix=m, final=c == 199)
+    writer.close()
+    acc = _accumulate(tmp_path)
+    for tag in ("probe/live/to_previous_matrix", "probe/live/to_previous_curves"):
+        steps = [e.step for e in acc.Tensors(tag)]
+        assert len(steps) <= 10 and steps[0] == 1 and steps[-1] == 199
+        assert steps == board.images_written[tag]
+
+
+def test_select_checkpoints_skips_alike_and_keeps_ends():
+    base = torch.rand(5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mats = torch.stack([base + 0.1 * k for k in range(5)] + [base + 0.4] * 20)  # a plateau of identical ones
+    fractions = [i / 24 for i in range(25)]
+    chosen = select_checkpoints(mats, fractions)
+    assert chosen[0] == 0 and chosen[-1] == 24
+    assert chosen == [0, 1, 2, 3, 24]  # one of the plateau (the last), the changes before it
+    assert len(select_checkpoints(torch.rand(40, 3, 3, dtype=torch.float64), [i / 39 for i in range(40)])) == 10
+    with pytest.raises(ValueError, match="max_images"):
+        select_checkpoints(mats, fractions, max_images=1)
+
+
+def test_bad_arguments_name_themselves(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    with pytest.raises(ValueError, match="`writer`"):
+        BoardLogger(object(), "s", ["a"])
+    with pytest.raises(ValueError, match="`name`"):
+        BoardLogger(writer, "a/b", ["a"])
+    with pytest.raises(ValueError, match="`layers`"):
+        BoardLogger(writer, "s", ["a", "a"])
+    board = BoardLogger(writer, "s", ["a"])
+    with pytest.raises(ValueError, match="`to_previous`"):
+        board.log_capture(0, {"zz": 0.5})
+    writer.close()
+
+
+def test_two_loggers_on_one_writer_keep_both_layouts(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    writer = SummaryWriter(str(tmp_path))
+    first = BoardLogger(writer, "svcca", ["a", "b"])
+    second = BoardLogger(writer, "probe2", ["c"])
+    first.log_capture(0, {})
+    second.log_capture(0, {})
+    writer.close()
+    acc = _accumulate(tmp_path)
+    # TensorBoard reads the last layout of a run (downsample=1)
+    last = acc.Tensors("custom_scalars__config__")[-1]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(last.tensor_proto.string_val[0])
+    titles = [c.title for c in layout.category]
+    assert any(t.startswith("svcca:") for t in titles) and any(t.startswith("probe2:") for t in titles)
+
+
+def test_resume_keeps_each_tag_within_the_budget(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    m = torch.eye(2, dtype=torch.float64)
+    board = BoardLogger(writer, "s", ["a", "b"], total_steps=100)
+    for step in range(0, 61, 5):
+        board.log_capture(step, {"a": 0.5, "b": 0.5} if step else {}, matrix=m)
+    state = board.state_dict()
+    before = {k: list(v) for k, v in board.images_written.items()}
+    assert max(before["s/live/to_previous_curves"]) > 40
+    # resumed from the checkpoint at step 40: TensorBoard's Python reader keeps the images the
+    # first run wrote after it, so they still count, and new ones come after them
+    resumed = BoardLogger(writer, "s", ["a", "b"], total_steps=100)
+    resumed.load_state_dict(state, resume_step=40)
+    assert resumed.images_written == before
+    assert [h["step"] for h in resumed.state_dict()["history"]] == list(range(0, 41, 5))
+    for step in range(45, 101, 5):
+        resumed.log_capture(step, {"a": 0.6, "b": 0.6}, matrix=m, final=step == 100)
+    writer.close()
+    acc = _accumulate(tmp_path)
+    for tag in ("s/live/to_previous_matrix", "s/live/to_previous_curves"):
+        steps = [e.step for e in acc.Tensors(tag)]
+        assert steps == resumed.images_written[tag] and len(steps) <= 10 and steps[-1] == 100
+
+
+def test_plain_training_loop_example_smoke(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from experiments import tensorboard_views
+
+    lines: List[str] = []
+    res = tensorboard_views.run(tensorboard_views.build_parser().parse_args(["--smoke", "--out", str(tmp_path)]),
+                                log=lines.append)
+    assert res["captures"] == 5  # step 0, every 43 // 3 = 14 steps (14, 28, 42), the last step (43)
+    acc = _accumulate(Path(res["logdir"]))
+    images = _by_plugin(acc)["images"]
+    assert "svcca/dynamics/to_final_matrix" in images and "svcca/live/to_previous_curves" in images
+    assert [e.step for e in acc.Tensors("svcca/freeze/frozen_groups")][0] == 0
+    assert lines[-1].startswith(f"open the logs with:  {sys.executable} -m tensorboard.main --logdir ")
+
+
+def test_the_same_capture_twice_logs_once_and_draws_the_final(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    board = BoardLogger(writer, "s", ["a", "b"], total_steps=1000)
+    m = torch.eye(2, dtype=torch.float64)
+    for step in (0, 100, 200, 300):
+        board.log_capture(step, {"a": 0.5, "b": 0.7} if step else {}, matrix=m)
+    assert board.images_written["s/live/to_previous_curves"][-1] == 200  # 300 (30%) is not a live point
+    assert board.log_capture(300, {"a": 0.5, "b": 0.7}, matrix=m, final=True)  # end of training, same step
+    writer.close()
+    acc = _accumulate(tmp_path)
+    assert [e.step for e in acc.Tensors("s/to_previous/00_a")] == [100, 200, 300]  # not twice at 300
+    assert [e.step for e in acc.Tensors("s/live/to_previous_curves")][-1] == 300
