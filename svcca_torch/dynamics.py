@@ -124,26 +124,29 @@ _CHUNK_BYTES = 64 << 20
 
 def _mean_correlations(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     """SVCCA similarity (mean canonical correlation) of each cross block ``Uᵢᵀ Uⱼ`` of two
-    orthonormal bases, as a float64 CPU tensor: the blocks are zero-padded to one shape and
-    their singular values found by batched eigenproblems (zero padding adds only zeros)."""
+    orthonormal bases, as a float64 CPU tensor. Blocks of similar size are zero-padded to
+    one shape (zero padding adds only zero singular values) and their eigenproblems solved
+    as one batch; sizes within 25% of each other share a batch, so padding wastes little."""
     out = torch.empty(len(blocks), dtype=torch.float64)
+    order = sorted(range(len(blocks)), key=lambda i: (min(blocks[i].shape), max(blocks[i].shape)))
     start = 0
-    while start < len(blocks):
-        a = b = 1
-        stop = start
-        while stop < len(blocks):  # grow the chunk while its padded workspace fits
-            na, nb = max(a, blocks[stop].shape[0]), max(b, blocks[stop].shape[1])
-            if stop > start and (stop - start + 1) * na * nb * 8 > _CHUNK_BYTES:
+    while start < len(order):
+        first = blocks[order[start]]
+        a, b, stop = first.shape[0], first.shape[1], start + 1
+        while stop < len(order):  # grow the batch while sizes are close and the workspace fits
+            m = blocks[order[stop]]
+            na, nb = max(a, m.shape[0]), max(b, m.shape[1])
+            if min(m.shape) > 1.25 * min(first.shape) or (stop - start + 1) * na * nb * 8 > _CHUNK_BYTES:
                 break
             a, b, stop = na, nb, stop + 1
-        chunk = blocks[start:stop]
-        pad = torch.zeros(len(chunk), a, b, dtype=torch.float64, device=chunk[0].device)
-        for i, m in enumerate(chunk):
-            pad[i, : m.shape[0], : m.shape[1]] = m
+        idx = order[start:stop]
+        pad = torch.zeros(len(idx), a, b, dtype=torch.float64, device=first.device)
+        for i, j in enumerate(idx):
+            pad[i, : blocks[j].shape[0], : blocks[j].shape[1]] = blocks[j]
         rho = canonical_correlations(pad)
-        r = torch.tensor([min(m.shape) for m in chunk], device=rho.device)
+        r = torch.tensor([min(blocks[j].shape) for j in idx], device=rho.device)
         keep = torch.arange(rho.shape[1], device=rho.device)[None, :] < r[:, None]
-        out[start:stop] = ((rho * keep).sum(1) / r).cpu()
+        out[idx] = ((rho * keep).sum(1) / r).cpu()
         start = stop
     return out
 

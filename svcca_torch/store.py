@@ -4,7 +4,8 @@ Layout of a store folder::
 
     index.json                      what is complete: settings, layers, checkpoints, file sizes/hashes
     .lock                           held (fcntl.flock) by the one process writing; holds its PID
-    step_000000120/003-layer2.0.pt  one encoded ReducedBasis per (checkpoint, layer), torch.save'd tensors
+    step_000000120/003-layer2.0.q12 one ReducedBasis per (checkpoint, layer): int12 codes (raw, a JSON
+                                    header line) or, as .pt, float32 tensors saved by torch.save
     superseded/<time>-after-<step>/ captures moved out by archive_after, a store of their own
 
 A checkpoint exists only once it is listed in ``index.json``. Every file is written to a
@@ -19,6 +20,7 @@ and upgraded to version 2 by the first write.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from .functional._linalg import gram
@@ -54,7 +57,7 @@ READABLE_VERSIONS = (1, 2)
 #: float32, re-orthonormalised on load) or ``"float32"`` (exact, svcca-torch 0.1's format).
 ENCODINGS = ("int12", "float32")
 _TMP = re.compile(r"^\..+\.(\d+)\.tmp$")
-_FILE = re.compile(r"^step_\d+/\d{3,}-[A-Za-z0-9_.-]+\.pt$")
+_FILE = re.compile(r"^step_\d+/\d{3,}-[A-Za-z0-9_.-]+\.(pt|q12)$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -132,6 +135,9 @@ def _atomic_write(path: Path, write) -> None:
 
 
 # ----------------------------------------------------------------------------- encoding
+_MAGIC = b"svcca-torch int12 basis\n"
+
+
 def encode_basis(basis: torch.Tensor, encoding: str = "int12") -> Dict[str, Any]:
     """Encode an ``(datapoints, k)`` orthonormal basis for disk, on its own device.
 
@@ -168,6 +174,35 @@ def decode_basis(data: Mapping[str, Any], device: Optional[Union[str, torch.devi
     if int(info) != 0:  # numerically singular: Householder QR instead
         return torch.linalg.qr(u).Q
     return torch.linalg.solve_triangular(chol.to(u.dtype), u.mT, upper=False).mT
+
+
+def _write_payload(f, payload: Dict[str, Any]) -> None:
+    """One layer file: a float32 basis as torch.save'd tensors (0.1's format); an int12 one
+    as raw little-endian sections after a one-line JSON header (no pickle to load)."""
+    if "basis" in payload:
+        torch.save(payload, f)
+        return
+    k = payload["shape"][1]
+    header = {"shape": payload["shape"], "n_neurons": payload["n_neurons"], "k": k}
+    f.write(_MAGIC + json.dumps(header).encode() + b"\n")
+    for t in (payload["scale"], payload["singular_values"]):
+        f.write(t.numpy().astype("<f4").tobytes())
+    f.write(payload["codes"].numpy().tobytes())
+
+
+def _read_payload(data: bytes) -> Dict[str, Any]:
+    if not data.startswith(_MAGIC):
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    end = data.index(b"\n", len(_MAGIC))
+    header = json.loads(data[len(_MAGIC) : end])
+    (n, k), off = header["shape"], end + 1
+    need = off + 8 * k + 3 * ((n * k + 1) // 2)
+    if len(data) != need:
+        raise ValueError(f"{len(data)} bytes where the header implies {need}")
+    scale = torch.from_numpy(np.frombuffer(data, "<f4", k, off).astype(np.float32))
+    sv = torch.from_numpy(np.frombuffer(data, "<f4", k, off + 4 * k).astype(np.float32))
+    codes = torch.from_numpy(np.frombuffer(data, np.uint8, offset=off + 8 * k).copy())
+    return {"codes": codes, "scale": scale, "shape": [n, k], "singular_values": sv, "n_neurons": header["n_neurons"]}
 
 
 # ----------------------------------------------------------------------------- locking
@@ -604,8 +639,9 @@ class RepresentationStore:
     ) -> ReducedBasis:
         """The :class:`~svcca_torch.ReducedBasis` of ``layer`` at ``checkpoint`` (a
         :class:`Checkpoint` or a step), float32 on ``device`` (default CPU): an orthonormal
-        ``(datapoints, k)`` basis and its ``(k,)`` singular values. Read with
-        ``torch.load(weights_only=True)``; an encoded basis is decoded on ``device``."""
+        ``(datapoints, k)`` basis and its ``(k,)`` singular values. An int12 file is parsed
+        without pickle, a float32 one read with ``torch.load(weights_only=True)``; an encoded
+        basis is decoded on ``device``."""
         ck = self._entry(checkpoint)
         if layer not in ck["files"]:
             raise ValueError(
@@ -617,13 +653,13 @@ class RepresentationStore:
         if root not in path.resolve().parents:  # a link pointing out of the store
             raise StoreCorruptError(f"store file {str(path)!r} points outside the store folder {str(root)!r}.")
         try:
-            digest = _sha256(path)
+            raw = path.read_bytes()  # read once: hashed and parsed from memory
         except OSError as err:
             raise StoreCorruptError(f"store file {str(path)!r} cannot be read ({err}).") from None
-        if digest != entry["sha256"]:
+        if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
             raise StoreCorruptError(f"store file {str(path)!r} is damaged: its SHA-256 does not match the index.")
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = _read_payload(raw)
             basis = decode_basis(data, device)
             if tuple(basis.shape) != (entry["n"], entry["k"]):
                 raise ValueError(f"basis of shape {tuple(basis.shape)}, index says {(entry['n'], entry['k'])}")
@@ -709,12 +745,13 @@ class RepresentationStore:
                 )
             if name not in layers:
                 layers.append(name)
-            rel = f"{sub}/{layers.index(name):03d}-{_safe(name)}.pt"
+            ext = "q12" if settings["encoding"] == "int12" else "pt"
+            rel = f"{sub}/{layers.index(name):03d}-{_safe(name)}.{ext}"
             payload = encode_basis(basis.basis, settings["encoding"])
             payload["singular_values"] = basis.singular_values.detach().to("cpu", torch.float32).contiguous()
             payload["n_neurons"] = int(basis.n_neurons)
             path = self.folder / rel
-            _atomic_write(path, lambda f, p=payload: torch.save(p, f))
+            _atomic_write(path, lambda f, p=payload: _write_payload(f, p))
             files[name] = {"file": rel, "bytes": path.stat().st_size, "sha256": _sha256(path), "k": basis.k,
                            "n_neurons": int(basis.n_neurons), "n": n, "encoding": settings["encoding"]}
             del basis, payload

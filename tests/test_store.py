@@ -107,22 +107,24 @@ def test_reopen_and_extend(tmp_path) -> None:
 
 
 def test_interrupted_write_is_not_a_checkpoint(tmp_path, monkeypatch) -> None:
+    import svcca_torch.store as store_module
+
     store = RepresentationStore(tmp_path)
     store.add(_acts(0), step=0)
-    real_save = torch.save
+    real_write = store_module._write_payload
     calls = {"n": 0}
 
-    def dying_save(obj, f, *args, **kwargs):
+    def dying_write(f, payload):
         calls["n"] += 1
         if calls["n"] == 2:  # the process dies while writing the second layer
             f.write(b"half")
             raise KeyboardInterrupt
-        return real_save(obj, f, *args, **kwargs)
+        return real_write(f, payload)
 
-    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr(store_module, "_write_payload", dying_write)
     with pytest.raises(KeyboardInterrupt):
         store.add(_acts(1), step=5)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(store_module, "_write_payload", real_write)
     assert not list(tmp_path.rglob("*.tmp"))  # no half-written file left under a real name
     reopened = RepresentationStore(tmp_path)
     assert [c.step for c in reopened.checkpoints] == [0]
@@ -291,7 +293,7 @@ def test_writer_removes_what_killed_writes_left(tmp_path) -> None:
     entry = json.loads((tmp_path / INDEX_NAME).read_text())["checkpoints"][0]["files"]["fc"]
     step_dir = (tmp_path / entry["file"]).parent
     leftovers = [
-        step_dir / ".001-fc.pt.99999999.tmp",  # a kill during a layer file's write
+        step_dir / ".001-fc.q12.99999999.tmp",  # a kill during a layer file's write
         tmp_path / ".index.json.99999998.tmp",  # a kill during the index's write
         step_dir / "007-gone.pt",  # a layer written by an add that never reached the index
         tmp_path / "step_000000500" / "000-conv1.pt",  # a whole unlisted checkpoint
