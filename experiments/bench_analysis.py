@@ -8,17 +8,20 @@ Two parts, in one run:
    conv widths 64 to 512, a quarter of the layers each, times ``--width-scale`` (default 0.5),
    kept directions 92% of that (keep=0.99 keeps 1,826 of 1,994 on ResNet-18 in
    bench_capture.py): 29, 59, 118 and 235 directions, 110 on average. Bases converge to the
-   last capture; they are int12-encoded, as the store writes by default. Arms, interleaved
-   (new, naive, new again; the table gives the mean of the two new runs):
+   last capture. The same bases go into two stores: float32 (svcca-torch 0.1's format) and
+   int12 (the default now). Arms, interleaved in this order:
 
-   - *naive*: svcca-torch 0.1's analysis, one full layers x layers ``similarity_matrix`` per
-     capture against the final capture (each capture loaded once);
-   - *new*: ``learning_dynamics(store, full=[the 4 captures of the heatmap grid])``: full
-     matrices for those, the diagonal (to-final curves) for every capture, small
-     eigenproblems batched.
+   - *new*: ``learning_dynamics(store, full=[the 4 captures of the heatmap grid])`` on the
+     int12 store (what a run gets now): full matrices for those, the diagonal (to-final
+     curves) for every capture, small eigenproblems batched; run twice, the table gives the mean;
+   - *naive*: svcca-torch 0.1's analysis on the float32 store (what a run got before): one
+     full layers x layers ``similarity_matrix`` per capture against the final capture, each
+     capture loaded once;
+   - *new, float32 store*: the new analysis on the float32 store, to separate the two changes
+     (the int12 files cost a decode on load; float32 ones a torch.load).
 
-   Both arms load and decode the same files. ``--datapoints 4096 --width-scale 1`` is the
-   full 2x2-grid geometry (slow on a CPU: the naive arm takes most of an hour at 67 x 49).
+   ``--datapoints 4096 --width-scale 1`` is the full 2x2-grid geometry (slow on a CPU: the
+   naive arm takes most of an hour at 67 x 49).
 
 2. **Disk.** One capture at the full geometry (4,096 datapoints, the 10 layers that
    bench_capture.py records on ResNet-18: the stem, 8 residual blocks, fc), activations with a
@@ -63,21 +66,23 @@ def _widths(layers: int, scale: float) -> List[int]:
     return [max(4, round(w * scale)) for w in per]
 
 
-def _build_store(folder: Path, captures: int, layers: int, n: int, scale: float, device: str) -> RepresentationStore:
+def _build_stores(folder: Path, captures: int, layers: int, n: int, scale: float,
+                  device: str) -> Dict[str, RepresentationStore]:
     """Captures converging to the last one: basis of capture c = QR(G + (1 - c/C) noise)."""
     g = torch.Generator().manual_seed(0)
     ks = [max(2, round(0.92 * w)) for w in _widths(layers, scale)]
     finals = [torch.randn(n, k, generator=g) for k in ks]
     spectra = [torch.logspace(0, -1, k) for k in ks]
-    store = RepresentationStore(folder)
+    stores = {enc: RepresentationStore(folder / enc, encoding=enc) for enc in ("int12", "float32")}
     for c in range(captures):
         t = 1.0 - c / max(1, captures - 1)
         bases = {}
         for i, (f, s) in enumerate(zip(finals, spectra)):
             q = torch.linalg.qr((f + 0.6 * t * torch.randn(f.shape, generator=g)).to(device)).Q
             bases[f"layer{i:02d}"] = ReducedBasis(basis=q, singular_values=s.to(device), n_neurons=q.shape[1])
-        store.add(bases, step=c * 100, fraction=c / max(1, captures - 1))
-    return store
+        for st in stores.values():
+            st.add(bases, step=c * 100, fraction=c / max(1, captures - 1))
+    return stores
 
 
 def _naive(store: RepresentationStore, device: str) -> torch.Tensor:
@@ -101,33 +106,40 @@ def bench_analysis(sizes: Sequence[Tuple[int, int]], n: int, scale: float, devic
     for captures, layers in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            store = _build_store(Path(tmp) / "store", captures, layers, n, scale, device)
+            stores = _build_stores(Path(tmp), captures, layers, n, scale, device)
             build = time.perf_counter() - t0
-            shown = [store.nearest(f) for f in GRID_FRACTIONS]
-            times: Dict[str, List[float]] = {"new": [], "naive": []}
+            q12, f32 = stores["int12"], stores["float32"]
+            shown = [q12.nearest(f) for f in GRID_FRACTIONS]
+            times: Dict[str, List[float]] = {"new": [], "naive": [], "new_f32": []}
             results = {}
-            for arm in ("new", "naive", "new"):
+            for arm in ("new", "naive", "new_f32", "new"):
                 _sync(device)
                 t0 = time.perf_counter()
-                if arm == "new":
-                    results[arm] = learning_dynamics(store, full=shown, device=device)
+                if arm == "naive":
+                    results[arm] = _naive(f32, device)
                 else:
-                    results[arm] = _naive(store, device)
+                    results[arm] = learning_dynamics(q12 if arm == "new" else f32, full=shown, device=device)
                 _sync(device)
                 times[arm].append(time.perf_counter() - t0)
-            new, naive = results["new"], results["naive"]
-            diag_diff = float((new.to_final() - torch.diagonal(naive, dim1=1, dim2=2)).abs().max())
-            full_diff = float((new.matrices[new.full] - naive[new.full]).abs().max())
-            t_new, t_naive = sum(times["new"]) / len(times["new"]), times["naive"][0]
-            sum_k = sum(store.load(store.final, name).k for name in store.layers)
+            new, naive, exact = results["new"], results["naive"], results["new_f32"]
+            diag_exact = float((exact.to_final() - torch.diagonal(naive, dim1=1, dim2=2)).abs().max())
+            full_exact = float((exact.matrices[exact.full] - naive[exact.full]).abs().max())
+            diag_q12 = float((new.to_final() - torch.diagonal(naive, dim1=1, dim2=2)).abs().max())
+            full_q12 = float((new.matrices[new.full] - naive[new.full]).abs().max())
+            t_new = sum(times["new"]) / len(times["new"])
+            t_naive, t_f32 = times["naive"][0], times["new_f32"][0]
+            sum_k = sum(q12.load(q12.final, name).k for name in q12.layers)
             row = dict(captures=captures, layers=layers, datapoints=n, sum_k=sum_k, naive_s=t_naive, new_s=t_new,
-                       new_runs=times["new"], ratio=t_new / t_naive, max_diff=max(diag_diff, full_diff),
+                       new_runs=times["new"], new_f32_s=t_f32, ratio=t_new / t_naive, ratio_f32=t_f32 / t_naive,
+                       diff_same_format=max(diag_exact, full_exact), diff_int12=max(diag_q12, full_q12),
                        build_s=build, full=len(new.full))
             rows.append(row)
-            store.close()
+            for st in stores.values():
+                st.close()
         print(f"  {captures} x {layers}: {n} datapoints, {sum_k} kept directions per capture; naive {t_naive:.1f} s, "
-              f"new {t_new:.1f} s ({' / '.join(f'{t:.1f}' for t in times['new'])}), new/naive {row['ratio']:.3f}; "
-              f"max difference {row['max_diff']:.1e} (store built in {build:.0f} s)", flush=True)
+              f"new {t_new:.1f} s ({' / '.join(f'{t:.1f}' for t in times['new'])}), new on float32 {t_f32:.1f} s; "
+              f"new/naive {row['ratio']:.3f}; max difference {row['diff_same_format']:.0e} (same bases), "
+              f"{row['diff_int12']:.0e} (int12 vs float32) (stores built in {build:.0f} s)", flush=True)
     return rows
 
 
@@ -213,11 +225,13 @@ def main(argv=None) -> Dict:
     print(f"analysis: device {args.device}, {args.threads} thread(s), {args.datapoints:,} datapoints, widths x "
           f"{args.width_scale}, full matrices for the heatmap grid at {list(GRID_FRACTIONS)}")
     res: Dict = {"analysis": bench_analysis(sizes, args.datapoints, args.width_scale, args.device)}
-    print("\n| captures x layers | datapoints | kept directions / capture | naive | new | new / naive | max difference |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| captures x layers | datapoints | kept directions / capture | naive (0.1, float32 store) | new (int12 store) "
+          "| new / naive | new on the float32 store | max difference, same bases / int12 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in res["analysis"]:
         print(f"| {r['captures']} x {r['layers']} | {r['datapoints']:,} | {r['sum_k']:,} | {r['naive_s']:.1f} s | "
-              f"{r['new_s']:.1f} s | {r['ratio']:.3f} | {r['max_diff']:.0e} |")
+              f"{r['new_s']:.1f} s | {r['ratio']:.3f} | {r['new_f32_s']:.1f} s ({r['ratio_f32']:.3f}) | "
+              f"{r['diff_same_format']:.0e} / {r['diff_int12']:.0e} |")
     if not args.skip_disk:
         d = bench_disk(args.device)
         res["disk"] = d

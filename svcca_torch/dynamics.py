@@ -126,9 +126,12 @@ def _mean_correlations(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     """SVCCA similarity (mean canonical correlation) of each cross block ``Uᵢᵀ Uⱼ`` of two
     orthonormal bases, as a float64 CPU tensor. Blocks of similar size are zero-padded to
     one shape (zero padding adds only zero singular values) and their eigenproblems solved
-    as one batch; sizes within 25% of each other share a batch, so padding wastes little."""
+    as one batch. On the CPU only equal shapes share a batch (a batch saves only Python
+    overhead there, and padding would cost flops); on a GPU sizes within 25% of each other
+    do, so that a store whose layers all keep different k still makes few, large batches."""
     out = torch.empty(len(blocks), dtype=torch.float64)
-    order = sorted(range(len(blocks)), key=lambda i: (min(blocks[i].shape), max(blocks[i].shape)))
+    order = sorted(range(len(blocks)), key=lambda i: (min(blocks[i].shape), max(blocks[i].shape), blocks[i].shape))
+    slack = 1.0 if not blocks or blocks[0].device.type == "cpu" else 1.25
     start = 0
     while start < len(order):
         first = blocks[order[start]]
@@ -136,7 +139,9 @@ def _mean_correlations(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
         while stop < len(order):  # grow the batch while sizes are close and the workspace fits
             m = blocks[order[stop]]
             na, nb = max(a, m.shape[0]), max(b, m.shape[1])
-            if min(m.shape) > 1.25 * min(first.shape) or (stop - start + 1) * na * nb * 8 > _CHUNK_BYTES:
+            close = m.shape == first.shape or (
+                slack > 1 and min(m.shape) <= slack * min(first.shape) and max(m.shape) <= slack * max(first.shape))
+            if not close or (stop - start + 1) * na * nb * 8 > _CHUNK_BYTES:
                 break
             a, b, stop = na, nb, stop + 1
         idx = order[start:stop]
@@ -160,8 +165,11 @@ def _paired(xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis]) -> torch.Ten
     return _mean_correlations([x.basis.mT @ y.basis.to(x.basis.dtype) for x, y in zip(xs, ys)])
 
 
-def _cross(xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis], names: Sequence[str]) -> torch.Tensor:
-    """``(len(xs), len(ys))`` SVCCA of every pair: one GEMM per chunk of rows, batched eigenproblems."""
+def _cross(
+    xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis], names: Sequence[str], square: bool = False
+) -> torch.Tensor:
+    """``(len(xs), len(ys))`` SVCCA of every pair: one GEMM per chunk of rows, batched
+    eigenproblems; ``square`` (``xs`` is ``ys``): the upper triangle only, mirrored."""
     counts = {n: b.n_datapoints for n, b in zip(names, list(xs) + list(ys))}
     if len(set(b.n_datapoints for b in list(xs) + list(ys))) != 1:
         raise ValueError(
@@ -179,8 +187,12 @@ def _cross(xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis], names: Sequen
         big_x = torch.cat([x.basis for x in rows], 1)
         g = big_x.mT @ big_y  # the only pass over the datapoints
         ox = [0] + torch.tensor([x.k for x in rows]).cumsum(0).tolist()
-        blocks = [g[ox[i] : ox[i + 1], oy[j] : oy[j + 1]] for i in range(len(rows)) for j in range(len(ys))]
-        out[r0 : r0 + len(rows)] = _mean_correlations(blocks).view(len(rows), len(ys))
+        pairs = [(i, j) for i in range(len(rows)) for j in range(len(ys)) if not square or j >= r0 + i]
+        vals = _mean_correlations([g[ox[i] : ox[i + 1], oy[j] : oy[j + 1]] for i, j in pairs])
+        for (i, j), v in zip(pairs, vals.tolist()):
+            out[r0 + i, j] = v
+            if square:
+                out[j, r0 + i] = v
     return out
 
 
@@ -240,13 +252,13 @@ def learning_dynamics(
     out = torch.full((len(cks), len(names), len(names)), math.nan, dtype=torch.float64)
     rows = [i for i, n in enumerate(names) if n in fin]
     for c, ck in enumerate(tqdm(cks, desc="learning dynamics", disable=not progress, leave=False)):
-        cur = _load(store, ck, names, device)
+        cur = fin if ck.step == ref.step else _load(store, ck, names, device)
         cols = [j for j, n in enumerate(names) if n in cur]
         if not (rows and cols):
             continue
         if full_idx is None or c in full_idx:
             m = _cross([fin[names[i]] for i in rows], [cur[names[j]] for j in cols],
-                       [names[i] for i in rows] + [names[j] for j in cols])
+                       [names[i] for i in rows] + [names[j] for j in cols], square=cur is fin)
             out[c][torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = m
         else:
             both = [j for j in cols if names[j] in fin]

@@ -165,15 +165,16 @@ def decode_basis(data: Mapping[str, Any], device: Optional[Union[str, torch.devi
     if "basis" in data:
         return data["basis"].to(device=device, dtype=torch.float32)
     n, k = (int(v) for v in data["shape"])
-    p = data["codes"].to(device).to(torch.int32).view(-1, 3)
-    lo = p[:, 0] | ((p[:, 1] & 0xF) << 8)
-    hi = (p[:, 1] >> 4) | (p[:, 2] << 4)
-    q = torch.stack([lo, hi], 1).flatten()[: n * k].view(n, k)
-    u = (q - 2048).to(torch.float32) * data["scale"].to(device=device, dtype=torch.float32)
+    p = data["codes"].to(device=device, dtype=torch.int32).view(-1, 3)
+    q = torch.empty(p.shape[0], 2, dtype=torch.int32, device=p.device)  # (lo, hi) code pairs
+    torch.bitwise_or(p[:, 0], (p[:, 1] & 0xF) << 8, out=q[:, 0])
+    torch.bitwise_or(p[:, 1] >> 4, p[:, 2] << 4, out=q[:, 1])
+    scale = data["scale"].to(device=device, dtype=torch.float32)
+    u = torch.addcmul(-2048.0 * scale, q.view(-1)[: n * k].view(n, k).to(torch.float32), scale)
     chol, info = torch.linalg.cholesky_ex(gram(u).to(torch.float64))
     if int(info) != 0:  # numerically singular: Householder QR instead
         return torch.linalg.qr(u).Q
-    return torch.linalg.solve_triangular(chol.to(u.dtype), u.mT, upper=False).mT
+    return torch.linalg.solve_triangular(chol.to(u.dtype).mT, u, upper=True, left=False)  # u R⁻¹
 
 
 def _write_payload(f, payload: Dict[str, Any]) -> None:
@@ -634,6 +635,11 @@ class RepresentationStore:
         best = min(self._index["checkpoints"], key=lambda ck: abs(self.fraction_of(ck["step"]) - fraction))
         return self._checkpoint(best)
 
+    def _root(self) -> Path:
+        if getattr(self, "_resolved", None) is None:
+            self._resolved = self.folder.resolve()
+        return self._resolved
+
     def load(
         self, checkpoint: CheckpointRef, layer: str, *, device: Optional[Union[str, torch.device]] = None
     ) -> ReducedBasis:
@@ -649,7 +655,7 @@ class RepresentationStore:
             )
         entry = ck["files"][layer]
         path = self.folder / entry["file"]
-        root = self.folder.resolve()
+        root = self._root()
         if root not in path.resolve().parents:  # a link pointing out of the store
             raise StoreCorruptError(f"store file {str(path)!r} points outside the store folder {str(root)!r}.")
         try:
