@@ -459,3 +459,26 @@ def test_layers_with_their_own_datapoint_counts(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"different datapoint counts .*full=\[\]"):
         learning_dynamics(store)
     assert RepresentationStore(tmp_path, read_only=True).datapoints == {"early": 400, "deep": 100}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI is CPU-only; run on a GPU machine)")
+def test_reduce_encode_and_analyse_on_the_gpu(tmp_path) -> None:
+    """store.add reduces and encodes on the activations' device; learning_dynamics(device=)
+    decodes and compares there; both agree with the CPU to float32 accuracy."""
+    from svcca_torch.dynamics import learning_dynamics
+
+    gpu, cpu = RepresentationStore(tmp_path / "gpu"), RepresentationStore(tmp_path / "cpu")
+    for step in (0, 10, 20):
+        acts = _acts(step, n=500)
+        gpu.add({k: v.cuda() for k, v in acts.items()}, step=step)
+        cpu.add(acts, step=step)
+    assert gpu.load(20, "fc", device="cuda").basis.is_cuda
+    on_gpu = learning_dynamics(gpu, full=[20], device="cuda")
+    assert not on_gpu.matrices.is_cuda
+    # the same files decoded and compared on either device: float32 rounding only
+    here = learning_dynamics(gpu, full=[20])
+    assert float((on_gpu.matrices - here.matrices).nan_to_num().abs().max()) < 8 * 500**0.5 * F32
+    # reduced on either device: each int12 result within 1e-3 of its float32 bases, which
+    # agree across devices to the kernels' float32 claim (1e-4)
+    on_cpu = learning_dynamics(cpu, full=[20])
+    assert float((on_gpu.matrices - on_cpu.matrices).nan_to_num().abs().max()) < 2e-3 + 1e-4
