@@ -203,6 +203,13 @@ def _report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise CLIError(f"{run_dir}: no such folder")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise CLIError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {args.device}: no CUDA device is available here; omit --device to use the CPU")
     stores = _find_stores(run_dir)
     if not stores:
         raise CLIError(f"{run_dir}: holds no SVCCA store (a folder with index.json); pass a run folder written by "

@@ -235,3 +235,13 @@ def test_report_computes_full_matrices_for_the_grid_only_unless_asked(tmp_path, 
     m_all = matrices()
     assert not bool(torch.isnan(m_all).any())
     torch.testing.assert_close(m_all[shown], m[shown], atol=0, rtol=0)  # the same computation
+
+
+def test_report_bad_device_is_one_line(tmp_path, capsys):
+    with RepresentationStore(tmp_path / "store") as store:
+        store.add({"l": torch.randn(50, 4)}, step=0)
+    line = _one_line_error(*_run(capsys, "report", tmp_path / "store", "--device", "gpu0")[::2])
+    assert "--device" in line
+    if not torch.cuda.is_available():
+        line = _one_line_error(*_run(capsys, "report", tmp_path / "store", "--device", "cuda")[::2])
+        assert "no CUDA device" in line
