@@ -451,7 +451,8 @@ def test_layers_with_their_own_datapoint_counts(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"`activations\['deep'\]` has 400 datapoints but the store holds 100"):
         store.add({"deep": torch.randn(400, 6, generator=g)}, step=20)
     curves = learning_dynamics(store, full=[]).curves()
-    assert curves.values.shape == (2, 2) and bool((curves.values[-1] > 1 - 1e-4).all())
+    # the last capture against itself: 1 to float32 precision (int12 bases are re-orthonormalised)
+    assert curves.values.shape == (2, 2) and bool((curves.values[-1] > 1 - 8 * 400**0.5 * F32).all())
     prev = similarity_to_previous(store)
     direct = paired_similarity(store.load_checkpoint(0), store.load_checkpoint(10))
     torch.testing.assert_close(prev.values[1], torch.tensor([direct["early"], direct["deep"]], dtype=torch.float64),
