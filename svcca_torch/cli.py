@@ -4,7 +4,8 @@
 
     svcca-torch compare A.npy B.npy [--method svcca|cca|pwcca|cka|all] [--keep 0.99]
                                     [--layout datapoints-first|neurons-first]
-    svcca-torch report RUN_DIR [--out DIR]     re-render figures and matrices from a store
+    svcca-torch report RUN_DIR [--out DIR] [--all-matrices] [--device cuda]
+                                               re-render figures and matrices from a store
     svcca-torch demo [--out runs]              what `make demo` runs (digits, a few minutes on a CPU)
 
 Arrays are activations ``(datapoints, neurons)`` (batch-first, the default layout) or conv
@@ -202,16 +203,27 @@ def _report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise CLIError(f"{run_dir}: no such folder")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise CLIError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {args.device}: no CUDA device is available here; omit --device to use the CPU")
     stores = _find_stores(run_dir)
     if not stores:
         raise CLIError(f"{run_dir}: holds no SVCCA store (a folder with index.json); pass a run folder written by "
                        "SVCCACallback or an experiment, or the store folder itself")
     rendered = 0
+    failed: List[str] = []
     for folder in stores:
-        try:
-            store = RepresentationStore(folder)
-        except ValueError as err:  # includes StoreCorruptError: report the others anyway
+        try:  # a reader: never blocks, never writes, even while a training run holds the store
+            store = RepresentationStore(folder, read_only=True)
+        except ValueError as err:  # includes StoreCorruptError (a damaged index): report the others anyway
+            if len(stores) == 1:
+                raise CLIError(_one_line(err)) from None
             print(f"svcca-torch: warning: {folder} skipped: {_one_line(err)}", file=sys.stderr)
+            failed.append(str(folder))
             continue
         if not len(store):
             print(f"{folder}: empty store, skipped")
@@ -223,9 +235,10 @@ def _report(args: argparse.Namespace) -> int:
         if args.out and len(stores) > 1 and home != run_dir:
             out = out / home.relative_to(run_dir)
         out.mkdir(parents=True, exist_ok=True)
-        dyn = learning_dynamics(store)
+        shown = None if args.all_matrices else [store.nearest(f) for f in args.fractions]
+        dyn = learning_dynamics(store, full=shown, device=args.device)
         fin = dyn.curves()
-        prev = similarity_to_previous(store)
+        prev = similarity_to_previous(store, device=args.device)
         figs = {"learning_dynamics": out / "learning_dynamics.png", "convergence": out / "convergence.png"}
         plot_learning_dynamics(dyn, args.fractions).savefig(figs["learning_dynamics"], dpi=110)
         plot_convergence(fin).savefig(figs["convergence"], dpi=110)
@@ -247,6 +260,8 @@ def _report(args: argparse.Namespace) -> int:
         rendered += 1
     if not rendered:
         raise CLIError(f"{run_dir}: no store with checkpoints could be rendered (see above)")
+    if failed:
+        raise CLIError(f"{len(failed)} of {len(stores)} stores could not be read (warnings above): {', '.join(failed)}")
     return 0
 
 
@@ -323,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="write here instead of next to each store")
     r.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.35, 0.75, 1.0],
                    help="moments of training shown in the grid")
+    r.add_argument("--all-matrices", action="store_true",
+                   help="compute the layers x layers matrix of every capture for matrices.json (slower); by "
+                   "default only the captures shown in the grid get one, every capture its to-final diagonal")
+    r.add_argument("--device", default=None, help="where the analysis runs, e.g. cuda (default cpu)")
     r.set_defaults(func=_report)
 
     d = sub.add_parser("demo", help="learning dynamics + freeze training + two-network comparison on digits",

@@ -8,8 +8,8 @@ Each basis is loaded or reduced once and then compared with many others through
 
 Typical use after (or during) training::
 
-    dyn = learning_dynamics(store)            # (checkpoints, layers, layers) vs final
-    curves = similarity_to_final(store)       # (checkpoints, layers)
+    dyn = learning_dynamics(store, full=[store.nearest(f) for f in (0, .35, .75, 1)])
+    curves = dyn.curves()                     # (checkpoints, layers) vs final, every checkpoint
     online = similarity_to_previous(store)    # what a freeze policy can see during training
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from .functional.cca import canonical_correlations
 from .functional.matrix import similarity_matrix
 from .functional.svcca import ReducedBasis, svcca, svd_reduce
 from .store import Checkpoint, CheckpointRef, RepresentationStore
@@ -30,6 +31,7 @@ from .utils.validation import (
     check_keep,
     check_positive_int,
     check_same_datapoints,
+    warn_if_few_datapoints,
 )
 
 Representations = Mapping[str, Union[torch.Tensor, ReducedBasis]]
@@ -45,13 +47,16 @@ class LearningDynamics:
         steps, fractions: one per checkpoint (fraction of training, from the store).
         matrices: ``(checkpoints, layers, layers)`` float64; ``matrices[c, i, j]`` is the
             SVCCA similarity between layer ``i`` at the final checkpoint and layer ``j`` at
-            checkpoint ``c`` (NaN where a layer is missing at a checkpoint).
+            checkpoint ``c``. NaN where a layer is missing at a checkpoint, and off the
+            diagonal for checkpoints whose full matrix was not computed (see ``full``).
+        full: indices (into ``steps``) of the checkpoints with a full matrix; ``None``: all.
     """
 
     layers: List[str]
     steps: List[int]
     fractions: List[float]
     matrices: torch.Tensor
+    full: Optional[List[int]] = None
 
     def to_final(self) -> torch.Tensor:
         """``(checkpoints, layers)``: each layer's similarity to its own final state."""
@@ -62,8 +67,12 @@ class LearningDynamics:
         return LayerCurves(list(self.layers), list(self.steps), list(self.fractions), self.to_final())
 
     def nearest(self, fraction: float) -> int:
-        """Index of the checkpoint whose fraction of training is nearest ``fraction``."""
-        return min(range(len(self.fractions)), key=lambda c: abs(self.fractions[c] - fraction))
+        """Index of the checkpoint whose fraction of training is nearest ``fraction``
+        (among those with a full matrix)."""
+        cands = range(len(self.fractions)) if self.full is None else self.full
+        if not cands:
+            raise ValueError("no checkpoint has a full matrix: pass `full` to learning_dynamics.")
+        return min(cands, key=lambda c: abs(self.fractions[c] - fraction))
 
 
 @dataclass
@@ -105,8 +114,92 @@ def _checkpoints(store: RepresentationStore, checkpoints: Optional[Sequence[Chec
     return [c if isinstance(c, Checkpoint) else store.checkpoint(c) for c in checkpoints]
 
 
-def _load(store: RepresentationStore, ck: Checkpoint, layers: Sequence[str]) -> Dict[str, ReducedBasis]:
-    return {n: store.load(ck, n) for n in layers if n in ck.layers}
+def _load(store: RepresentationStore, ck: Checkpoint, layers: Sequence[str], device=None) -> Dict[str, ReducedBasis]:
+    return {n: store.load(ck, n, device=device) for n in layers if n in ck.layers}
+
+
+#: Bytes of float64 workspace per batched eigenproblem chunk (bounds memory at any size).
+_CHUNK_BYTES = 64 << 20
+
+
+def _mean_correlations(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """SVCCA similarity (mean canonical correlation) of each cross block ``Uᵢᵀ Uⱼ`` of two
+    orthonormal bases, as a float64 CPU tensor. Blocks of similar size are zero-padded to
+    one shape (zero padding adds only zero singular values) and their eigenproblems solved
+    as one batch. On the CPU only equal shapes share a batch (a batch saves only Python
+    overhead there, and padding would cost flops); on a GPU sizes within 25% of each other
+    do, so that a store whose layers all keep different k still makes few, large batches."""
+    out = torch.empty(len(blocks), dtype=torch.float64)
+    order = sorted(range(len(blocks)), key=lambda i: (min(blocks[i].shape), max(blocks[i].shape), blocks[i].shape))
+    slack = 1.0 if not blocks or blocks[0].device.type == "cpu" else 1.25
+    start = 0
+    while start < len(order):
+        first = blocks[order[start]]
+        a, b, stop = first.shape[0], first.shape[1], start + 1
+        while stop < len(order):  # grow the batch while sizes are close and the workspace fits
+            m = blocks[order[stop]]
+            na, nb = max(a, m.shape[0]), max(b, m.shape[1])
+            close = m.shape == first.shape or (
+                slack > 1 and min(m.shape) <= slack * min(first.shape) and max(m.shape) <= slack * max(first.shape))
+            if not close or (stop - start + 1) * na * nb * 8 > _CHUNK_BYTES:
+                break
+            a, b, stop = na, nb, stop + 1
+        idx = order[start:stop]
+        pad = torch.zeros(len(idx), a, b, dtype=torch.float64, device=first.device)
+        for i, j in enumerate(idx):
+            pad[i, : blocks[j].shape[0], : blocks[j].shape[1]] = blocks[j]
+        rho = canonical_correlations(pad)
+        r = torch.tensor([min(blocks[j].shape) for j in idx], device=rho.device)
+        keep = torch.arange(rho.shape[1], device=rho.device)[None, :] < r[:, None]
+        out[idx] = ((rho * keep).sum(1) / r).cpu()
+        start = stop
+    return out
+
+
+def _paired(xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis]) -> torch.Tensor:
+    """Same-layer SVCCA of ``xs[i]`` with ``ys[i]`` (any datapoint count per pair), batched."""
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if x.n_datapoints != y.n_datapoints:
+            raise ValueError(f"pair {i}: {x.n_datapoints} and {y.n_datapoints} datapoints; a layer must be "
+                             "recorded on the same probe datapoints at every checkpoint.")
+    return _mean_correlations([x.basis.mT @ y.basis.to(x.basis.dtype) for x, y in zip(xs, ys)])
+
+
+def _cross(
+    xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis], names: Sequence[str], square: bool = False
+) -> torch.Tensor:
+    """``(len(xs), len(ys))`` SVCCA of every pair: one GEMM per chunk of rows, batched
+    eigenproblems; ``square`` (``xs`` is ``ys``): the upper triangle only, mirrored."""
+    counts = {n: b.n_datapoints for n, b in zip(names, list(xs) + list(ys))}
+    if len(set(b.n_datapoints for b in list(xs) + list(ys))) != 1:
+        raise ValueError(
+            "a layers x layers matrix compares layers on common datapoints, but these layers have different "
+            f"datapoint counts {counts} (each pooled to its own grid): request full matrices only for a store "
+            "recorded with a common grid, or use the same-layer curves (learning_dynamics(..., full=[]), "
+            "similarity_to_final, similarity_to_previous), which work for any."
+        )
+    big_y = torch.cat([y.basis.to(xs[0].basis.dtype) for y in ys], 1)
+    oy = [0] + torch.tensor([y.k for y in ys]).cumsum(0).tolist()
+    out = torch.empty(len(xs), len(ys), dtype=torch.float64)
+    per_row = max(1, _CHUNK_BYTES // max(1, 4 * big_y.shape[1] * max(x.k for x in xs)))
+    for r0 in range(0, len(xs), per_row):
+        rows = xs[r0 : r0 + per_row]
+        big_x = torch.cat([x.basis for x in rows], 1)
+        g = big_x.mT @ big_y  # the only pass over the datapoints
+        ox = [0] + torch.tensor([x.k for x in rows]).cumsum(0).tolist()
+        pairs = [(i, j) for i in range(len(rows)) for j in range(len(ys)) if not square or j >= r0 + i]
+        vals = _mean_correlations([g[ox[i] : ox[i + 1], oy[j] : oy[j + 1]] for i, j in pairs])
+        for (i, j), v in zip(pairs, vals.tolist()):
+            out[r0 + i, j] = v
+            if square:
+                out[j, r0 + i] = v
+    return out
+
+
+def _warn_few(bases: Sequence[ReducedBasis]) -> None:
+    if bases:
+        worst = max(bases, key=lambda b: b.k / b.n_datapoints)
+        warn_if_few_datapoints(worst.n_datapoints, worst.k, "stored layers", stacklevel=4)
 
 
 def learning_dynamics(
@@ -116,6 +209,8 @@ def learning_dynamics(
     *,
     final: Optional[CheckpointRef] = None,
     progress: bool = False,
+    full: Optional[Sequence[CheckpointRef]] = None,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> LearningDynamics:
     """For every checkpoint, the layers x layers SVCCA matrix against the final network.
 
@@ -125,71 +220,94 @@ def learning_dynamics(
         layers: which layers (default: all, in store order).
         final: the reference checkpoint (default: the last stored).
         progress: show a tqdm progress bar over the checkpoints.
+        full: the checkpoints (steps or :class:`Checkpoint`) whose full layers x layers
+            matrix is computed, e.g. those shown as heatmaps (``[store.nearest(f) for f in
+            fractions]``); every other checkpoint gets only the diagonal (each layer against
+            its own final state, the to-final curves), which costs about ``1 / layers`` of a
+            full matrix. Default ``None``: every checkpoint in full (svcca-torch 0.1).
+            ``[]``: only the diagonals.
+        device: where the bases are decoded and compared (e.g. the model's ``"cuda"``);
+            default CPU. The result is on the CPU.
 
     Returns:
         :class:`LearningDynamics`; ``matrices[c, i, j]`` compares layer ``i`` at ``final``
-        with layer ``j`` at checkpoint ``c``. The final bases are loaded once; each
-        checkpoint's bases are loaded once and released after its matrix.
+        with layer ``j`` at checkpoint ``c`` (off-diagonal NaN for checkpoints not in
+        ``full``; ``.full`` lists those that are). The final bases are loaded once; each
+        checkpoint's bases are loaded once and released after its row. Cross-layer entries
+        need every layer on the same datapoints; the diagonal works for any per-layer counts.
     """
     names = _layers(store, layers)
     cks = _checkpoints(store, checkpoints)
     ref = store.final if final is None else (final if isinstance(final, Checkpoint) else store.checkpoint(final))
-    fin = _load(store, ref, names)
+    if full is None:
+        full_idx = None
+    else:
+        wanted = {c.step if isinstance(c, Checkpoint) else check_positive_int(c, "full", minimum=0) for c in full}
+        missing = sorted(wanted - {c.step for c in cks})
+        if missing:
+            raise ValueError(f"`full`: steps {missing} are not among the analysed checkpoints {[c.step for c in cks]}.")
+        full_idx = [c for c, ck in enumerate(cks) if ck.step in wanted]
+    fin = _load(store, ref, names, device)
+    _warn_few(list(fin.values()))
     out = torch.full((len(cks), len(names), len(names)), math.nan, dtype=torch.float64)
     rows = [i for i, n in enumerate(names) if n in fin]
     for c, ck in enumerate(tqdm(cks, desc="learning dynamics", disable=not progress, leave=False)):
-        cur = _load(store, ck, names)
+        cur = fin if ck.step == ref.step else _load(store, ck, names, device)
         cols = [j for j, n in enumerate(names) if n in cur]
-        if rows and cols:
-            m = similarity_matrix([fin[names[i]] for i in rows], [cur[names[j]] for j in cols])
+        if not (rows and cols):
+            continue
+        if full_idx is None or c in full_idx:
+            m = _cross([fin[names[i]] for i in rows], [cur[names[j]] for j in cols],
+                       [names[i] for i in rows] + [names[j] for j in cols], square=cur is fin)
             out[c][torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = m
-    return LearningDynamics(names, [c.step for c in cks], [store.fraction_of(c) for c in cks], out)
+        else:
+            both = [j for j in cols if names[j] in fin]
+            if both:
+                out[c, both, both] = _paired([fin[names[j]] for j in both], [cur[names[j]] for j in both])
+        del cur
+    return LearningDynamics(names, [c.step for c in cks], [store.fraction_of(c) for c in cks], out, full_idx)
 
 
 def similarity_to_final(
     store: RepresentationStore,
     checkpoints: Optional[Sequence[CheckpointRef]] = None,
     layers: Optional[Sequence[str]] = None,
+    *,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> LayerCurves:
     """Each layer's SVCCA similarity to its own state at the last checkpoint, over training.
 
-    Only the diagonal of :func:`learning_dynamics` (one comparison per (checkpoint, layer));
-    with the matrices at hand use :meth:`LearningDynamics.curves` instead.
-    The bottom-up convergence of the paper shows as lower layers reaching 1 earlier.
+    The diagonal of :func:`learning_dynamics` (``full=[]``: one comparison per
+    (checkpoint, layer), batched per checkpoint); works for layers with different
+    datapoint counts. The bottom-up convergence of the paper shows as lower layers
+    reaching 1 earlier.
     """
-    names = _layers(store, layers)
-    cks = _checkpoints(store, checkpoints)
-    fin = _load(store, store.final, names)
-    values = torch.full((len(cks), len(names)), math.nan, dtype=torch.float64)
-    for c, ck in enumerate(cks):
-        sims = paired_similarity(fin, _load(store, ck, names))
-        for j, n in enumerate(names):
-            if n in sims:
-                values[c, j] = sims[n]
-    return LayerCurves(names, [c.step for c in cks], [store.fraction_of(c) for c in cks], values)
+    return learning_dynamics(store, checkpoints, layers, full=[], device=device).curves()
 
 
 def similarity_to_previous(
     store: RepresentationStore,
     checkpoints: Optional[Sequence[CheckpointRef]] = None,
     layers: Optional[Sequence[str]] = None,
+    *,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> LayerCurves:
     """Each layer's SVCCA similarity to itself at the previous checkpoint.
 
     The online convergence signal (the final state is unknown during training): a layer
     whose value stays near 1 has stopped changing, which is what freeze training acts on.
-    Row 0 is NaN (no previous checkpoint). Each checkpoint is loaded once.
+    Row 0 is NaN (no previous checkpoint). Each checkpoint is loaded once (on ``device``);
+    the comparisons of one checkpoint are batched.
     """
     names = _layers(store, layers)
     cks = _checkpoints(store, checkpoints)
     values = torch.full((len(cks), len(names)), math.nan, dtype=torch.float64)
     prev: Dict[str, ReducedBasis] = {}
     for c, ck in enumerate(cks):
-        cur = _load(store, ck, names)
-        sims = paired_similarity(prev, cur)
-        for j, n in enumerate(names):
-            if n in sims:
-                values[c, j] = sims[n]
+        cur = _load(store, ck, names, device)
+        both = [j for j, n in enumerate(names) if n in cur and n in prev]
+        if both:
+            values[c, both] = _paired([prev[names[j]] for j in both], [cur[names[j]] for j in both])
         prev = cur
     return LayerCurves(names, [c.step for c in cks], [store.fraction_of(c) for c in cks], values)
 
