@@ -176,7 +176,9 @@ def _matrix_phase(args: Dict, queue) -> None:
     acts = ActivationRecorder(net, grid=args["grid"], batch_size=args["batch_size"]).record(probe)
     res = {"layers": len(acts), "datapoints": next(iter(acts.values())).shape[0]}
     with tempfile.TemporaryDirectory() as folder:
-        store = RepresentationStore(folder, keep=args["keep"], max_directions=args["max_directions"])
+        # float32 bases: the capture is measured against its raw size (int12 is bench_analysis.py's)
+        store = RepresentationStore(folder, keep=args["keep"], max_directions=args["max_directions"],
+                                    encoding="float32")
         t0 = time.perf_counter()
         ck = store.add(acts, step=0, fraction=1.0)
         res["add_s"] = time.perf_counter() - t0
