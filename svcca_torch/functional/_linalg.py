@@ -147,8 +147,11 @@ def centre_layer(x: torch.Tensor, gram_dtype: torch.dtype) -> CentredLayer:
     diag = g.diagonal()
     lim = n * 2.0**_SAFE_LOG2
     rel, scale = None, 1.0
-    small = (diag > 0) & (diag < n * 2.0**-_SAFE_LOG2)
-    if not bool(torch.isfinite(diag).all()) or float(diag.max()) > lim or bool(small.any()):
+    small = diag < n * 2.0**-_SAFE_LOG2  # underflowing products, or a neuron that is exactly 0
+    rescale = not bool(torch.isfinite(diag).all()) or float(diag.max()) > lim
+    if not rescale and bool(small.any()):
+        rescale = bool((xc[:, small].abs().amax(0) > 0).any())  # only the few small columns are read
+    if rescale:
         col = _pow2_scale(xc.abs().amax(0))  # exact: powers of two
         xc = xc * col.to(xc.dtype)
         g = gram(xc)
