@@ -197,3 +197,15 @@ def test_report_renders_superseded_archives_into_their_own_folders(tmp_path, cap
     steps = {folder: json.loads((folder / "matrices.json").read_text())["steps"]
              for folder in (tmp_path / "run", first, second)}
     assert steps == {tmp_path / "run": [0, 10], first: [30], second: [20, 30]}
+
+
+@pytest.mark.parametrize("method", ["svcca", "cca", "pwcca", "cka"])
+def test_kernel_errors_name_the_file_and_complex_is_refused(arrays, tmp_path, capsys, method):
+    d, a, b = arrays
+    np.save(tmp_path / "cplx.npy", a.astype(np.complex64))
+    np.save(tmp_path / "const.npy", np.full((500, 10), 0.1, np.float32))
+    cplx, const = tmp_path / "cplx.npy", tmp_path / "const.npy"
+    line = _one_line_error(*_run(capsys, "compare", cplx, d / "b.npy", "--method", method)[::2])
+    assert f"`{cplx}` is complex" in line
+    line = _one_line_error(*_run(capsys, "compare", d / "a.npy", const, "--method", method)[::2])
+    assert f"`{const}` has zero variance" in line and "`x`" not in line and "`y`" not in line
