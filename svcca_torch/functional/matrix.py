@@ -117,8 +117,8 @@ def similarity_matrix(
 
 
 class _Prepared(NamedTuple):
-    data: torch.Tensor  # (n, w): centred (column-scaled) activations, or an orthonormal basis
-    right: Optional[torch.Tensor]  # (w, k) float64 map from data's columns to whitened directions
+    data: torch.Tensor  # (n, w): whitened directions, an orthonormal basis, or centred activations (CKA)
+    right: Optional[torch.Tensor]  # unused (None): kept for the row/block logic
     rel: Optional[torch.Tensor]  # (w,) float64 column factors back to the layer's scale (CKA)
     norm: float  # ‖XᵀX‖_F (CKA) or the debiased HSIC(X, X)
     kdiag: Optional[torch.Tensor]  # (n,) kernel diagonal, debiased CKA
@@ -148,7 +148,10 @@ def _prepare(z: Any, name: str, method: str, use_bases: bool, keep, keep_rule: s
         right = v / s
     if c.rel is not None:
         right = right * c.rel[:, None]
-    return _Prepared(c.data, right, None, 0.0, None)
+    # Whiten the data once per layer (one (n, d, k) product) rather than every block of
+    # every pair (two float64 (k, d, d) products each): then the cross products are the
+    # whitened blocks themselves.
+    return _Prepared(c.data @ right.to(c.data.dtype), None, None, 0.0, None)
 
 
 def _rows(px: Sequence[_Prepared], py: Sequence[_Prepared], method: str, debiased: bool) -> torch.Tensor:
