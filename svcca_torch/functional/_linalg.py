@@ -189,3 +189,16 @@ def equilibrated_whitener(g: torch.Tensor, rtol: float) -> Tuple[torch.Tensor, i
     mask = rank_mask(e.values, rtol)
     w = d[:, None] * (e.vectors[:, mask] * e.values[mask].rsqrt())
     return w, int(mask.sum())
+
+
+def numerical_rank(g: torch.Tensor, rtol: float) -> int:
+    """Rank of a float64 Gram matrix decided on its correlation matrix (see
+    :func:`equilibrated_whitener`); neurons with a zero diagonal count as absent."""
+    diag = g.diagonal()
+    live = diag > 0
+    if not bool(live.any()):
+        return 0
+    sub = g[live][:, live] if not bool(live.all()) else g
+    d = sub.diagonal().rsqrt()
+    vals = torch.linalg.eigvalsh(sub * d[:, None] * d[None, :]).flip(-1)
+    return int(rank_mask(vals, rtol).sum())

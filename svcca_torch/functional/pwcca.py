@@ -6,7 +6,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from ..utils.validation import check_choice, check_dtype, check_names, warn_if_few_datapoints
-from ._linalg import default_rtol, eigh_desc, rank_mask
+from ._linalg import default_rtol, eigh_desc, numerical_rank
 from .cca import Moments, cca, live_neurons, moments, prepare_pair
 
 PWCCA_METHODS = ("reference", "paper")
@@ -75,7 +75,10 @@ def pwcca_from_moments(
         mu, sss, soo, sso, data, c = m.my[live_y], syy, sxx, sxy.mT, None if y is None else y[:, live_y], m.scale_y
     rtol = default_rtol(m.gram_dtype)
     es, eo = eigh_desc(sss), eigh_desc(soo)
-    ms, mo = rank_mask(es.values, rtol), rank_mask(eo.values, rtol)
+    # The rank is decided on the correlation matrices (scale-free, like CCA itself); the
+    # symmetric inverse square roots then use that many top eigenpairs of the Grams.
+    top = lambda e, g: torch.arange(len(g), device=g.device) < numerical_rank(g, rtol)  # noqa: E731
+    ms, mo = top(es, sss), top(eo, soo)
     vs, vo = es.vectors[:, ms], eo.vectors[:, mo]
     ws = vs * es.values[ms].rsqrt()
     wo = vo * eo.values[mo].rsqrt()

@@ -18,7 +18,7 @@ from ..utils.validation import (
     warn_keep_capped,
     zero_variance_error,
 )
-from ._linalg import centre_layer, default_rtol, eigh_desc, gram, rank_mask
+from ._linalg import centre_layer, default_rtol, eigh_desc, gram, numerical_rank, rank_mask
 from .cca import CCAResult, Moments, canonical_correlations, live_neurons, moments, prepare_pair
 
 KEEP_RULES = ("singular_values", "variance")
@@ -95,6 +95,13 @@ def top_directions(sxx: torch.Tensor, keep, keep_rule: str, max_directions: Opti
     rank = int(rank_mask(e.values, rtol).sum())
     s = e.values[:rank].sqrt()
     k = n_directions(s, keep, keep_rule) if rank else 0
+    if rank and k == rank:
+        # Every direction above the threshold is kept: count them on the correlation matrix
+        # instead, so that neurons of small scale are not cut by a threshold relative to the
+        # largest neuron (the Gram's rounding is relative to each neuron's own norm).
+        rank = max(rank, numerical_rank(sxx.to(torch.float64), rtol))
+        s = e.values[:rank].clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        k = n_directions(s, keep, keep_rule)
     if max_directions is not None:
         k = min(k, int(max_directions))
     return s[:k], e.vectors[:, :k]
