@@ -17,12 +17,14 @@ eigensolve, all in float32) and against a loop of svcca calls.
 
     python experiments/bench_kernels.py                 # CPU, one thread, float32
     python experiments/bench_kernels.py --device cuda   # the same on a GPU
+    python experiments/bench_kernels.py --accuracy      # float32 against float64, every method
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Dict
 
 import numpy as np
@@ -108,6 +110,46 @@ def matrix_floor(layers: list[torch.Tensor]) -> None:
     torch.linalg.eigvalsh(b @ b.mT)
 
 
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "svcca_reference"
+KERNELS = {
+    "svcca": lambda a, b, **kw: sv.svcca(a, b, **kw).mean,
+    "cca": lambda a, b, **kw: sv.cca(a, b, **kw).mean,
+    "pwcca": lambda a, b, **kw: sv.pwcca(a, b, **kw),
+    "cka": lambda a, b, **kw: sv.linear_cka(a, b, **kw),
+    "cka_debiased": lambda a, b, **kw: sv.linear_cka(a, b, debiased=True, **kw),
+}
+
+
+def accuracy(reference_dir: Path) -> None:
+    """|float32 - float64| of every method on the real activations (when present) and the
+    bench layers, and a layer with dead/duplicate/constant neurons against an invertible
+    map of itself."""
+    pairs = {}
+    if (reference_dir / "svhn_model0_lay06.npy").exists():
+        load = lambda name: np.load(reference_dir / name)  # noqa: E731
+        pairs["mnist (10 x 10,000)"] = (load("mnist_model0_lay04.npy").T.copy(), load("mnist_model1_lay04.npy").T.copy())
+        pairs["svhn (200 x 1,000)"] = (load("svhn_model0_lay06.npy"), load("svhn_model1_lay06.npy"))
+    else:
+        print(f"(real activations not found in {reference_dir}: skipped)")
+    pairs["bench (512 x 10,000)"] = tuple(t.numpy() for t in make_layers(512, 10_000, seed=1, device="cpu"))
+    print("|float32 - float64| per method; similarity_matrix svcca / cca")
+    for label, (a, b) in pairs.items():
+        row = {k: abs(f(a, b) - f(a, b, dtype=torch.float64)) for k, f in KERNELS.items()}
+        mat = [float((sv.similarity_matrix([a, b], method=m) - sv.similarity_matrix([a, b], method=m, dtype=torch.float64))
+                     .abs().max()) for m in ("svcca", "cca")]
+        print(f"{label:>22}: " + " ".join(f"{k} {v:.1e}" for k, v in row.items()) + f" | matrix {mat[0]:.1e} / {mat[1]:.1e}")
+    a = pairs[next(iter(pairs))][0] if len(pairs) == 1 else pairs["svhn (200 x 1,000)"][0]
+    a = a.astype(np.float64)
+    a = np.hstack([a, np.zeros((a.shape[0], 5)), a[:, :7], np.full((a.shape[0], 2), 0.25)])
+    rng = np.random.default_rng(2)
+    m = rng.standard_normal((a.shape[1], a.shape[1])) / np.sqrt(a.shape[1]) + np.eye(a.shape[1])
+    for dt in (np.float32, np.float64):
+        x, y = a.astype(dt), (a @ m).astype(dt)
+        print(f"dead + duplicate + constant neurons vs an invertible map, {np.dtype(dt).name}: 1 - similarity = "
+              f"cca {1 - sv.cca(x, y).mean:.1e}, svcca {1 - sv.svcca(x, y, keep=x.shape[1]).mean:.1e}, "
+              f"pwcca {1 - sv.pwcca(x, y):.1e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -116,9 +158,16 @@ def main() -> None:
     p.add_argument("--sizes", default=None, help="comma list of NEURONSxDATAPOINTS, e.g. 512x10000")
     p.add_argument("--skip-reference", action="store_true", help="skip the slow numpy reference pipeline")
     p.add_argument("--skip-matrix", action="store_true", help="skip the similarity_matrix part")
+    p.add_argument("--accuracy", action="store_true",
+                   help="instead of timings, print float32 against float64 for every method")
+    p.add_argument("--reference-dir", type=Path, default=REFERENCE_DIR,
+                   help="folder of the real MNIST/SVHN activations (default ../shared/data/svcca_reference)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)  # numpy's BLAS too, so the reference runs on the same cores
+    if args.accuracy:
+        accuracy(args.reference_dir)
+        return
     sizes = SIZES if not args.sizes else [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     dev = args.device
     print(f"device={dev} threads={args.threads} dtype=float32 torch={torch.__version__} "
