@@ -171,6 +171,13 @@ def live_neurons(g: torch.Tensor, mean: torch.Tensor, n: int, name: str) -> torc
     return live
 
 
+def sub_matrix(g: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``g[rows][:, cols]`` for boolean masks, without a copy when both select everything."""
+    if bool(rows.all()) and bool(cols.all()):
+        return g
+    return g[rows][:, cols]
+
+
 def _embed(w: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """Rows of ``w`` (live neurons) placed in a zero ``(neurons, r)`` matrix."""
     if bool(live.all()):
@@ -194,10 +201,10 @@ def cca_from_moments(
     rtol = default_rtol(m.gram_dtype) if rtol is None else rtol
     a, b = names
     lx, ly = live_neurons(m.sxx, m.mx, m.n, a), live_neurons(m.syy, m.my, m.n, b)
-    wx, rx = equilibrated_whitener(m.sxx[lx][:, lx], rtol)
-    wy, ry = equilibrated_whitener(m.syy[ly][:, ly], rtol)
+    wx, rx = equilibrated_whitener(sub_matrix(m.sxx, lx, lx), rtol)
+    wy, ry = equilibrated_whitener(sub_matrix(m.syy, ly, ly), rtol)
     warn_if_few_datapoints(m.n, max(rx, ry), f"{a} and {b}", stacklevel=4)
-    cross = wx.mT @ m.sxy[lx][:, ly] @ wy
+    cross = wx.mT @ sub_matrix(m.sxy, lx, ly) @ wy
     r = min(rx, ry)
     root = (m.n - 1) ** 0.5
     return CCAResult(

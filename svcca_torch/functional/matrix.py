@@ -17,7 +17,7 @@ from ..utils.validation import (
     zero_variance_error,
 )
 from ._linalg import centre_layer, default_rtol, equilibrated_whitener
-from .cca import live_neurons
+from .cca import live_neurons, sub_matrix
 from .cka import _hsic_debiased, _kernel_diagonal
 from .pwcca import pwcca
 from .svcca import ReducedBasis, _capped, svd_reduce, top_directions
@@ -138,7 +138,7 @@ def _prepare(z: Any, name: str, method: str, use_bases: bool, keep, keep_rule: s
         return _Prepared(c.data, None, c.rel, float(g.norm()), _kernel_diagonal(c))
     if method == "cca":
         live = live_neurons(g, c.mean * c.scale, n, name)
-        w, _ = equilibrated_whitener(g[live][:, live], default_rtol(z.dtype) if rtol is None else rtol)
+        w, _ = equilibrated_whitener(sub_matrix(g, live, live), default_rtol(z.dtype) if rtol is None else rtol)
         right = w.new_zeros(len(live), w.shape[1])
         right[live] = w
     else:

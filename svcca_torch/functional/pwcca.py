@@ -6,8 +6,8 @@ from typing import Any, Optional, Tuple
 import torch
 
 from ..utils.validation import check_choice, check_dtype, check_names, warn_if_few_datapoints
-from ._linalg import default_rtol, eigh_desc, numerical_rank
-from .cca import Moments, cca, live_neurons, moments, prepare_pair
+from ._linalg import default_rtol, eigh_desc, numerical_rank, rank_mask
+from .cca import Moments, cca, live_neurons, moments, prepare_pair, sub_matrix
 
 PWCCA_METHODS = ("reference", "paper")
 
@@ -68,17 +68,17 @@ def pwcca_from_moments(
     projected directions are ill-conditioned; without them that case is an error.
     """
     live_x, live_y = live_neurons(m.sxx, m.mx, m.n, names[0]), live_neurons(m.syy, m.my, m.n, names[1])
-    sxx, syy, sxy = m.sxx[live_x][:, live_x], m.syy[live_y][:, live_y], m.sxy[live_x][:, live_y]
+    sxx, syy = sub_matrix(m.sxx, live_x, live_x), sub_matrix(m.syy, live_y, live_y)
+    sxy = sub_matrix(m.sxy, live_x, live_y)
     if len(sxx) <= len(syy):
-        mu, sss, soo, sso, data, c = m.mx[live_x], sxx, syy, sxy, None if x is None else x[:, live_x], m.scale_x
+        mu, sss, soo, sso, data, c = m.mx[live_x], sxx, syy, sxy, _cols(x, live_x), m.scale_x
     else:
-        mu, sss, soo, sso, data, c = m.my[live_y], syy, sxx, sxy.mT, None if y is None else y[:, live_y], m.scale_y
+        mu, sss, soo, sso, data, c = m.my[live_y], syy, sxx, sxy.mT, _cols(y, live_y), m.scale_y
     rtol = default_rtol(m.gram_dtype)
     es, eo = eigh_desc(sss), eigh_desc(soo)
     # The rank is decided on the correlation matrices (scale-free, like CCA itself); the
     # symmetric inverse square roots then use that many top eigenpairs of the Grams.
-    top = lambda e, g: torch.arange(len(g), device=g.device) < numerical_rank(g, rtol)  # noqa: E731
-    ms, mo = top(es, sss), top(eo, soo)
+    ms, mo = _rank_mask(es, sss, rtol), _rank_mask(eo, soo, rtol)
     vs, vo = es.vectors[:, ms], eo.vectors[:, mo]
     ws = vs * es.values[ms].rsqrt()
     wo = vo * eo.values[mo].rsqrt()
@@ -112,6 +112,20 @@ def pwcca_from_moments(
         )
     weights = proj.abs().sum(1)
     return float((weights / weights.sum() * rho).sum())
+
+
+def _cols(data: Optional[torch.Tensor], live: torch.Tensor) -> Optional[torch.Tensor]:
+    return data if data is None or bool(live.all()) else data[:, live]
+
+
+def _rank_mask(e, g: torch.Tensor, rtol: float) -> torch.Tensor:
+    """The top eigenpairs that count: by the threshold on ``g``'s own eigenvalues, or, when
+    that drops a direction, by the (scale-free) rank of its correlation matrix if larger."""
+    mask = rank_mask(e.values, rtol)
+    if bool(mask.all()):
+        return mask
+    rank = max(int(mask.sum()), numerical_rank(g, rtol))
+    return torch.arange(len(g), device=g.device) < rank
 
 
 def _pwcca_paper(x: torch.Tensor, y: torch.Tensor, names: Tuple[str, str]) -> float:
