@@ -118,7 +118,6 @@ def similarity_matrix(
 
 class _Prepared(NamedTuple):
     data: torch.Tensor  # (n, w): whitened directions, an orthonormal basis, or centred activations (CKA)
-    right: Optional[torch.Tensor]  # unused (None): kept for the row/block logic
     rel: Optional[torch.Tensor]  # (w,) float64 column factors back to the layer's scale (CKA)
     norm: float  # ‖XᵀX‖_F (CKA) or the debiased HSIC(X, X)
     kdiag: Optional[torch.Tensor]  # (n,) kernel diagonal, debiased CKA
@@ -127,7 +126,7 @@ class _Prepared(NamedTuple):
 def _prepare(z: Any, name: str, method: str, use_bases: bool, keep, keep_rule: str, dtype, rtol) -> _Prepared:
     if use_bases:
         b = z if isinstance(z, ReducedBasis) else svd_reduce(z, keep, keep_rule=keep_rule, dtype=dtype, name=name)
-        return _Prepared(b.basis, None, None, 0.0, None)
+        return _Prepared(b.basis, None, 0.0, None)
     c = centre_layer(z, z.dtype)
     if not bool(c.live.any()):
         raise zero_variance_error(name, int(z.shape[1]), z.dtype)
@@ -135,7 +134,7 @@ def _prepare(z: Any, name: str, method: str, use_bases: bool, keep, keep_rule: s
     g = c.gram if c.rel is None else c.gram * c.rel[:, None] * c.rel[None, :]
     if method == "cka":
         live_neurons(g, c.mean * c.scale, n, name)
-        return _Prepared(c.data, None, c.rel, float(g.norm()), _kernel_diagonal(c))
+        return _Prepared(c.data, c.rel, float(g.norm()), _kernel_diagonal(c))
     if method == "cca":
         live = live_neurons(g, c.mean * c.scale, n, name)
         w, _ = equilibrated_whitener(sub_matrix(g, live, live), default_rtol(z.dtype) if rtol is None else rtol)
@@ -151,7 +150,7 @@ def _prepare(z: Any, name: str, method: str, use_bases: bool, keep, keep_rule: s
     # Whiten the data once per layer (one (n, d, k) product) rather than every block of
     # every pair (two float64 (k, d, d) products each): then the cross products are the
     # whitened blocks themselves.
-    return _Prepared(c.data @ right.to(c.data.dtype), None, None, 0.0, None)
+    return _Prepared(c.data @ right.to(c.data.dtype), None, 0.0, None)
 
 
 def _rows(px: Sequence[_Prepared], py: Sequence[_Prepared], method: str, debiased: bool) -> torch.Tensor:
@@ -159,9 +158,8 @@ def _rows(px: Sequence[_Prepared], py: Sequence[_Prepared], method: str, debiase
     if len(n) != 1:
         raise ValueError(f"all layers must be activations of the same datapoints; got datapoint counts {sorted(n)}.")
     n = n.pop()
-    width = lambda p: p.data.shape[1] if p.right is None else p.right.shape[1]  # noqa: E731
     if method != "cka":
-        warn_if_few_datapoints(n, max(width(p) for p in list(px) + list(py)), "layers")
+        warn_if_few_datapoints(n, max(p.data.shape[1] for p in list(px) + list(py)), "layers")
     if method == "cka" and debiased:
         if n < 4:
             raise ValueError(f"`debiased=True` needs at least 4 datapoints, got {n}.")
@@ -179,9 +177,7 @@ def _rows(px: Sequence[_Prepared], py: Sequence[_Prepared], method: str, debiase
     for i, a in enumerate(px):
         first = i if square else 0  # a symmetric matrix needs its upper triangle only
         row = (a.data.mT @ big_y[:, oy[first] :]).to(torch.float64)  # one GEMM per row
-        if a.right is not None:
-            row = a.right.mT @ row  # whiten the row side of every block at once
-        elif a.rel is not None:
+        if a.rel is not None:
             row = row * a.rel[:, None]
         for j in range(first, len(py)):
             block = row[:, oy[j] - oy[first] : oy[j + 1] - oy[first]]
@@ -192,8 +188,6 @@ def _rows(px: Sequence[_Prepared], py: Sequence[_Prepared], method: str, debiase
                 g2 = block.square().sum()
                 out[i, j] = float((hsic(a, b, g2) if debiased else g2) / (a.norm * b.norm) ** (0.5 if debiased else 1))
                 continue
-            if b.right is not None:
-                block = block @ b.right
             pairs.append((i, j))
             blocks.append(block)
     if pairs:
