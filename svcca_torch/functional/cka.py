@@ -75,9 +75,7 @@ def linear_cka(
 
 def _kernel_diagonal(c) -> torch.Tensor:
     """``‖x_i - mean‖²`` per datapoint, at the layer's (power-of-two) scale, in float64."""
-    sq = c.data.square()
-    if not bool(c.live.all()):
-        sq = sq * c.live.to(sq.dtype)
-    if c.rel is None:
-        return sq.sum(1).to(torch.float64)
-    return sq.to(torch.float64) @ c.rel**2
+    rel = c.live.to(torch.float64) if c.rel is None else c.rel * c.live
+    if bool((rel == 1).all()):
+        return torch.linalg.vector_norm(c.data, dim=1).to(torch.float64).square()  # one pass
+    return c.data.square() @ rel.square().to(c.data.dtype)
