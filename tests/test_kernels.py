@@ -400,6 +400,9 @@ def test_huge_and_tiny_activations_give_the_float64_answer(scale):
     m32 = sv.similarity_matrix([x, y]).numpy()
     np.testing.assert_allclose(m32, sv.similarity_matrix([x, y], dtype="float64").numpy(), atol=1e-4)
     assert np.isfinite(m32).all()
+    res = sv.cca(x, y)  # weights map back to the given scale: unit-variance variates
+    u = res.x_variates.double()
+    np.testing.assert_allclose((u.T @ u / (len(u) - 1)).numpy(), np.eye(u.shape[1]), atol=1e-5)
 
 
 @pytest.mark.parametrize("keep", [0, -1, True, 1.5, float("nan"), "0.5", None])
