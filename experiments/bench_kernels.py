@@ -132,6 +132,20 @@ def accuracy(reference_dir: Path) -> None:
     else:
         print(f"(real activations not found in {reference_dir}: skipped)")
     pairs["bench (512 x 10,000)"] = tuple(t.numpy() for t in make_layers(512, 10_000, seed=1, device="cpu"))
+    # The rank threshold's justification: the float32 Gram's rounding on the correlation matrix.
+    x = torch.from_numpy(pairs["bench (512 x 10,000)"][0])
+    xc = x - x.mean(0)
+    g32, g64 = (xc.mT @ xc).double(), xc.double().mT @ xc.double()
+    d = g64.diagonal().rsqrt()
+    c64 = g64 * d[:, None] * d[None, :]
+    err = torch.linalg.matrix_norm((g32 - g64) * d[:, None] * d[None, :], 2) / torch.linalg.eigvalsh(c64)[-1]
+    print(f"float32 Gram rounding on the correlation matrix, bench (512 x 10,000): ||dC||_2 / lambda_max = {err:.1e} "
+          f"(float32 rank threshold: {3e-3 ** 2:.0e})")
+    # The zero-variance threshold's justification: residues of centring a constant float32 column.
+    worst = max(float((torch.full((n, 4), c) - torch.full((n, 4), c).mean(0)).abs().max()) / c
+                for n in (10, 100, 1000, 10_000, 100_000) for c in (0.1, 3.7, 12345.678, 1e19, 1e-19))
+    print(f"centring a constant float32 column leaves at most {worst / torch.finfo(torch.float32).eps:.1f} eps "
+          "of its value (zero-variance threshold: 32 eps)")
     print("|float32 - float64| per method; similarity_matrix svcca / cca")
     for label, (a, b) in pairs.items():
         row = {k: abs(f(a, b) - f(a, b, dtype=torch.float64)) for k, f in KERNELS.items()}
