@@ -150,26 +150,27 @@ def _compare(args: argparse.Namespace) -> int:
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     x, y = torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))
     methods = METHODS if args.method == "all" else (args.method,)
+    names = (str(args.a), str(args.b))  # kernel errors name the files, not `x`/`y`
     out: Dict[str, Any] = {"a": args.a, "b": args.b, "datapoints": int(a.shape[0]),
                            "shape_a": list(a.shape), "shape_b": list(b.shape)}
     lines = []
     for m in methods:
         if m == "svcca":
-            r = svcca(x, y, keep, keep_rule=args.keep_rule, dtype=dtype)
+            r = svcca(x, y, keep, keep_rule=args.keep_rule, dtype=dtype, names=names)
             out["svcca"] = r.mean
             out["svcca_k"] = [r.k_x, r.k_y]
             lines.append(f"svcca  {r.mean:.6f}  (kept {r.k_x} and {r.k_y} directions, {r.coefficients.numel()} "
                          "canonical correlations)")
         elif m == "cca":
-            r = cca(x, y, dtype=dtype)
+            r = cca(x, y, dtype=dtype, names=names)
             out["cca"] = r.mean
             lines.append(f"cca    {r.mean:.6f}  ({r.coefficients.numel()} canonical correlations)")
         elif m == "pwcca":
-            v = float(pwcca(x, y, dtype=dtype))
+            v = float(pwcca(x, y, dtype=dtype, names=names))
             out["pwcca"] = v
             lines.append(f"pwcca  {v:.6f}  (weights from the side with fewer neurons)")
         else:
-            v = float(linear_cka(x, y, debiased=args.debiased, dtype=dtype))
+            v = float(linear_cka(x, y, debiased=args.debiased, dtype=dtype, names=names))
             out["cka"] = v
             lines.append(f"cka    {v:.6f}  (linear{', debiased' if args.debiased else ''})")
     if args.json:

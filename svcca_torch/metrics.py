@@ -19,9 +19,10 @@ from torch import nn
 
 from .functional.cca import CCAResult, Moments, cca_from_moments, prepare_pair
 from .functional.cca import moments as batch_moments
+from .functional.cka import linear_cka_from_moments
 from .functional.pwcca import pwcca_from_moments
-from .functional.svcca import KEEP_RULES, SVCCAResult, svcca_from_moments
-from .utils.validation import check_choice, check_keep
+from .functional.svcca import SVCCAResult, svcca_from_moments
+from .utils.validation import check_keep_rule, check_rtol
 
 _STATE = ("n", "mean_x", "mean_y", "sxx", "syy", "sxy")
 
@@ -48,7 +49,8 @@ class _MomentMetric(nn.Module):
     def update(self, x: Any, y: Any) -> None:
         """Add a batch: ``x`` ``(batch, neurons_x)`` and ``y`` ``(batch, neurons_y)``, same datapoints."""
         xt, yt = prepare_pair(x, y, None, min_datapoints=1)
-        b, bx, by, *batch = batch_moments(xt.to(torch.float64), yt.to(torch.float64), torch.float64)
+        bm = _unit_scale(batch_moments(xt.to(torch.float64), yt.to(torch.float64), torch.float64))
+        b, bx, by, batch = bm.n, bm.mx, bm.my, (bm.sxx, bm.syy, bm.sxy)
         if self.n is None:
             self.n = torch.tensor(b, dtype=torch.float64, device=xt.device)
             self.mean_x, self.mean_y = bx, by
@@ -92,6 +94,20 @@ class _MomentMetric(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def _unit_scale(m: Moments) -> Moments:
+    """A batch's moments at the activations' own scale (the running sums need one scale)."""
+    if m.scale_x == 1.0 and m.scale_y == 1.0:
+        return m
+    sx, sy = m.scale_x, m.scale_y
+    out = Moments(m.n, m.mx / sx, m.my / sy, m.sxx / sx**2, m.syy / sy**2, m.sxy / (sx * sy))
+    if not all(bool(torch.isfinite(t).all()) for t in out[1:6]):
+        raise ValueError(
+            "the batch's values are too large for float64 running sums (|value| beyond ~1e150); "
+            "rescale the activations, or use the functional kernels, which rescale internally."
+        )
+    return out
+
+
 def _all_reduce_moments(n, mx, my, sxx, syy, sxy):
     """Merge per-rank moments exactly: global mean first, then each rank's centred Grams
     shifted to the global mean, summed."""
@@ -113,7 +129,7 @@ class CCA(_MomentMetric):
 
     def __init__(self, rtol: Optional[float] = None, sync_on_compute: bool = True) -> None:
         super().__init__(sync_on_compute)
-        self.rtol = rtol
+        self.rtol = check_rtol(rtol)
 
     def compute(self) -> CCAResult:
         """CCA of every batch seen (all ranks merged when distributed)."""
@@ -128,8 +144,7 @@ class SVCCA(_MomentMetric):
         self, keep: Union[int, float] = 0.99, keep_rule: str = "singular_values", sync_on_compute: bool = True
     ) -> None:
         super().__init__(sync_on_compute)
-        self.keep = check_keep(keep)
-        self.keep_rule = check_choice(keep_rule, "keep_rule", KEEP_RULES)
+        self.keep, self.keep_rule = check_keep_rule(keep, keep_rule)
 
     def compute(self) -> SVCCAResult:
         """SVCCA of every batch seen (all ranks merged when distributed)."""
@@ -151,8 +166,4 @@ class LinearCKA(_MomentMetric):
 
     def compute(self) -> float:
         """Linear CKA of every batch seen (all ranks merged when distributed)."""
-        m = self.moments()
-        denom = m.sxx.norm() * m.syy.norm()
-        if float(denom) <= 0:
-            raise ValueError("`x` or `y` has zero variance: every neuron is constant over the datapoints.")
-        return float(m.sxy.square().sum() / denom)
+        return linear_cka_from_moments(self.moments())

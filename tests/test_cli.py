@@ -246,3 +246,15 @@ def test_report_bad_device_is_one_line(tmp_path, capsys):
     if not torch.cuda.is_available():
         line = _one_line_error(*_run(capsys, "report", tmp_path / "store", "--device", "cuda")[::2])
         assert "no CUDA device" in line
+
+
+@pytest.mark.parametrize("method", ["svcca", "cca", "pwcca", "cka"])
+def test_kernel_errors_name_the_file_and_complex_is_refused(arrays, tmp_path, capsys, method):
+    d, a, b = arrays
+    np.save(tmp_path / "cplx.npy", a.astype(np.complex64))
+    np.save(tmp_path / "const.npy", np.full((500, 10), 0.1, np.float32))
+    cplx, const = tmp_path / "cplx.npy", tmp_path / "const.npy"
+    line = _one_line_error(*_run(capsys, "compare", cplx, d / "b.npy", "--method", method)[::2])
+    assert f"`{cplx}` is complex" in line
+    line = _one_line_error(*_run(capsys, "compare", d / "a.npy", const, "--method", method)[::2])
+    assert f"`{const}` has zero variance" in line and "`x`" not in line and "`y`" not in line

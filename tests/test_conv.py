@@ -347,3 +347,10 @@ def test_tensors_stay_on_their_device():
     assert res.coefficients.device == x.device and res.per_frequency.device == x.device
     cpu = dft_cca(x.cpu(), x.cpu())
     torch.testing.assert_close(res.coefficients.cpu(), cpu.coefficients)
+
+
+@pytest.mark.parametrize("rtol", [0, 1, -0.5, 2.0, float("nan"), True])
+def test_dft_cca_rtol_outside_the_unit_interval_is_an_error(rtol):
+    x = torch.randn(10, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"`rtol` must be a number in \(0, 1\)"):
+        dft_cca(x, x, rtol=rtol)

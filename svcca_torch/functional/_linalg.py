@@ -7,7 +7,7 @@ below ``rtol**2 * largest`` treated as absent (dead or duplicate neurons).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -85,3 +85,120 @@ def canonical_from_grams(
     idx = torch.arange(s.shape[-1], device=s.device)
     s = torch.where(idx < n.unsqueeze(-1), s.clamp(0.0, 1.0), 0.0)
     return CanonicalFromGrams(s, wx.w @ u, wy.w @ vh.mH, n)
+
+
+# --------------------------------------------------------------------------- layers -> Grams
+
+#: A neuron is constant ("dead") when the root-mean-square of its centred values is at most
+#: this many units of its dtype's epsilon times its mean's magnitude: rounding the mean of a
+#: constant float32 column leaves residues of up to ~3 eps (measured, n = 10 to 1e5), so a
+#: constant layer is recognised with a margin of 10x, and variation this close to the
+#: rounding of the values carries no information.
+DEAD_EPS = 32
+
+# Gram products whose diagonal would leave [2^-100, 2^100] per datapoint are re-done on
+# power-of-two rescaled columns (exact scaling, so no rounding is added).
+_SAFE_LOG2 = 100
+
+
+def live_mask(diag: torch.Tensor, mean: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+    """Neurons that vary over the datapoints, relative to their own scale.
+
+    ``diag``: the centred Gram's diagonal (sum of squared deviations), ``mean``: the neuron
+    means, on the same scale; ``eps``: the epsilon of the dtype the values were held in.
+    """
+    diag = diag.real.to(torch.float64)
+    thresh = n * (DEAD_EPS * eps * mean.real.to(torch.float64).abs()) ** 2
+    return diag > thresh
+
+
+class CentredLayer(NamedTuple):
+    """One layer centred and ready for Gram products.
+
+    ``data`` ``(n, d)`` in the Gram dtype holds ``(x - mean) * col_scale``; ``gram`` is
+    ``dataᵀ data`` in float64 with dead neurons' rows and columns set to zero. ``rel``
+    ``(d,)`` float64 (or None for all ones) maps ``data``'s columns to ``(x - mean) * scale``:
+    the layer at the global power-of-two ``scale`` (1.0 unless the values would overflow or
+    underflow the Gram products), which every similarity is invariant to.
+    """
+
+    data: torch.Tensor
+    mean: torch.Tensor
+    gram: torch.Tensor
+    rel: Optional[torch.Tensor]
+    scale: float
+    live: torch.Tensor
+
+
+def _pow2_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Powers of two ``s`` with ``amax * s`` in [0.5, 1) (1 where ``amax`` is 0)."""
+    _, exp = torch.frexp(amax.to(torch.float64))
+    return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax, dtype=torch.float64), -exp), 1.0)
+
+
+def centre_layer(x: torch.Tensor, gram_dtype: torch.dtype) -> CentredLayer:
+    """Centre ``x`` ``(n, d)`` and form its Gram matrix in ``gram_dtype`` (the one pass of
+    products over the data), rescaled by exact powers of two when its values are so large
+    or small (e.g. ~1e19 or ~1e-19) that the products would overflow or lose precision."""
+    n = x.shape[0]
+    mean = x.mean(0)
+    xc = (x - mean).to(gram_dtype)
+    g = gram(xc)
+    diag = g.diagonal()
+    lim = n * 2.0**_SAFE_LOG2
+    rel, scale = None, 1.0
+    small = diag < n * 2.0**-_SAFE_LOG2  # underflowing products, or a neuron that is exactly 0
+    rescale = not bool(torch.isfinite(diag).all()) or float(diag.max()) > lim
+    if not rescale and bool(small.any()):
+        rescale = bool((xc[:, small].abs().amax(0) > 0).any())  # only the few small columns are read
+    if rescale:
+        col = _pow2_scale(xc.abs().amax(0))  # exact: powers of two
+        xc = xc * col.to(xc.dtype)
+        g = gram(xc)
+        scale = float(col.min())  # the largest neuron's factor: relative factors are <= 1
+        rel = scale / col
+    g64 = g.to(torch.float64)
+    sq = g64.diagonal() if rel is None else g64.diagonal() * rel**2
+    live = live_mask(sq, mean * scale, n, torch.finfo(x.dtype).eps)
+    if not bool(live.all()):
+        g64 = g64 * (live[:, None] & live[None, :])
+    return CentredLayer(xc, mean, g64, rel, scale, live)
+
+
+def unscale(g: torch.Tensor, rx: Optional[torch.Tensor], ry: Optional[torch.Tensor]) -> torch.Tensor:
+    """``diag(rx) g diag(ry)`` (None = identity), float64."""
+    g = g.to(torch.float64)
+    if rx is not None:
+        g = g * rx[:, None]
+    if ry is not None:
+        g = g * ry[None, :]
+    return g
+
+
+def equilibrated_whitener(g: torch.Tensor, rtol: float) -> Tuple[torch.Tensor, int]:
+    """Whitening map ``(d, r)`` of a float64 Gram matrix with no zero diagonal entry.
+
+    CCA is invariant to each neuron's scale, so the rank is decided on the correlation
+    matrix ``C = D G D`` (``D = diag(G)^-1/2``): a neuron with small variance is not mistaken
+    for an absent direction, and the Gram's rounding errors, which are relative to the
+    neurons' own norms, become errors of size ~eps relative to ``C``'s unit diagonal.
+    Returns ``W`` with ``Wᵀ G W = I_r`` and the rank ``r``.
+    """
+    d = g.diagonal().rsqrt()
+    e = eigh_desc(g * d[:, None] * d[None, :])
+    mask = rank_mask(e.values, rtol)
+    w = d[:, None] * (e.vectors[:, mask] * e.values[mask].rsqrt())
+    return w, int(mask.sum())
+
+
+def numerical_rank(g: torch.Tensor, rtol: float) -> int:
+    """Rank of a float64 Gram matrix decided on its correlation matrix (see
+    :func:`equilibrated_whitener`); neurons with a zero diagonal count as absent."""
+    diag = g.diagonal()
+    live = diag > 0
+    if not bool(live.any()):
+        return 0
+    sub = g[live][:, live] if not bool(live.all()) else g
+    d = sub.diagonal().rsqrt()
+    vals = torch.linalg.eigvalsh(sub * d[:, None] * d[None, :]).flip(-1)
+    return int(rank_mask(vals, rtol).sum())

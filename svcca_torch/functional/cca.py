@@ -7,8 +7,16 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..utils.validation import check_activations, check_same_datapoints, warn_if_few_datapoints
-from ._linalg import canonical_from_grams, default_rtol, gram
+from ..utils.validation import (
+    check_activations,
+    check_dtype,
+    check_names,
+    check_rtol,
+    check_same_datapoints,
+    warn_if_few_datapoints,
+    zero_variance_error,
+)
+from ._linalg import centre_layer, default_rtol, equilibrated_whitener, gram, live_mask, unscale
 
 
 @dataclass(eq=False)
@@ -28,17 +36,19 @@ class CCAResult:
     x_mean: torch.Tensor
     y_mean: torch.Tensor
     _weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
-    # (wx, m, wy, scale): whitening maps and whitened cross matrix, for lazy weights
-    _whitened: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = field(default=None, repr=False)
+    # (wx, m, wy, scale_x, scale_y): whitening maps and whitened cross matrix, for lazy weights
+    _whitened: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]] = field(
+        default=None, repr=False
+    )
     _x: Optional[torch.Tensor] = field(default=None, repr=False)
     _y: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def _resolve_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._weights is None:
-            wx, m, wy, scale = self._whitened
+            wx, m, wy, sx, sy = self._whitened
             u, _, vh = torch.linalg.svd(m, full_matrices=False)
             r = self.coefficients.numel()
-            self._weights = ((wx @ u[:, :r]) * scale, (wy @ vh.mT[:, :r]) * scale)
+            self._weights = ((wx @ u[:, :r]) * sx, (wy @ vh.mT[:, :r]) * sy)
         return self._weights
 
     @property
@@ -83,21 +93,30 @@ def canonical_correlations(m: torch.Tensor) -> torch.Tensor:
     eigen-solver gets them several times faster than an SVD, with absolute error ~1e-16
     on ``ρ²`` in float64 (the singular vectors are computed only if weights are asked for).
     """
+    if m.shape[-1] == 0 or m.shape[-2] == 0:
+        return m.new_zeros(m.shape[:-2] + (0,))
     small = m @ m.mT if m.shape[-2] <= m.shape[-1] else m.mT @ m
     return torch.linalg.eigvalsh(small).flip(-1).clamp(0.0, 1.0).sqrt()
 
 
 def prepare_pair(
-    x: Any, y: Any, dtype: Optional[torch.dtype], min_datapoints: int = 2
+    x: Any,
+    y: Any,
+    dtype: Optional[torch.dtype],
+    min_datapoints: int = 2,
+    names: Tuple[str, str] = ("x", "y"),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate two ``(datapoints, neurons)`` layers, reducing ``(N, C, H, W)`` conv maps."""
-    xt = check_activations(x, "x", dtype=dtype, allow_conv=True, min_datapoints=min_datapoints)
-    yt = check_activations(y, "y", dtype=dtype, allow_conv=True, min_datapoints=min_datapoints)
+    a, b = check_names(names)
+    dtype = check_dtype(dtype)
+    xt = check_activations(x, a, dtype=dtype, allow_conv=True, min_datapoints=min_datapoints)
+    yt = check_activations(y, b, dtype=dtype, allow_conv=True, min_datapoints=min_datapoints)
     if xt.ndim == 4 or yt.ndim == 4:
         from .conv import conv_pair_to_datapoints
 
+        check_same_datapoints(xt, yt, (a, b))
         xt, yt = conv_pair_to_datapoints(xt, yt, mode="auto")
-    check_same_datapoints(xt, yt)
+    check_same_datapoints(xt, yt, (a, b))
     if xt.dtype != yt.dtype:
         common = torch.promote_types(xt.dtype, yt.dtype)
         xt, yt = xt.to(common), yt.to(common)
@@ -108,8 +127,12 @@ class Moments(NamedTuple):
     """Sufficient statistics of two layers for CCA, SVCCA, PWCCA and linear CKA.
 
     ``n`` datapoints; neuron means ``mx`` ``(neurons_x,)``, ``my``; centred Gram matrices
-    ``sxx = XcᵀXc``, ``syy``, ``sxy``. The functional kernels compute them from the
-    activations in one pass; the stateful metrics accumulate them over batches.
+    ``sxx = XcᵀXc``, ``syy``, ``sxy`` in float64. They describe ``x * scale_x`` and
+    ``y * scale_y``: powers of two, 1.0 unless the values were so large or small that the
+    products had to be rescaled (every similarity is invariant to them; weights, means and
+    singular values are mapped back). ``gram_dtype`` is the dtype the products were formed
+    in, which sets the default rank threshold. The functional kernels compute them from the
+    activations in one pass; the stateful metrics accumulate them over batches (float64).
     """
 
     n: int
@@ -118,27 +141,77 @@ class Moments(NamedTuple):
     sxx: torch.Tensor
     syy: torch.Tensor
     sxy: torch.Tensor
+    scale_x: float = 1.0
+    scale_y: float = 1.0
+    gram_dtype: torch.dtype = torch.float64
 
 
 def moments(x: torch.Tensor, y: torch.Tensor, gram_dtype: torch.dtype) -> Moments:
-    """:class:`Moments` of ``(datapoints, neurons)`` layers, Grams formed in ``gram_dtype``."""
-    mx, my = x.mean(0), y.mean(0)
-    xc, yc = (x - mx).to(gram_dtype), (y - my).to(gram_dtype)
-    return Moments(int(x.shape[0]), mx, my, gram(xc), gram(yc), gram(xc, yc))
+    """:class:`Moments` of ``(datapoints, neurons)`` layers, Gram products formed in
+    ``gram_dtype`` (the only pass over the data), stored in float64.
+
+    Neurons that are constant up to the rounding of their values get zero rows and columns.
+    """
+    cx, cy = centre_layer(x, gram_dtype), centre_layer(y, gram_dtype)
+    sxy = unscale(gram(cx.data, cy.data), cx.rel, cy.rel)
+    sxy = sxy * (cx.live[:, None] & cy.live[None, :])
+    sxx, syy = unscale(cx.gram, cx.rel, cx.rel), unscale(cy.gram, cy.rel, cy.rel)
+    return Moments(
+        int(x.shape[0]), cx.mean * cx.scale, cy.mean * cy.scale,
+        sxx, syy, sxy, cx.scale, cy.scale, gram_dtype,
+    )
 
 
-def cca_from_moments(m: Moments, rtol: Optional[float] = None) -> CCAResult:
-    """CCA from :class:`Moments` (no variates: the activations are not known here)."""
-    rtol = default_rtol(m.sxx.dtype) if rtol is None else rtol
-    res = canonical_from_grams(m.sxx, m.syy, m.sxy, rtol)
-    r = int(res.n)
-    warn_if_few_datapoints(m.n, max(r, 1), "x and y", stacklevel=4)
-    scale = (m.n - 1) ** 0.5
+def live_neurons(g: torch.Tensor, mean: torch.Tensor, n: int, name: str) -> torch.Tensor:
+    """Neurons of a layer that vary (see :func:`_linalg.live_mask`); a zero-variance error
+    naming the layer when none does. Moments hold float64 values, hence float64's epsilon."""
+    live = live_mask(g.diagonal(), mean, n, torch.finfo(torch.float64).eps)
+    if not bool(live.any()):
+        raise zero_variance_error(name, int(g.shape[0]))
+    return live
+
+
+def sub_matrix(g: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``g[rows][:, cols]`` for boolean masks, without a copy when both select everything."""
+    if bool(rows.all()) and bool(cols.all()):
+        return g
+    return g[rows][:, cols]
+
+
+def _embed(w: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Rows of ``w`` (live neurons) placed in a zero ``(neurons, r)`` matrix."""
+    if bool(live.all()):
+        return w
+    out = w.new_zeros(live.shape[0], w.shape[1])
+    out[live] = w
+    return out
+
+
+def cca_from_moments(
+    m: Moments, rtol: Optional[float] = None, names: Tuple[str, str] = ("x", "y")
+) -> CCAResult:
+    """CCA from :class:`Moments` (no variates: the activations are not known here).
+
+    Zero-variance neurons are dropped; each side is whitened through the eigendecomposition
+    of its correlation matrix (see :func:`_linalg.equilibrated_whitener`), whose directions
+    below ``rtol`` (default: by the dtype the Grams were formed in) count as absent; the
+    canonical correlations are the singular values of the whitened cross matrix.
+    """
+    rtol = check_rtol(rtol)
+    rtol = default_rtol(m.gram_dtype) if rtol is None else rtol
+    a, b = names
+    lx, ly = live_neurons(m.sxx, m.mx, m.n, a), live_neurons(m.syy, m.my, m.n, b)
+    wx, rx = equilibrated_whitener(sub_matrix(m.sxx, lx, lx), rtol)
+    wy, ry = equilibrated_whitener(sub_matrix(m.syy, ly, ly), rtol)
+    warn_if_few_datapoints(m.n, max(rx, ry), f"{a} and {b}", stacklevel=4)
+    cross = wx.mT @ sub_matrix(m.sxy, lx, ly) @ wy
+    r = min(rx, ry)
+    root = (m.n - 1) ** 0.5
     return CCAResult(
-        coefficients=res.rho[:r],
-        x_mean=m.mx,
-        y_mean=m.my,
-        _weights=(res.x_weights[:, :r] * scale, res.y_weights[:, :r] * scale),
+        coefficients=canonical_correlations(cross)[:r],
+        x_mean=m.mx / m.scale_x,
+        y_mean=m.my / m.scale_y,
+        _whitened=(_embed(wx, lx), cross, _embed(wy, ly), root * m.scale_x, root * m.scale_y),
     )
 
 
@@ -148,6 +221,7 @@ def cca(
     *,
     dtype: Optional[torch.dtype] = None,
     rtol: Optional[float] = None,
+    names: Tuple[str, str] = ("x", "y"),
 ) -> CCAResult:
     """Canonical correlation analysis of two layers on the same datapoints.
 
@@ -155,20 +229,24 @@ def cca(
         x: activations ``(datapoints, neurons_x)`` (tensor or numpy array), or
             ``(N, C, H, W)`` conv maps (reduced with :func:`conv_pair_to_datapoints`).
         y: activations ``(datapoints, neurons_y)`` of the same datapoints.
-        dtype: dtype to compute in. The Gram matrices are formed in float64 by default
-            (plain CCA needs it to tell rank-deficient directions from real ones).
-        rtol: singular values below ``rtol * largest`` count as absent (dead or duplicate
-            neurons); default 1e-6 in float64.
+        dtype: ``torch.float32`` or ``torch.float64`` (or their names) for the Gram products;
+            default the input's (float16/bfloat16 computed in float32). The small
+            ``(neurons, neurons)`` eigenproblems always run in float64.
+        rtol: a number in (0, 1): directions of a side's correlation matrix with singular
+            value below ``rtol * largest`` count as absent (dead or duplicate neurons);
+            default 3e-3 for float32 products, 1e-6 for float64 (see the README).
+        names: what error messages call ``x`` and ``y`` (e.g. file names).
 
     Returns:
         :class:`CCAResult`; ``.mean`` is the mean canonical correlation.
 
     The result is symmetric in ``x`` and ``y`` and invariant to invertible linear maps of
-    either side. Nothing is inverted explicitly: both sides are whitened through the
-    eigendecomposition of their Gram matrices.
+    either side, and to the scale of the values. Nothing is inverted explicitly: both
+    sides are whitened through the eigendecomposition of their Gram matrices. A layer with
+    no variance is an error.
     """
-    xt, yt = prepare_pair(x, y, dtype)
-    gdt = dtype or (torch.complex128 if xt.is_complex() else torch.float64)
-    res = cca_from_moments(moments(xt, yt, gdt), rtol)
+    xt, yt = prepare_pair(x, y, dtype, names=names)
+    rtol = check_rtol(rtol)
+    res = cca_from_moments(moments(xt, yt, xt.dtype), rtol, names=check_names(names))
     res._x, res._y = xt, yt
     return res

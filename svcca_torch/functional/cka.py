@@ -1,12 +1,13 @@
 """Linear centred kernel alignment (Kornblith et al., ICML 2019)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 
-from ._linalg import gram
-from .cca import prepare_pair
+from ..utils.validation import check_bool, check_dtype, check_names
+from ._linalg import centre_layer, gram, unscale
+from .cca import Moments, live_neurons, prepare_pair
 
 
 def _hsic_debiased(tr_kl: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, n: int) -> torch.Tensor:
@@ -20,22 +21,31 @@ def _hsic_debiased(tr_kl: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, n: i
     ) / (n * (n - 3))
 
 
+def linear_cka_from_moments(m: Moments, names: Tuple[str, str] = ("x", "y")) -> float:
+    """Biased linear CKA ``‖Sxy‖²_F / (‖Sxx‖_F ‖Syy‖_F)`` from :class:`Moments` (float64)."""
+    live_neurons(m.sxx, m.mx, m.n, names[0]), live_neurons(m.syy, m.my, m.n, names[1])
+    return float(m.sxy.square().sum() / (m.sxx.norm() * m.syy.norm()))
+
+
 def linear_cka(
     x: Any,
     y: Any,
     *,
     debiased: bool = False,
     dtype: Optional[torch.dtype] = None,
+    names: Tuple[str, str] = ("x", "y"),
 ) -> float:
     """Linear CKA: ``‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` of the centred layers.
 
     Args:
         x: activations ``(datapoints, neurons_x)`` (tensor or numpy array) or ``(N, C, H, W)``.
         y: activations ``(datapoints, neurons_y)`` of the same datapoints.
-        debiased: use the unbiased HSIC estimator (Song et al. 2012), which removes the
+        debiased: True for the unbiased HSIC estimator (Song et al. 2012), which removes the
             upward bias of CKA when neurons outnumber datapoints; needs >= 4 datapoints.
-        dtype: compute dtype (default: the input's for plain CKA, float64 when debiased,
-            where the estimator subtracts nearly equal terms).
+        dtype: ``torch.float32``/``torch.float64`` (or their names) for the Gram products;
+            default the input's. The estimator's sums run in float64 on the
+            ``(neurons, neurons)`` products, so float32 products stay accurate (README).
+        names: what error messages call ``x`` and ``y`` (e.g. file names).
 
     Returns:
         a float in [0, 1] (debiased: may dip slightly below 0 for unrelated layers).
@@ -44,22 +54,28 @@ def linear_cka(
     but not to general invertible linear maps (unlike CCA). Everything is computed from
     ``(neurons, neurons)`` products, never an ``(n, n)`` kernel matrix.
     """
-    xt, yt = prepare_pair(x, y, dtype)
+    debiased = check_bool(debiased, "debiased")
+    names = check_names(names)
+    xt, yt = prepare_pair(x, y, check_dtype(dtype), names=names)
     n = xt.shape[0]
-    if debiased:
-        if n < 4:
-            raise ValueError(f"`debiased=True` needs at least 4 datapoints, got {n}.")
-        cdt = dtype or torch.float64
-        xc, yc = (xt - xt.mean(0)).to(cdt), (yt - yt.mean(0)).to(cdt)
-        kx, ky = (xc * xc).sum(1), (yc * yc).sum(1)
-        hxy = _hsic_debiased(gram(xc, yc).square().sum(), kx, ky, n)
-        hxx = _hsic_debiased(gram(xc).square().sum(), kx, kx, n)
-        hyy = _hsic_debiased(gram(yc).square().sum(), ky, ky, n)
-        denom = (hxx * hyy).sqrt()
-    else:
-        xc, yc = xt - xt.mean(0), yt - yt.mean(0)
-        hxy = gram(xc, yc).double().square().sum()
-        denom = gram(xc).double().norm() * gram(yc).double().norm()
-    if float(denom) <= 0:
-        raise ValueError("`x` or `y` has zero variance: every neuron is constant over the datapoints.")
-    return float(hxy / denom)
+    if debiased and n < 4:
+        raise ValueError(f"`debiased=True` needs at least 4 datapoints, got {n}.")
+    cx, cy = centre_layer(xt, xt.dtype), centre_layer(yt, yt.dtype)
+    sxx, syy = unscale(cx.gram, cx.rel, cx.rel), unscale(cy.gram, cy.rel, cy.rel)
+    live_neurons(sxx, cx.mean * cx.scale, n, names[0]), live_neurons(syy, cy.mean * cy.scale, n, names[1])
+    sxy = unscale(gram(cx.data, cy.data), cx.rel, cy.rel) * (cx.live[:, None] & cy.live[None, :])
+    if not debiased:
+        return float(sxy.square().sum() / (sxx.norm() * syy.norm()))
+    kx, ky = _kernel_diagonal(cx), _kernel_diagonal(cy)
+    hxy = _hsic_debiased(sxy.square().sum(), kx, ky, n)
+    hxx = _hsic_debiased(sxx.square().sum(), kx, kx, n)
+    hyy = _hsic_debiased(syy.square().sum(), ky, ky, n)
+    return float(hxy / (hxx * hyy).sqrt())
+
+
+def _kernel_diagonal(c) -> torch.Tensor:
+    """``‖x_i - mean‖²`` per datapoint, at the layer's (power-of-two) scale, in float64."""
+    rel = c.live.to(torch.float64) if c.rel is None else c.rel * c.live
+    if bool((rel == 1).all()):
+        return torch.linalg.vector_norm(c.data, dim=1).to(torch.float64).square()  # one pass
+    return c.data.square() @ rel.square().to(c.data.dtype)

@@ -31,6 +31,7 @@ from ..utils.validation import (
     check_choice,
     check_conv_activations,
     check_optional_positive_int,
+    check_rtol,
     check_same_datapoints,
     check_spatial_size,
     warn_if_few_datapoints,
@@ -324,8 +325,8 @@ def dft_cca(
         dtype: ``torch.float32`` or ``torch.float64`` for the transforms and Grams (default
             float64, as in :func:`cca`: telling rank-deficient directions from real ones
             needs it); the small per-frequency eigenproblems always run in complex128.
-        rtol: relative threshold on singular values below which a direction of a
-            frequency's channel space counts as absent (default from the dtype).
+        rtol: a number in (0, 1), the relative threshold on singular values below which a
+            direction of a frequency's channel space counts as absent (default from the dtype).
         return_per_frequency: also return the ``(h, w, r)`` coefficients per frequency.
 
     Returns:
@@ -335,6 +336,7 @@ def dft_cca(
     if dtype not in (None, torch.float32, torch.float64):
         raise ValueError(f"`dtype` must be torch.float32 or torch.float64 (the maps are real), got {dtype}.")
     check_choice(centering, "centering", ("per_frequency", "dc"))
+    rtol = check_rtol(rtol)
     real = dtype or torch.float64
     xt = check_conv_activations(x, "x", dtype=real)
     yt = check_conv_activations(y, "y", dtype=real)

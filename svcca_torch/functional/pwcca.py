@@ -1,13 +1,13 @@
 """Projection-weighted CCA (Morcos, Raghu & Bengio, NeurIPS 2018)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 
-from ..utils.validation import check_choice, warn_if_few_datapoints, zero_variance_error
-from ._linalg import default_rtol, eigh_desc, rank_mask
-from .cca import Moments, cca, moments, prepare_pair
+from ..utils.validation import check_choice, check_dtype, check_names, warn_if_few_datapoints
+from ._linalg import default_rtol, eigh_desc, numerical_rank, rank_mask
+from .cca import Moments, cca, live_neurons, moments, prepare_pair, sub_matrix
 
 PWCCA_METHODS = ("reference", "paper")
 
@@ -18,6 +18,7 @@ def pwcca(
     *,
     method: str = "reference",
     dtype: Optional[torch.dtype] = None,
+    names: Tuple[str, str] = ("x", "y"),
 ) -> float:
     """Projection-weighted CCA similarity of two layers. **Asymmetric**: ``pwcca(x, y) != pwcca(y, x)``.
 
@@ -32,7 +33,9 @@ def pwcca(
             whichever side is smaller. ``"paper"`` is the paper's definition: weights
             ``α_i = Σ_j |⟨h_i, z_j⟩|`` from ``x``'s unit-norm canonical variates ``h_i`` and
             its centred neurons ``z_j``.
-        dtype: compute dtype (default float64 for the Gram matrices).
+        dtype: ``torch.float32``/``torch.float64`` (or their names) for the Gram products;
+            default the input's (the small eigenproblems and SVD run in float64).
+        names: what error messages call ``x`` and ``y`` (e.g. file names).
 
     Returns:
         ``Σ_i α_i ρ_i`` with weights ``α`` normalised to sum 1, a float in [0, 1].
@@ -45,32 +48,41 @@ def pwcca(
     fallback when that is ill-conditioned); nothing is inverted explicitly.
     """
     check_choice(method, "method", PWCCA_METHODS)
-    xt, yt = prepare_pair(x, y, dtype)
+    names = check_names(names)
+    xt, yt = prepare_pair(x, y, check_dtype(dtype), names=names)
     if method == "paper":
-        return _pwcca_paper(xt, yt, dtype)
-    m = moments(xt, yt, dtype or torch.float64)
-    return pwcca_from_moments(m, x=xt, y=yt)
+        return _pwcca_paper(xt, yt, names)
+    m = moments(xt, yt, xt.dtype)
+    return pwcca_from_moments(m, x=xt, y=yt, names=names)
 
 
-def pwcca_from_moments(m: Moments, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None) -> float:
+def pwcca_from_moments(
+    m: Moments,
+    x: Optional[torch.Tensor] = None,
+    y: Optional[torch.Tensor] = None,
+    names: Tuple[str, str] = ("x", "y"),
+) -> float:
     """The ``"reference"`` PWCCA of :func:`pwcca` from :class:`Moments` alone.
 
     ``x``/``y`` (the activations) are only needed for the Householder-QR fallback when the
     projected directions are ill-conditioned; without them that case is an error.
     """
-    live_x, live_y = _live(m.sxx, "x"), _live(m.syy, "y")
-    sxx, syy, sxy = m.sxx[live_x][:, live_x], m.syy[live_y][:, live_y], m.sxy[live_x][:, live_y]
+    live_x, live_y = live_neurons(m.sxx, m.mx, m.n, names[0]), live_neurons(m.syy, m.my, m.n, names[1])
+    sxx, syy = sub_matrix(m.sxx, live_x, live_x), sub_matrix(m.syy, live_y, live_y)
+    sxy = sub_matrix(m.sxy, live_x, live_y)
     if len(sxx) <= len(syy):
-        mu, sss, soo, sso, data = m.mx[live_x], sxx, syy, sxy, None if x is None else x[:, live_x]
+        mu, sss, soo, sso, data, c = m.mx[live_x], sxx, syy, sxy, _cols(x, live_x), m.scale_x
     else:
-        mu, sss, soo, sso, data = m.my[live_y], syy, sxx, sxy.mT, None if y is None else y[:, live_y]
-    rtol = default_rtol(sss.dtype)
+        mu, sss, soo, sso, data, c = m.my[live_y], syy, sxx, sxy.mT, _cols(y, live_y), m.scale_y
+    rtol = default_rtol(m.gram_dtype)
     es, eo = eigh_desc(sss), eigh_desc(soo)
-    ms, mo = rank_mask(es.values, rtol), rank_mask(eo.values, rtol)
+    # The rank is decided on the correlation matrices (scale-free, like CCA itself); the
+    # symmetric inverse square roots then use that many top eigenpairs of the Grams.
+    ms, mo = _rank_mask(es, sss, rtol), _rank_mask(eo, soo, rtol)
     vs, vo = es.vectors[:, ms], eo.vectors[:, mo]
     ws = vs * es.values[ms].rsqrt()
     wo = vo * eo.values[mo].rsqrt()
-    warn_if_few_datapoints(m.n, len(sss), "x and y", stacklevel=4)
+    warn_if_few_datapoints(m.n, int(max(ms.sum(), mo.sum())), f"{names[0]} and {names[1]}", stacklevel=4)
     # Σss^{-1/2} Σso Σoo^{-1/2} with the symmetric (range-restricted) inverse square roots.
     # Its SVD runs on the CPU in float64 so that singular-vector signs follow LAPACK's, as
     # numpy's do in the reference: the added-back means make the weights sign-dependent.
@@ -91,7 +103,7 @@ def pwcca_from_moments(m: Moments, x: Optional[torch.Tensor] = None, y: Optional
     if diag is not None and float(diag.min()) > 1e-4 * float(diag.max()):
         proj = torch.linalg.solve_triangular(chol, dts, upper=False)  # Pᵀ S
     elif data is not None:
-        sd = data.to(sss.dtype)
+        sd = data.to(sss.dtype) * c
         proj = torch.linalg.qr((sd - mu) @ u + mu[:r]).Q.mT @ sd
     else:
         raise ValueError(
@@ -102,17 +114,22 @@ def pwcca_from_moments(m: Moments, x: Optional[torch.Tensor] = None, y: Optional
     return float((weights / weights.sum() * rho).sum())
 
 
-def _live(g: torch.Tensor, name: str) -> torch.Tensor:
-    """Neurons with non-zero variance (dead ones are dropped, as in the reference)."""
-    var = g.diagonal().real
-    live = var > default_rtol(g.dtype) ** 2 * var.max()  # constant up to rounding of the mean
-    if not bool(live.any()):
-        raise zero_variance_error(name)
-    return live
+def _cols(data: Optional[torch.Tensor], live: torch.Tensor) -> Optional[torch.Tensor]:
+    return data if data is None or bool(live.all()) else data[:, live]
 
 
-def _pwcca_paper(x: torch.Tensor, y: torch.Tensor, dtype: Optional[torch.dtype]) -> float:
-    res = cca(x, y, dtype=dtype or torch.float64)
+def _rank_mask(e, g: torch.Tensor, rtol: float) -> torch.Tensor:
+    """The top eigenpairs that count: by the threshold on ``g``'s own eigenvalues, or, when
+    that drops a direction, by the (scale-free) rank of its correlation matrix if larger."""
+    mask = rank_mask(e.values, rtol)
+    if bool(mask.all()):
+        return mask
+    rank = max(int(mask.sum()), numerical_rank(g, rtol))
+    return torch.arange(len(g), device=g.device) < rank
+
+
+def _pwcca_paper(x: torch.Tensor, y: torch.Tensor, names: Tuple[str, str]) -> float:
+    res = cca(x, y, names=names)
     h = res.x_variates
     h = h / h.norm(dim=0, keepdim=True)
     z = (x - x.mean(0)).to(h.dtype)

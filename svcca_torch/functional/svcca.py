@@ -2,20 +2,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
 from ..utils.validation import (
     check_activations,
-    check_choice,
+    check_dtype,
     check_keep,
+    check_keep_rule,
+    check_names,
+    check_optional_positive_int,
     check_same_datapoints,
     warn_if_few_datapoints,
+    warn_keep_capped,
     zero_variance_error,
 )
-from ._linalg import default_rtol, eigh_desc, gram, rank_mask
-from .cca import CCAResult, Moments, canonical_correlations, moments, prepare_pair
+from ._linalg import centre_layer, default_rtol, eigh_desc, gram, numerical_rank, rank_mask
+from .cca import CCAResult, Moments, canonical_correlations, live_neurons, moments, prepare_pair
 
 KEEP_RULES = ("singular_values", "variance")
 
@@ -72,6 +76,7 @@ def n_directions(
     rule) or of their squares, the explained variance (``keep_rule="variance"``).
     """
     s = singular_values
+    keep = check_keep(keep)
     if isinstance(keep, int):
         return max(1, min(keep, int(s.numel())))
     w = s.double() if keep_rule == "singular_values" else s.double() ** 2
@@ -84,19 +89,26 @@ def n_directions(
     return max(1, min(k, int(s.numel())))
 
 
-def _gram_dtype(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
-    return dtype or x.dtype
-
-
 def top_directions(sxx: torch.Tensor, keep, keep_rule: str, max_directions: Optional[int], rtol: float):
     """Eigendecompose a centred Gram matrix in float64; return (s_k, V_k) of the kept directions."""
     e = eigh_desc(sxx.to(torch.float64))
     rank = int(rank_mask(e.values, rtol).sum())
     s = e.values[:rank].sqrt()
     k = n_directions(s, keep, keep_rule) if rank else 0
+    if rank and k == rank:
+        # Every direction above the threshold is kept: count them on the correlation matrix
+        # instead, so that neurons of small scale are not cut by a threshold relative to the
+        # largest neuron (the Gram's rounding is relative to each neuron's own norm).
+        rank = max(rank, numerical_rank(sxx.to(torch.float64), rtol))
+        s = e.values[:rank].clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        k = n_directions(s, keep, keep_rule)
     if max_directions is not None:
         k = min(k, int(max_directions))
     return s[:k], e.vectors[:, :k]
+
+
+def _capped(keep, width: int, name: str) -> list:
+    return [(name, width)] if isinstance(keep, int) and keep > width else []
 
 
 def svd_reduce(
@@ -114,9 +126,11 @@ def svd_reduce(
         x: activations ``(datapoints, neurons)``, tensor or numpy array.
         keep: int, a fixed number of directions; float in (0, 1], the fraction of the
             singular-value sum (``keep_rule="singular_values"``) or of the variance
-            (``keep_rule="variance"``) to retain. See :func:`n_directions`.
-        max_directions: an upper bound on k (bounds memory of stored bases).
-        dtype: compute dtype (default: the input's; float16/bfloat16 upcast to float32).
+            (``keep_rule="variance"``) to retain. See :func:`n_directions`. An int above
+            the layer's neurons keeps all of them, with a warning.
+        max_directions: an upper bound on k (bounds memory of stored bases); None or an int >= 1.
+        dtype: ``torch.float32``/``torch.float64`` (or their names) for the products
+            (default: the input's; float16/bfloat16 computed in float32).
         name: how error messages call ``x`` (e.g. ``"xs[2]"``).
 
     Returns:
@@ -125,24 +139,30 @@ def svd_reduce(
 
     The neuron-space directions come from the float64 eigendecomposition of the
     ``(neurons, neurons)`` Gram matrix; the basis is then re-orthonormalised (a float64
-    Cholesky-QR step) so that its columns are orthonormal to working precision.
+    Cholesky-QR step) so that its columns are orthonormal to working precision. Values of
+    any magnitude work (the products are rescaled by powers of two when needed); a layer
+    whose neurons are all constant is an error.
     """
-    keep = check_keep(keep)
-    check_choice(keep_rule, "keep_rule", KEEP_RULES)
-    xt = check_activations(x, name, dtype=dtype)
-    mean = xt.mean(0)
-    xc = xt - mean
-    gdt = _gram_dtype(xt, dtype)
-    s, v = top_directions(gram(xc.to(gdt)), keep, keep_rule, max_directions, default_rtol(gdt))
+    keep, keep_rule = check_keep_rule(keep, keep_rule)
+    max_directions = check_optional_positive_int(max_directions, "max_directions")
+    if not isinstance(name, str):
+        raise ValueError(f"`name` must be a string, got {name!r}.")
+    xt = check_activations(x, name, dtype=check_dtype(dtype))
+    c = centre_layer(xt, xt.dtype)
+    if not bool(c.live.any()):
+        raise zero_variance_error(name, int(xt.shape[1]), xt.dtype)
+    warn_keep_capped(keep, _capped(keep, int(xt.shape[1]), name))
+    s, v = top_directions(c.gram if c.rel is None else c.gram * c.rel[:, None] * c.rel[None, :],
+                          keep, keep_rule, max_directions, default_rtol(xt.dtype))
     if s.numel() == 0:
-        raise zero_variance_error(name)
-    basis = _orthonormal_projection(xc, v, s)
+        raise zero_variance_error(name, int(xt.shape[1]), xt.dtype)
+    basis = _orthonormal_projection(c.data, v if c.rel is None else v * c.rel[:, None], s)
     return ReducedBasis(
         basis=basis.to(xt.dtype),
-        singular_values=s.to(xt.dtype),
+        singular_values=(s / c.scale).to(xt.dtype),
         n_neurons=int(xt.shape[1]),
         components=v.to(xt.dtype),
-        mean=mean,
+        mean=c.mean,
     )
 
 
@@ -175,6 +195,7 @@ def svcca(
     *,
     keep_rule: str = "singular_values",
     dtype: Optional[torch.dtype] = None,
+    names: Tuple[str, str] = ("x", "y"),
 ) -> SVCCAResult:
     """Singular Vector CCA (Raghu et al. 2017) of two layers on the same datapoints.
 
@@ -182,50 +203,64 @@ def svcca(
         x: activations ``(datapoints, neurons_x)`` (tensor or numpy array), ``(N, C, H, W)``
             conv maps, or a :class:`ReducedBasis` from :func:`svd_reduce`.
         y: the same for the other layer; same datapoints in the same order.
-        keep: int, keep that many top singular directions of each centred layer; float in
-            (0, 1], keep the smallest k whose cumulative sum of singular values reaches that
-            fraction (``keep_rule="singular_values"``, google/svcca's rule), or whose
-            cumulative sum of squared singular values does (``keep_rule="variance"``).
-        dtype: compute dtype; default the input's (float32 stays float32 for the Gram
-            products, which is accurate to ~1e-5 here because only large directions are
-            kept; the small eigen-problems are always solved in float64).
+        keep: int, keep that many top singular directions of each centred layer (all of a
+            narrower layer's, with a warning); float in (0, 1], keep the smallest k whose
+            cumulative sum of singular values reaches that fraction
+            (``keep_rule="singular_values"``, google/svcca's rule), or whose cumulative sum
+            of squared singular values does (``keep_rule="variance"``).
+        dtype: ``torch.float32``/``torch.float64`` (or their names) for the Gram products;
+            default the input's (float32 stays float32, accurate to ~1e-6 here because only
+            large directions are kept; the small eigenproblems always run in float64).
+        names: what error messages call ``x`` and ``y`` (e.g. file names).
 
     Returns:
         :class:`SVCCAResult`: ``.mean`` is the SVCCA similarity, ``.coefficients`` the
         ``min(k_x, k_y)`` canonical correlations, ``.k_x``/``.k_y`` the kept directions,
         weights map each layer's (centred) neurons to canonical variates.
 
-    Symmetric in ``x`` and ``y``; invariant to neuron permutation and to invertible
-    linear maps only up to the SVD truncation (exactly, when ``keep`` keeps all directions).
+    Symmetric in ``x`` and ``y``; invariant to neuron permutation, to the scale of the
+    values, and to invertible linear maps only up to the SVD truncation (exactly, when
+    ``keep`` keeps all directions).
     """
-    keep = check_keep(keep)
-    check_choice(keep_rule, "keep_rule", KEEP_RULES)
+    keep, keep_rule = check_keep_rule(keep, keep_rule)
+    names = check_names(names)
+    dtype = check_dtype(dtype)
     if isinstance(x, ReducedBasis) or isinstance(y, ReducedBasis):
-        return _svcca_from_bases(x, y, keep, keep_rule, dtype)
-    xt, yt = prepare_pair(x, y, dtype)
-    res = svcca_from_moments(moments(xt, yt, _gram_dtype(xt, dtype)), keep, keep_rule)
+        return _svcca_from_bases(x, y, keep, keep_rule, dtype, names)
+    xt, yt = prepare_pair(x, y, dtype, names=names)
+    warn_keep_capped(keep, _capped(keep, int(xt.shape[1]), names[0]) + _capped(keep, int(yt.shape[1]), names[1]))
+    res = svcca_from_moments(moments(xt, yt, xt.dtype), keep, keep_rule, names=names)
     res._x, res._y = xt, yt
     return res
 
 
-def svcca_from_moments(m: Moments, keep: Union[int, float] = 0.99, keep_rule: str = "singular_values") -> SVCCAResult:
+def svcca_from_moments(
+    m: Moments,
+    keep: Union[int, float] = 0.99,
+    keep_rule: str = "singular_values",
+    names: Tuple[str, str] = ("x", "y"),
+) -> SVCCAResult:
     """SVCCA from :class:`Moments`: the top directions of each side come from the float64
     eigendecomposition of its Gram matrix; the CCA of the reduced sides is the SVD of
     ``(Vx/sx)ᵀ Sxy (Vy/sy)``, a ``(k_x, k_y)`` matrix."""
-    rtol = default_rtol(m.sxx.dtype)
+    keep, keep_rule = check_keep_rule(keep, keep_rule)
+    a, b = names
+    live_neurons(m.sxx, m.mx, m.n, a), live_neurons(m.syy, m.my, m.n, b)
+    rtol = default_rtol(m.gram_dtype)
     sx, vx = top_directions(m.sxx, keep, keep_rule, None, rtol)
     sy, vy = top_directions(m.syy, keep, keep_rule, None, rtol)
-    for s, name in ((sx, "x"), (sy, "y")):
+    for s, name, g in ((sx, a, m.sxx), (sy, b, m.syy)):
         if s.numel() == 0:
-            raise zero_variance_error(name)
-    warn_if_few_datapoints(m.n, max(len(sx), len(sy)), "x and y", stacklevel=4)
+            raise zero_variance_error(name, int(g.shape[0]))
+    warn_if_few_datapoints(m.n, max(len(sx), len(sy)), f"{a} and {b}", stacklevel=4)
     wx, wy = vx / sx, vy / sy
     cross = wx.mT @ m.sxy.to(torch.float64) @ wy
+    root = (m.n - 1) ** 0.5
     return SVCCAResult(
         coefficients=canonical_correlations(cross),
-        x_mean=m.mx,
-        y_mean=m.my,
-        _whitened=(wx, cross, wy, (m.n - 1) ** 0.5),
+        x_mean=m.mx / m.scale_x,
+        y_mean=m.my / m.scale_y,
+        _whitened=(wx, cross, wy, root * m.scale_x, root * m.scale_y),
         k_x=len(sx),
         k_y=len(sy),
     )
@@ -239,19 +274,19 @@ def _as_basis(z: Any, name: str, keep, keep_rule: str, dtype) -> ReducedBasis:
     return svd_reduce(z, keep, keep_rule=keep_rule, dtype=dtype, name=name)
 
 
-def _svcca_from_bases(x: Any, y: Any, keep, keep_rule: str, dtype) -> SVCCAResult:
+def _svcca_from_bases(x: Any, y: Any, keep, keep_rule: str, dtype, names: Tuple[str, str]) -> SVCCAResult:
     """SVCCA when one side or both are already reduced: singular values of ``Uxᵀ Uy``."""
-    bx, by = _as_basis(x, "x", keep, keep_rule, dtype), _as_basis(y, "y", keep, keep_rule, dtype)
-    check_same_datapoints(bx.basis, by.basis)
+    bx, by = _as_basis(x, names[0], keep, keep_rule, dtype), _as_basis(y, names[1], keep, keep_rule, dtype)
+    check_same_datapoints(bx.basis, by.basis, names)
     m = bx.basis.to(torch.float64).mT @ by.basis.to(torch.float64)
-    warn_if_few_datapoints(bx.n_datapoints, max(bx.k, by.k), "x and y")
+    warn_if_few_datapoints(bx.n_datapoints, max(bx.k, by.k), f"{names[0]} and {names[1]}")
     eye = lambda k: torch.eye(k, dtype=torch.float64, device=m.device)  # noqa: E731
     # weights on the basis coordinates (the neurons are not known from a basis alone)
     return SVCCAResult(
         coefficients=canonical_correlations(m),
         x_mean=torch.zeros(bx.k, dtype=torch.float64, device=m.device),
         y_mean=torch.zeros(by.k, dtype=torch.float64, device=m.device),
-        _whitened=(eye(bx.k), m, eye(by.k), 1.0),
+        _whitened=(eye(bx.k), m, eye(by.k), 1.0, 1.0),
         _x=bx.basis.to(torch.float64) * (bx.n_datapoints - 1) ** 0.5,
         _y=by.basis.to(torch.float64) * (by.n_datapoints - 1) ** 0.5,
         k_x=bx.k,

@@ -42,13 +42,49 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
     )
 
 
+#: The dtypes the kernels compute in, and the names accepted for them.
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "torch.float32": torch.float32,
+           "torch.float64": torch.float64, "float": torch.float32, "double": torch.float64}
+
+
+def check_dtype(dtype: Any, name: str = "dtype") -> Optional[torch.dtype]:
+    """``dtype`` is None, ``torch.float32``/``torch.float64`` or one of their names ("float64").
+
+    Half precision is rejected: its 11-bit products cannot resolve the Gram matrices
+    (half-precision *inputs* are accepted and computed in float32). Complex is rejected:
+    the kernels compare real activations.
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        key = dtype.strip().lower()
+        if key in _DTYPES:
+            return _DTYPES[key]
+    elif isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float64):
+        return dtype
+    elif isinstance(dtype, (np.dtype, type)):
+        try:
+            key = np.dtype(dtype).name
+        except TypeError:
+            key = ""
+        if key in _DTYPES:
+            return _DTYPES[key]
+    extra = ""
+    if dtype in (torch.float16, torch.bfloat16, "float16", "bfloat16", "half"):
+        extra = (" Half precision cannot resolve the Gram products; float16/bfloat16 activations are "
+                 "computed in float32 automatically, so leave `dtype` unset.")
+    raise ValueError(
+        f"`{name}` must be torch.float32 or torch.float64 (or the strings 'float32'/'float64'), "
+        f"got {dtype!r}.{extra}"
+    )
+
+
 def compute_dtype(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
     """The floating dtype to compute in: ``dtype`` if given, else ``x``'s, half types upcast."""
+    dtype = check_dtype(dtype)
     if dtype is not None:
-        if not (dtype.is_floating_point or dtype.is_complex):
-            raise ValueError(f"`dtype` must be a floating dtype such as torch.float64, got {dtype}.")
         return dtype
-    if x.dtype in (torch.float16, torch.bfloat16) or not (x.dtype.is_floating_point or x.dtype.is_complex):
+    if x.dtype in (torch.float16, torch.bfloat16) or not x.dtype.is_floating_point:
         return torch.float32
     return x.dtype
 
@@ -71,7 +107,8 @@ def check_activations(
         min_datapoints: the fewest datapoints accepted.
 
     Raises:
-        ValueError: wrong number of dimensions, too few datapoints, no neurons, NaN or Inf.
+        ValueError: wrong number of dimensions, too few datapoints, no neurons, complex values,
+            NaN or Inf, or a ``dtype`` other than float32/float64.
     """
     t = as_tensor(x, name)
     dims = (2, 4) if allow_conv else (2,)
@@ -92,6 +129,11 @@ def check_activations(
         )
     if t.shape[1] < 1 or t[0].numel() == 0:
         raise ValueError(f"`{name}` has no neurons (shape {tuple(t.shape)}).")
+    if t.is_complex():
+        raise ValueError(
+            f"`{name}` is complex ({t.dtype}); the similarity kernels compare real activations. Pass the "
+            "real activations (e.g. x.real or x.abs()); for conv maps, dft_cca does its own complex transform."
+        )
     t = t.to(compute_dtype(t, dtype))
     # A finite sum proves every value finite without a full boolean mask (10x cheaper);
     # only a non-finite sum (a NaN/Inf, or an overflowing sum) pays for the exact check.
@@ -118,7 +160,7 @@ def check_same_datapoints(x: torch.Tensor, y: torch.Tensor, names: Tuple[str, st
 
 def check_keep(keep: Any, name: str = "keep") -> Union[int, float]:
     """``keep`` is an int >= 1 (number of directions) or a float in (0, 1] (a fraction)."""
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+    if isinstance(keep, (bool, np.bool_)) or not isinstance(keep, numbers.Real):
         raise ValueError(f"`{name}` must be an int >= 1 or a float in (0, 1], got {keep!r}.")
     if isinstance(keep, numbers.Integral):
         if keep < 1:
@@ -140,24 +182,68 @@ def check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
     return value
 
 
-def zero_variance_error(name: str) -> ValueError:
+def zero_variance_error(name: str, neurons: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> ValueError:
     """The error for a layer with no variance over the datapoints (nothing to compare)."""
+    what = "every neuron is" if neurons is None else f"all {neurons} neurons are"
+    prec = "" if dtype is None else f" (to within the rounding of their {str(dtype).replace('torch.', '')} values)"
     return ValueError(
-        f"`{name}` has zero variance: every neuron is constant over the datapoints, so it spans no "
-        "direction to compare. Check that the layer is not dead on this probe set."
+        f"`{name}` has zero variance: {what} constant over the datapoints{prec}, so it spans no "
+        "direction to compare. Check that the layer is not dead on this probe set (e.g. an all-zero "
+        "or constant probe, or a saturated activation)."
     )
 
 
 def warn_if_few_datapoints(n: int, k: int, name: str = "x", stacklevel: int = 3) -> None:
-    """Warn when fewer than ~5 datapoints back each kept direction."""
+    """Warn when fewer than ~5 datapoints back each direction of the larger side.
+
+    ``k`` is the larger side's rank (CCA) or kept directions (SVCCA): CCA degenerates as
+    that approaches the datapoints (at ``k >= n - 1`` every correlation is 1), however
+    small the other side is.
+    """
     if k > 0 and n < MIN_DATAPOINTS_PER_DIRECTION * k:
         warnings.warn(
-            f"`{name}`: {n} datapoints for {k} directions ({n / k:.1f} per direction; "
+            f"`{name}`: {n} datapoints for {k} directions on the larger side ({n / k:.1f} per direction; "
             f"at least {MIN_DATAPOINTS_PER_DIRECTION} are advised). CCA then reports spuriously high "
             "similarity; use more probe datapoints or keep fewer directions (`keep`).",
             FewDatapointsWarning,
             stacklevel=stacklevel,
         )
+
+
+def warn_keep_capped(keep: int, capped: "list[tuple[str, int]]", stacklevel: int = 3) -> None:
+    """One warning for every layer narrower than an int ``keep`` (it keeps all its neurons)."""
+    if capped:
+        layers = ", ".join(f"`{n}` ({w})" for n, w in capped)
+        warnings.warn(
+            f"`keep={keep}` exceeds the neurons of {layers}; those keep all their directions. "
+            "Pass a smaller `keep` or a fraction to silence this.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def check_keep_rule(keep: Any, keep_rule: Any) -> Tuple[Union[int, float], str]:
+    """SVCCA's truncation, validated once for every caller (svcca, svd_reduce, similarity_matrix)."""
+    return check_keep(keep), check_choice(keep_rule, "keep_rule", ("singular_values", "variance"))
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` is a bool (numpy bools too); strings and numbers are refused."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def check_rtol(rtol: Any, name: str = "rtol") -> Optional[float]:
+    """``rtol`` is None (the dtype's default) or a number in (0, 1)."""
+    return None if rtol is None else check_fraction(rtol, name)
+
+
+def check_names(names: Any) -> Tuple[str, str]:
+    """``names`` is a pair of strings used for the two inputs in error messages."""
+    if not (isinstance(names, (tuple, list)) and len(names) == 2 and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"`names` must be a pair of strings such as ('a.npy', 'b.npy'), got {names!r}.")
+    return str(names[0]), str(names[1])
 
 
 def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -169,10 +255,10 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
 
 def check_fraction(value: Any, name: str, *, low_inclusive: bool = False, high_inclusive: bool = False) -> float:
     """``value`` is a real number in the interval (0, 1), ends included where asked."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     if ok:
         v = float(value)
-        ok = (v >= 0.0 if low_inclusive else v > 0.0) and (v <= 1.0 if high_inclusive else v < 1.0)
+        ok = v == v and (v >= 0.0 if low_inclusive else v > 0.0) and (v <= 1.0 if high_inclusive else v < 1.0)
     if not ok:
         interval = ("[" if low_inclusive else "(") + "0, 1" + ("]" if high_inclusive else ")")
         raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}.")
