@@ -9,7 +9,9 @@ freeze training runs on the GPU. Then a capture on the device against the CPU on
 model and probe (torchvision ``resnet18(num_classes=10)``, ImageNet stem, ``--probe``
 32x32 images): both timed, results checked to agree within 1e-4 (relative to each layer's
 scale, TF32 off for the comparison), the result's device, and the peak device memory of a
-capture against that of a plain forward of the probe. Exits non-zero on the first failure.
+capture against that of a plain forward of the probe; then the end-of-run analysis (40
+captures x 30 layers, 4 full heatmaps) on the device against the CPU, timed and checked
+to agree within 1e-4. Exits non-zero on the first failure.
 
     python experiments/gpu_check.py --device cpu --probe 64 --no-bench   # dry run of the CPU path
 """
@@ -169,11 +171,38 @@ def capture_on_device(dev: str, n_probe: int) -> None:
               f"(batch {rec.batch_size})")
 
 
+def analysis_on_device(dev: str, captures: int = 40, layers: int = 30, n: int = 1024) -> None:
+    """The end-of-run analysis (4 full heatmaps, every to-final diagonal) on ``dev`` vs the CPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_analysis import GRID_FRACTIONS, _build_stores, _sync
+
+    from svcca_torch.dynamics import learning_dynamics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _build_stores(Path(tmp), captures, layers, n, 0.5, dev)["int12"]
+        shown = [store.nearest(f) for f in GRID_FRACTIONS]
+        times, results = {}, {}
+        for where in ("cpu", dev, "cpu", dev):  # the second round is the one timed (warm)
+            _sync(where)
+            t0 = time.perf_counter()
+            results[where] = learning_dynamics(store, full=shown, device=where)
+            _sync(where)
+            times[where] = time.perf_counter() - t0
+        store.close()
+    a, b = results["cpu"], results[dev]
+    diff = max(float((a.to_final() - b.to_final()).abs().max()),
+               float((a.matrices[a.full] - b.matrices[b.full]).abs().max()))
+    check(f"end-of-run analysis on {dev} == cpu (1e-4)", diff < 1e-4, f"max diff {diff:.1e}")
+    print(f"end-of-run analysis, {captures} captures x {layers} layers, {n} datapoints, {len(a.full)} full matrices: "
+          f"cpu {times['cpu']:.2f} s ({torch.get_num_threads()} thread(s)), {dev} {times[dev]:.2f} s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-bench", action="store_true", help="skip the kernel benchmark")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to dry-run this script")
     p.add_argument("--probe", type=int, default=4096, help="probe images of the capture check (default: %(default)s)")
+    p.add_argument("--analysis", default="40x30", help="CAPTURESxLAYERS of the analysis check (default: %(default)s)")
     args = p.parse_args()
     if args.device == "cuda":
         check("CUDA available", torch.cuda.is_available(), torch.__version__)
@@ -181,6 +210,8 @@ def main() -> None:
     kernels(args.device)
     recorder_and_callback(args.device)
     capture_on_device(args.device, args.probe)
+    c, l = (int(v) for v in args.analysis.split("x"))
+    analysis_on_device(args.device, c, l)
     if not args.no_bench:
         here = Path(__file__).resolve().parent
         subprocess.run([sys.executable, str(here / "bench_kernels.py"), "--device", args.device, "--repeats", "5"],
