@@ -73,6 +73,8 @@ from .utils.validation import check_fraction, check_keep, check_positive_int
 __all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "check_probe", "probe_size"]
 
 FREEZE_CHOICES = ("adaptive", "schedule")
+#: SVD truncation of the freeze signal's recordings (fraction of variance kept, as in the paper)
+SIGNAL_KEEP = 0.99
 _FLOPS_EXAMPLES = 2
 
 Groups = Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]]
@@ -260,7 +262,7 @@ class DynamicsTracker:
         freeze: Union[bool, str] = False,
         freeze_groups: Optional[Groups] = None,
         freeze_window: Optional[int] = None,
-        freeze_threshold: float = 0.98,
+        freeze_threshold: float = 0.95,
         freeze_patience: int = 2,
         signal_datapoints_per_neuron: int = 10,
         max_frozen_fraction: float = 0.75,
@@ -626,10 +628,10 @@ class DynamicsTracker:
                 layers, rows, n_images = self._signal_plan(groups)
                 acts = self._record(layers, n_images, signal=True)
                 if acts is not None:
-                    settings = self.store.settings if self.store is not None else {"keep": self.keep,
-                                                                                    "keep_rule": "singular_values"}
-                    bases = {n: svd_reduce(acts[n][: rows[n]], settings["keep"], keep_rule=settings["keep_rule"],
-                                           max_directions=self.max_directions, name=n) for n in layers}
+                    # the paper's SVD step (directions explaining 99% of the variance): the signal
+                    # judges the directions that carry the layer, not its low-variance tail
+                    bases = {n: svd_reduce(acts[n][: rows[n]], SIGNAL_KEEP, keep_rule="variance", name=n)
+                             for n in layers}
                     ref = self._ref
                     sims: Dict[str, float] = {}
                     if ref is not None and step - ref["step"] == self.freeze_window:

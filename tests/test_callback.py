@@ -368,3 +368,50 @@ def test_explicit_freeze_groups(tmp_path):
     with pytest.raises(ValueError, match="no recorded layer"):
         trainer(tmp_path, callbacks=[SVCCACallback(probe, layers=["net.fc"], freeze_training=True,
                                                    freeze_groups=groups)]).fit(DigitsModule(), loader)
+
+
+# ---------------------------------------------------------------------------- probe edge cases (issue 8, section 4)
+def test_generator_probe_is_refused_at_construction():
+    _, probe = digits_loaders()
+    with pytest.raises(ValueError, match="single-use"):
+        SVCCACallback((b for b in probe.split(50)))
+
+
+def test_one_sample_probe_loader_fails_at_setup_with_a_probe_message(tmp_path):
+    loader, probe = digits_loaders()
+    cb = SVCCACallback(DataLoader(TensorDataset(probe[:1], torch.zeros(1)), batch_size=1), progress=False)
+    t = trainer(tmp_path, max_epochs=1, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"`probe` holds 1 input"):
+        cb.setup(t, DigitsModule(), "fit")
+
+
+class _SecondBatchDrifts:
+    """A re-iterable probe whose second batch changes between passes (first batch fixed)."""
+
+    def __init__(self, x):
+        self.x, self.passes = x, 0
+
+    def __iter__(self):
+        self.passes += 1
+        yield self.x[:100]
+        yield self.x[100:] * (1.0 + 0.1 * self.passes)
+
+
+def test_probe_checksum_covers_every_batch(tmp_path):
+    loader, probe = digits_loaders()
+    cb = SVCCACallback(_SecondBatchDrifts(probe), every_n_epochs=1, progress=False)
+    with pytest.raises(ValueError, match="probe` changed"):
+        trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(DigitsModule(), loader)
+
+
+def test_unknown_training_length_adaptive_freezes(tmp_path):
+    """max_steps=-1 with an early stop: the adaptive signal needs no training length."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    loader, probe = digits_loaders()
+    cb = SVCCACallback(probe, freeze_training=True, freeze_threshold=0.9, freeze_patience=1, final_analysis=False,
+                       progress=False)
+    stop = EarlyStopping(monitor="train_loss", patience=0, min_delta=10.0, check_on_train_epoch_end=True)
+    t = trainer(tmp_path, max_epochs=-1, max_steps=-1, callbacks=[cb, stop])
+    t.fit(DigitsModule(), loader)
+    assert t.global_step < 100 and cb.captured_steps[0] == 0 and cb.captured_steps[-1] == t.global_step
