@@ -131,7 +131,7 @@ def _fit(args, repeats: int, seed: int, epochs: int, make_cb, root: str, tag: st
                    frozen=[g for e in events for g in e["groups"]],
                    first_freeze_fraction=events[0]["step"] / total if events else None,
                    freeze_events=[{"step": e["step"], "groups": e["groups"]} for e in events],
-                   tracker_overhead=cb.tracker.overhead)
+                   tracker_overhead=cb.tracker.overhead, signal=[dict(e) for e in cb.tracker.signal_log])
     print(f"  {tag:<28} seed {seed}: {wall:7.1f} s, test accuracy {100 * out['test_accuracy']:.2f}%"
           + (f", captures {out['captures']}, frozen {len(out['frozen'])}" if cb is not None else ""), flush=True)
     return out
@@ -183,6 +183,7 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
                       "first_freeze_fraction": [r.get("first_freeze_fraction") for r in rs]}
     out["arms"] = table
     out["none_wall_s"] = none_wall
+    out["signal_seed0"] = by["adaptive"][0].get("signal", [])
     out["frequency"] = {arm: {"frozen": by[arm][0]["frozen"], "first_freeze_fraction": by[arm][0]["first_freeze_fraction"],
                               "captures": by[arm][0]["captures"]}
                         for arm in ("adaptive-every-4-steps", "adaptive-every-epoch") if arm in by}
@@ -314,6 +315,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(f"   {arm:<10} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} "
                   f"{100 * r['accuracy']:>8.2f} ± {100 * r['accuracy_std']:.2f} {r['accuracy_drop_points']:>11.2f} "
                   f"{str(r['frozen']):>14} {(', '.join(f'{100 * f:.0f}%' for f in ff) or '-'):>16}")
+        print(f"\n   adaptive signal, seed {args.seeds[0]} (SVCCA similarity to one epoch earlier, per judged group):")
+        for e in s["signal_seed0"]:
+            print(f"   step {e['step']:>4}: " + ", ".join(f"{g} {v:.3f}" for g, v in e.items() if g != "step"))
         print("\n3. adaptive freeze decisions vs capture frequency (seed %d, max_overhead=None):" % args.seeds[0])
         for arm, r in s["frequency"].items():
             ff = r["first_freeze_fraction"]
