@@ -176,7 +176,9 @@ def bench(args) -> Dict[str, Any]:
             runs.append(dict(_fit(args, args.repeats, args.seeds[0], args.large_epochs, make, root, arm), arm=arm))
         for seed in args.seeds:  # arms interleaved within each seed
             arms = [("none", None), ("defaults", defaults), ("schedule", schedule), ("adaptive", adaptive)]
-            if seed == args.seeds[0]:
+            if args.overhead_only:
+                arms = arms[:2]
+            elif seed == args.seeds[0]:
                 arms += [("adaptive-every-4-steps", every4), ("adaptive-every-epoch", every_epoch)]
             for arm, make in arms:
                 runs.append(dict(_fit(args, 1, seed, args.epochs, make, root, f"{arm}-s{seed}"), arm=arm))
@@ -198,7 +200,7 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
     none_wall = statistics.mean(r["wall_s"] for r in by["none"])
     none_acc = statistics.mean(r["test_accuracy"] for r in by["none"])
     table = {}
-    for arm in ("none", "defaults", "schedule", "adaptive"):
+    for arm in [a for a in ("none", "defaults", "schedule", "adaptive") if a in by]:
         rs = by[arm]
         accs = [r["test_accuracy"] for r in rs]
         table[arm] = {"wall_s": statistics.mean(r["wall_s"] for r in rs),
@@ -209,7 +211,7 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
                       "first_freeze_fraction": [r.get("first_freeze_fraction") for r in rs]}
     out["arms"] = table
     out["none_wall_s"] = none_wall
-    out["signal_seed0"] = by["adaptive"][0].get("signal", [])
+    out["signal_seed0"] = by["adaptive"][0].get("signal", []) if "adaptive" in by else []
     out["frequency"] = {arm: {"frozen": by[arm][0]["frozen"], "first_freeze_fraction": by[arm][0]["first_freeze_fraction"],
                               "captures": by[arm][0]["captures"]}
                         for arm in ("adaptive-every-4-steps", "adaptive-every-epoch") if arm in by}
@@ -305,6 +307,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "find_unused_parameters, in one process), ddp2 (2 Lightning DDP processes); default main")
     parser.add_argument("--ddp-steps", type=int, default=40, help="steps per DDP timing (default 40)")
     parser.add_argument("--rounds", type=int, default=1, help="ddp2: interleaved repetitions (default 1)")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the overhead arms (no callback, callback at defaults); no freeze sections")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 256-image probe")
     parser.add_argument("--out", type=str, default="runs/bench_callback")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)

@@ -506,7 +506,8 @@ class DynamicsTracker:
         now = time.perf_counter()
         spent = self._own + (now - self._t_outer if self._depth else 0.0)
         train = now - self._origin - spent
-        reserve = self._capture_cost + (len(self.captured_steps) + 2) * self._analysis_cost
+        # the final capture, and the end-of-run analysis with its figures (costed as one more capture)
+        reserve = 2 * self._capture_cost + (len(self.captured_steps) + 2) * self._analysis_cost
         return spent + self._capture_cost + reserve <= self.max_overhead * train
 
     def capture(self, step: int, epoch: Optional[int] = None) -> Dict[str, Any]:
