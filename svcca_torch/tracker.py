@@ -466,6 +466,8 @@ class DynamicsTracker:
             request: ``True`` asks for a capture now (e.g. at an epoch end), ``False`` for
                 none; default: ``every_n_steps``, or the budget alone when it is None.
         """
+        if not self._started:
+            raise RuntimeError(f"{type(self).__name__}.maybe_capture: call start() once before the first step.")
         with self._timed():
             events = TrackerEvents(step)
             if self.freeze == "schedule":

@@ -62,6 +62,13 @@ def test_plain_loop_captures_stores_and_summarises(tmp_path):
     json.dumps(tracker.state_dict())  # JSON-serialisable
 
 
+def test_maybe_capture_before_start_is_a_clear_error(tmp_path):
+    _, probe = _data()
+    tracker = DynamicsTracker(ConvNet(width=8, depth=4, hidden=32), probe, run_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="start"):
+        tracker.maybe_capture(1)
+
+
 def test_overhead_budget_spaces_captures(tmp_path):
     # a budget no capture fits in: only the first and the final capture are taken
     _, tight = _train(dict(every_n_steps=1, max_overhead=1e-9, final_analysis=False), tmp_path / "a", epochs=1)
