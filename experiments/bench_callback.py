@@ -1,22 +1,26 @@
-"""Cost of SVCCACallback: the same training with and without it, in one run.
+"""Cost and benefit of SVCCACallback, end to end, in one run with the arms interleaved.
 
-Measures, on a small ResNet (``resnet_small``) on 32x32 images (scikit-learn's digits,
-upsampled), with a 1,024-image probe captured every epoch:
+Setting (issue 10): torchvision ``resnet18(num_classes=10)`` with its ImageNet stem on
+scikit-learn's digits upsampled to 32x32 with 3 channels, batch 64, one torch thread, a
+1,024-image probe, a ``TensorBoardLogger`` in every arm (so the callback's logging is
+paid), the same seed and data order in every arm of a seed. It prints:
 
-1. wall-time overhead of the callback at its defaults (no freeze training) against the same
-   training without it (target <= 10%); the captures' share is about
-   ``probe images / (3 x training images per epoch)`` (a no-grad forward of the probe against
-   forward + backward of the epoch), so the overhead is shown for two epoch sizes;
-2. time per training step before and after freeze training froze the lower half of the
-   layer groups (the schedule policy, pinned to freeze them at 50% of training), with the
-   callback's own FLOP-count estimate of the backward compute saved;
-3. the cost of ``find_unused_parameters=True``, which the callback turns on for freeze
-   training under ``strategy="ddp"``: time per step of a DDP-wrapped model with and without
-   it, no layer frozen, steps alternated in one process so load on a shared machine hits
-   both alike (``--sections ddp2`` also times 2-process Lightning DDP runs).
+1. **overhead at defaults** (no freeze training): wall time with the callback against the
+   same training without it, for the 1,347-image digits epoch and a 4x larger one
+   (goal: <= 5%);
+2. **freeze training end to end**: wall time (callback included) and test accuracy, mean
+   of the seeds, for no callback / ``freeze_training="schedule"`` / ``freeze_training=True``
+   (adaptive) at their defaults (goal: <= 0.75x the time without the callback, accuracy
+   within 0.5 points);
+3. **capture-frequency invariance**: the adaptive policy with captures every 4 steps vs
+   every epoch (``max_overhead=None``): groups frozen and the training fraction of the
+   first freeze (goal: same groups +-1, first freeze within 10% of training).
 
-Run ``python experiments/bench_callback.py`` (about 3-5 minutes on 2 CPU cores); ``--quick``
-for a smoke run. Prints a table and writes ``bench_callback.json`` to ``--out``.
+    python experiments/bench_callback.py                 # the README's run (~30 min, 2 cores)
+    python experiments/bench_callback.py --quick         # smoke run
+
+Writes ``bench_callback.json`` to ``--out``. ``--sections ddp`` (or ``ddp2``) times the cost
+of DDP's ``find_unused_parameters=True`` that freeze training turns on.
 """
 from __future__ import annotations
 
@@ -37,17 +41,22 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from svcca_torch.callbacks import SVCCACallback
 from svcca_torch.data import load_digits_dataset, probe_set
-from svcca_torch.models import resnet_small
 
 
-class LitResNet(pl.LightningModule):
-    def __init__(self, width: int, lr: float = 0.05) -> None:
+def _resnet18() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)  # the ImageNet stem: 7x7/2 conv + max-pool
+
+
+class Lit(pl.LightningModule):
+    def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
-        self.net = resnet_small(in_channels=1, width=width)
-        self.layer_names = ["net." + n for n in self.net.layer_names]
+        self.net = _resnet18()
         self.lr = lr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,89 +84,145 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def _data(repeats: int, batch_size: int, n_probe: int):
-    train, _ = load_digits_dataset(size=32)
+def _rgb(ds: TensorDataset) -> TensorDataset:
+    x, y = ds.tensors
+    return TensorDataset(x.expand(-1, 3, -1, -1).contiguous(), y)
+
+
+def _data(repeats: int, batch_size: int, n_probe: int, seed: int = 0):
+    """(train loader, test set, probe): digits at 32x32, 3 channels; the training split
+    repeated ``repeats`` times per epoch; the data order fixed by ``seed``."""
+    train, test = load_digits_dataset(size=32)
+    train, test = _rgb(train), _rgb(test)
     x, y = train.tensors
     data = TensorDataset(x.repeat(repeats, 1, 1, 1), y.repeat(repeats))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-    return loader, probe_set(train, n_probe, seed=0)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return loader, test, probe_set(train, min(n_probe, len(train)), seed=0)
 
 
-def _fit(args, loader, callbacks, root: str, max_epochs: int) -> float:
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        default_root_dir=root, max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-    )
-    t0 = time.perf_counter()
-    trainer.fit(LitResNet(args.width), loader)
-    return time.perf_counter() - t0
+def _accuracy(model: nn.Module, test: TensorDataset) -> float:
+    x, y = test.tensors
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(b).argmax(1) for b in x.split(256)])
+    return float((pred == y).float().mean())
 
 
-def _timed(cb: SVCCACallback) -> Dict[str, List[float]]:
-    """Time the callback's capture (record, reduce, store, similarity) and its end-of-training
-    analysis (matrices, figures, JSON), to split the overhead without relying on wall-time
-    differences alone on a shared machine."""
-    timings: Dict[str, List[float]] = {"capture": [], "final_analysis": []}
-    for attr, key in (("_capture", "capture"), ("_finish", "final_analysis")):
-        original = getattr(cb, attr)
+_HOOKS = ("setup", "on_train_start", "on_train_batch_end", "on_train_epoch_end", "on_train_end")
 
-        def wrapped(*a, _original=original, _key=key, **k):
+
+def _time_hooks(cb: Callback) -> List[float]:
+    """Accumulate the wall time spent in the callback's hooks (its whole cost, logging
+    included), so that its share of a run is measured inside that run, not only by the
+    difference of two runs on a shared machine."""
+    spent = [0.0]
+    for name in _HOOKS:
+        original = getattr(cb, name)
+
+        def wrapped(*a, _original=original, **k):
             t0 = time.perf_counter()
             try:
                 return _original(*a, **k)
             finally:
-                timings[_key].append(time.perf_counter() - t0)
+                spent[0] += time.perf_counter() - t0
 
-        setattr(cb, attr, wrapped)
-    return timings
+        setattr(cb, name, wrapped)
+    return spent
 
 
-def bench_overhead(args, repeats: int) -> Dict[str, Any]:
-    loader, probe = _data(repeats, args.batch_size, args.probe)
-    walls: Dict[str, List[float]] = {"without": [], "with": []}
-    timings: Dict[str, List[float]] = {}
+def _fit(args, repeats: int, seed: int, epochs: int, make_cb, root: str, tag: str) -> Dict[str, Any]:
+    """One training run; ``make_cb(probe, run_dir)`` gives the SVCCA callback or None."""
+    loader, test, probe = _data(repeats, args.batch_size, args.probe, seed)
+    pl.seed_everything(seed, verbose=False)
+    model = Lit()
+    cb = make_cb(probe, Path(root) / tag) if make_cb is not None else None
+    spent = _time_hooks(cb) if cb is not None else [0.0]
+    trainer = pl.Trainer(
+        default_root_dir=root, max_epochs=epochs, accelerator="cpu", devices=1,
+        logger=TensorBoardLogger(root, name=tag), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[cb] if cb is not None else [],
+    )
+    t0 = time.perf_counter()
+    trainer.fit(model, loader)
+    wall = time.perf_counter() - t0
+    total = trainer.global_step
+    out: Dict[str, Any] = {"tag": tag, "seed": seed, "wall_s": wall, "steps": total,
+                           "test_accuracy": _accuracy(model, test)}
+    if cb is not None:
+        events = cb.freeze_log
+        out.update(callback_s=spent[0], callback_share=spent[0] / (wall - spent[0]), captures=len(cb.captured_steps), captured_steps=list(cb.captured_steps),
+                   frozen=[g for e in events for g in e["groups"]],
+                   first_freeze_fraction=events[0]["step"] / total if events else None,
+                   freeze_events=[{"step": e["step"], "groups": e["groups"]} for e in events],
+                   tracker_overhead=cb.tracker.overhead, signal=[dict(e) for e in cb.tracker.signal_log])
+    print(f"  {tag:<28} seed {seed}: {wall:7.1f} s, test accuracy {100 * out['test_accuracy']:.2f}%"
+          + (f", callback {spent[0]:.1f} s ({100 * out['callback_share']:.1f}% of training), captures "
+             f"{out['captures']}, frozen {len(out['frozen'])}" if cb is not None else ""), flush=True)
+    return out
+
+
+def bench(args) -> Dict[str, Any]:
+    defaults = lambda probe, d: SVCCACallback(probe, run_dir=d, progress=False)  # noqa: E731
+    schedule = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training="schedule", progress=False)  # noqa: E731
+    adaptive = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, progress=False)  # noqa: E731
+    every4 = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, every_n_train_steps=4,  # noqa: E731
+                                            max_overhead=None, final_analysis=False, progress=False)
+    every_epoch = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, every_n_epochs=1,  # noqa: E731
+                                                 max_overhead=None, final_analysis=False, progress=False)
+    runs: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as root:
-        for r in range(args.rounds):  # interleaved, so load drift on a shared machine hits both
-            walls["without"].append(_fit(args, loader, [], root, args.epochs))
-            cb = SVCCACallback(probe, run_dir=Path(root) / f"svcca{r}", progress=False)
-            timings = _timed(cb)
-            walls["with"].append(_fit(args, loader, [cb], root, args.epochs))
-    base, with_cb = min(walls["without"]), min(walls["with"])
-    capture = statistics.median(timings["capture"])
-    final = sum(timings["final_analysis"])
-    return {"train_images_per_epoch": len(loader.dataset), "probe_images": args.probe, "epochs": args.epochs,
-            "captures": len(timings["capture"]), "wall_without_s": base, "wall_with_s": with_cb,
-            "overhead": with_cb / base - 1.0, "capture_s": capture, "final_analysis_s": final,
-            "epoch_s_without": base / args.epochs, "capture_per_epoch": capture / (base / args.epochs),
-            "all_walls": walls}
+        # the larger epoch: overhead at defaults only
+        for arm, make in (("none-large", None), ("defaults-large", defaults)):
+            runs.append(dict(_fit(args, args.repeats, args.seeds[0], args.large_epochs, make, root, arm), arm=arm))
+        for seed in args.seeds:  # arms interleaved within each seed
+            arms = [("none", None), ("defaults", defaults), ("schedule", schedule), ("adaptive", adaptive)]
+            if args.overhead_only:
+                arms = arms[:2]
+            elif seed == args.seeds[0]:
+                arms += [("adaptive-every-4-steps", every4), ("adaptive-every-epoch", every_epoch)]
+            for arm, make in arms:
+                runs.append(dict(_fit(args, 1, seed, args.epochs, make, root, f"{arm}-s{seed}"), arm=arm))
+    return {"runs": runs}
 
 
-def bench_freeze(args) -> Dict[str, Any]:
-    loader, probe = _data(args.repeats, args.batch_size, args.probe)
-    with tempfile.TemporaryDirectory() as root:
-        cb = SVCCACallback(probe, run_dir=Path(root) / "svcca", freeze_training="schedule", schedule_start=0.5,
-                           schedule_end=0.5, max_frozen_fraction=0.5, final_analysis=False, progress=False)
-        timer = StepTimer()
-        _fit(args, loader, [cb, timer], root, args.epochs)
-    freeze_step = cb.freeze_log[0]["step"]
-    # skip the first steps of each phase (allocator warm-up)
-    before = timer.times[3:freeze_step]
-    after = timer.times[freeze_step + 3:]
-    b, a = statistics.median(before), statistics.median(after)
-    return {"groups": [g.name for g in cb.groups], "frozen": cb.policy.frozen, "freeze_step": freeze_step,
-            "step_s_before": b, "step_s_after": a, "speedup": b / a, "time_saved": 1.0 - a / b,
-            "backward_flops_saved": cb.freeze_log[-1]["backward_flops_saved"],
-            "frozen_parameters": cb.freeze_log[-1]["frozen_parameters"],
-            "total_parameters": sum(p.numel() for g in cb.groups for p in g.parameters())}
-
+def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
+    runs = results["runs"]
+    by: Dict[str, List[Dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(r["arm"], []).append(r)
+    out: Dict[str, Any] = {}
+    out["overhead_large"] = by["defaults-large"][0]["wall_s"] / by["none-large"][0]["wall_s"] - 1
+    out["callback_share_large"] = by["defaults-large"][0]["callback_share"]
+    out["callback_share_digits"] = [r["callback_share"] for r in by["defaults"]]
+    base_seed = by["none"][0]["seed"]
+    out["overhead_digits"] = next(r["wall_s"] for r in by["defaults"] if r["seed"] == base_seed) / by["none"][0]["wall_s"] - 1
+    out["overhead_digits_mean"] = statistics.mean(d["wall_s"] / n["wall_s"] - 1 for d, n in zip(by["defaults"], by["none"]))
+    none_wall = statistics.mean(r["wall_s"] for r in by["none"])
+    none_acc = statistics.mean(r["test_accuracy"] for r in by["none"])
+    table = {}
+    for arm in [a for a in ("none", "defaults", "schedule", "adaptive") if a in by]:
+        rs = by[arm]
+        accs = [r["test_accuracy"] for r in rs]
+        table[arm] = {"wall_s": statistics.mean(r["wall_s"] for r in rs),
+                      "wall_ratio": statistics.mean(r["wall_s"] / n["wall_s"] for r, n in zip(rs, by["none"])),
+                      "accuracy": statistics.mean(accs), "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                      "accuracy_drop_points": 100 * (none_acc - statistics.mean(accs)),
+                      "frozen": [len(r.get("frozen", [])) for r in rs],
+                      "first_freeze_fraction": [r.get("first_freeze_fraction") for r in rs]}
+    out["arms"] = table
+    out["none_wall_s"] = none_wall
+    out["signal_seed0"] = by["adaptive"][0].get("signal", []) if "adaptive" in by else []
+    out["frequency"] = {arm: {"frozen": by[arm][0]["frozen"], "first_freeze_fraction": by[arm][0]["first_freeze_fraction"],
+                              "captures": by[arm][0]["captures"]}
+                        for arm in ("adaptive-every-4-steps", "adaptive-every-epoch") if arm in by}
+    return out
 
 def ddp_worker(args) -> None:
     """One 2-process run (Lightning re-launches this same command for rank 1)."""
     from pytorch_lightning.strategies import DDPStrategy
 
     torch.set_num_threads(1)
-    loader, _ = _data(1, args.batch_size, 16)
+    loader, _, _ = _data(1, args.batch_size, 16)
     timer = StepTimer()
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
@@ -165,7 +230,7 @@ def ddp_worker(args) -> None:
         strategy=DDPStrategy(find_unused_parameters=bool(args.find_unused)), logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
-    trainer.fit(LitResNet(args.width), loader)
+    trainer.fit(Lit(), loader)
     if trainer.global_rank == 0:
         Path(args.worker_result).write_text(json.dumps({"step_s": statistics.median(timer.times[3:])}))
 
@@ -178,7 +243,7 @@ def bench_ddp_2proc(args) -> Dict[str, Any]:
         with tempfile.TemporaryDirectory() as root:
             res = Path(root) / "result.json"
             cmd = [sys.executable, os.path.abspath(__file__), "--ddp-worker", "--find-unused", str(flag),
-                   "--worker-result", str(res), "--out", root, "--width", str(args.width),
+                   "--worker-result", str(res), "--out", root,
                    "--batch-size", str(args.batch_size), "--ddp-steps", str(args.ddp_steps)]
             subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=root)
             key = "step_s_find_unused_true" if flag else "step_s_find_unused_false"
@@ -197,12 +262,12 @@ def bench_ddp(args) -> Dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    loader, _ = _data(1, args.batch_size, 16)
+    loader, _, _ = _data(1, args.batch_size, 16)
     with tempfile.TemporaryDirectory() as root:
         dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=0, world_size=1)
         try:
             torch.manual_seed(0)
-            base = LitResNet(args.width).net
+            base = Lit().net
             wrapped = {flag: DDP(copy.deepcopy(base), find_unused_parameters=flag) for flag in (False, True)}
             opts = {flag: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for flag, m in wrapped.items()}
             times: Dict[bool, List[float]] = {False: [], True: []}
@@ -229,21 +294,22 @@ def bench_ddp(args) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=8, help="channels of the ResNet's first stage (default 8)")
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs per run (default 3)")
+    parser.add_argument("--epochs", type=int, default=15, help="epochs of the 1,347-image digits epoch (default 15)")
+    parser.add_argument("--large-epochs", type=int, default=4,
+                        help="epochs of the larger epoch (the digits split repeated --repeats times; default 4)")
+    parser.add_argument("--repeats", type=int, default=4, help="the larger epoch: training split x this (default 4: 5,388)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--probe", type=int, default=1024, help="probe images (default 1024)")
-    parser.add_argument("--repeats", type=int, default=4,
-                        help="the digits training split repeated this many times per epoch for the larger epoch "
-                             "(default 4: 5,388 images; CIFAR-10 has 50,000)")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions, min taken (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--sections", default="overhead,freeze,ddp",
-                        help="comma-separated parts to run: overhead, freeze, ddp (cost of DDP "
-                             "find_unused_parameters, in one process), ddp2 (the same with 2 Lightning DDP "
-                             "processes; noisy on 2 shared cores); default overhead,freeze,ddp")
+    parser.add_argument("--sections", default="main",
+                        help="comma-separated: main (overhead, freeze, frequency), ddp (cost of DDP "
+                             "find_unused_parameters, in one process), ddp2 (2 Lightning DDP processes); default main")
     parser.add_argument("--ddp-steps", type=int, default=40, help="steps per DDP timing (default 40)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
+    parser.add_argument("--rounds", type=int, default=1, help="ddp2: interleaved repetitions (default 1)")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the overhead arms (no callback, callback at defaults); no freeze sections")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 256-image probe")
     parser.add_argument("--out", type=str, default="runs/bench_callback")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--find-unused", type=int, default=0, help=argparse.SUPPRESS)
@@ -254,49 +320,51 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.epochs, args.probe, args.repeats, args.width, args.ddp_steps = 2, 128, 1, 4, 8
+        args.epochs, args.large_epochs, args.repeats, args.seeds, args.probe, args.ddp_steps = 2, 1, 2, [0, 1], 256, 8
     results: Dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if not k.startswith(("ddp_w", "worker", "find"))},
                                "torch": torch.__version__, "lightning": pl.__version__}
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"overhead", "freeze", "ddp", "ddp2"}
+    unknown = sections - {"main", "ddp", "ddp2"}
     if unknown:
-        parser.error(f"--sections: unknown {sorted(unknown)}; choose from overhead, freeze, ddp, ddp2")
-    if "overhead" in sections:
-        results["overhead_digits_epoch"] = bench_overhead(args, 1)
-        if args.repeats > 1:
-            results["overhead_larger_epoch"] = bench_overhead(args, args.repeats)
-    if "freeze" in sections:
-        results["freeze"] = bench_freeze(args)
+        parser.error(f"--sections: unknown {sorted(unknown)}; choose from main, ddp, ddp2")
+    if "main" in sections:
+        print(f"resnet18 (ImageNet stem) on 32x32x3 digits, batch {args.batch_size}, probe {args.probe}, "
+              f"{args.threads} thread(s), TensorBoardLogger; arms interleaved per seed", flush=True)
+        results.update(bench(args))
+        s = results["summary"] = summarise(results)
+        n_small = len(load_digits_dataset()[0])
+        print("\n1. callback at defaults (no freezing): time in its hooks / the rest of the run (same run), and "
+              "wall time vs the run without it (same seed; noisy on a shared machine):")
+        print(f"   {n_small:,}-image epoch x {args.epochs}: own time "
+              + ", ".join(f"{100 * v:.1f}%" for v in s["callback_share_digits"])
+              + f" (seeds); wall {100 * s['overhead_digits']:+.1f}% (seed {args.seeds[0]}), "
+              f"{100 * s['overhead_digits_mean']:+.1f}% (mean over seeds)")
+        print(f"   {args.repeats * n_small:,}-image epoch x {args.large_epochs}: own time "
+              f"{100 * s['callback_share_large']:.1f}%; wall {100 * s['overhead_large']:+.1f}%")
+        print(f"\n2. freeze training end to end ({n_small:,}-image epoch x {args.epochs}, {len(args.seeds)} seeds):")
+        print(f"   {'arm':<10} {'wall (s)':>9} {'x none':>7} {'test acc (%)':>14} {'drop (pts)':>11} "
+              f"{'groups frozen':>14} {'first freeze at':>16}")
+        for arm, r in s["arms"].items():
+            ff = [f for f in r["first_freeze_fraction"] if f is not None]
+            print(f"   {arm:<10} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} "
+                  f"{100 * r['accuracy']:>8.2f} ± {100 * r['accuracy_std']:.2f} {r['accuracy_drop_points']:>11.2f} "
+                  f"{str(r['frozen']):>14} {(', '.join(f'{100 * f:.0f}%' for f in ff) or '-'):>16}")
+        print(f"\n   adaptive signal, seed {args.seeds[0]} (SVCCA similarity to one epoch earlier, per judged group):")
+        for e in s["signal_seed0"]:
+            print(f"   step {e['step']:>4}: " + ", ".join(f"{g} {v:.3f}" for g, v in e.items() if g != "step"))
+        print("\n3. adaptive freeze decisions vs capture frequency (seed %d, max_overhead=None):" % args.seeds[0])
+        for arm, r in s["frequency"].items():
+            ff = r["first_freeze_fraction"]
+            print(f"   {arm:<24} captures {r['captures']:>4}, frozen {len(r['frozen'])} {r['frozen']}, "
+                  f"first freeze at {'-' if ff is None else f'{100 * ff:.0f}%'} of training")
     if "ddp" in sections:
-        results["ddp"] = bench_ddp(args)
+        results["ddp"] = d = bench_ddp(args)
+        print(f"\nDDP wrapper, alternated steps in one process: {1000 * d['step_s_find_unused_false']:.1f} ms "
+              f"(find_unused_parameters=False) vs {1000 * d['step_s_find_unused_true']:.1f} ms: {100 * d['cost']:+.1f}%")
     if "ddp2" in sections:
-        results["ddp_2proc"] = bench_ddp_2proc(args)
-
-    print(f"\nSVCCACallback cost (resnet_small width {args.width}, 32x32 digits, probe {args.probe}, "
-          f"capture every epoch, {args.epochs} epochs, {args.threads} thread(s))")
-    if any(k in results for k in ("overhead_digits_epoch", "overhead_larger_epoch")):
-        print(f"{'training images / epoch':>24} {'without (s)':>12} {'with (s)':>10} {'overhead':>9} "
-              f"{'1 capture (s)':>14} {'capture/epoch':>14} {'end analysis (s)':>17}")
-    for key in ("overhead_digits_epoch", "overhead_larger_epoch"):
-        if key in results:
-            r = results[key]
-            print(f"{r['train_images_per_epoch']:>24,} {r['wall_without_s']:>12.1f} {r['wall_with_s']:>10.1f} "
-                  f"{100 * r['overhead']:>8.1f}% {r['capture_s']:>14.2f} {100 * r['capture_per_epoch']:>13.1f}% "
-                  f"{r['final_analysis_s']:>17.1f}")
-    f = results.get("freeze")
-    if f:
-        print(f"\nfreeze training froze {len(f['frozen'])} of {len(f['groups'])} groups at step {f['freeze_step']} "
-              f"({f['frozen_parameters']:,} of {f['total_parameters']:,} parameters):")
-        print(f"  time per step {1000 * f['step_s_before']:.1f} ms -> {1000 * f['step_s_after']:.1f} ms "
-              f"({100 * f['time_saved']:.0f}% less); backward FLOPs saved (estimate) "
-              f"{100 * f['backward_flops_saved']:.0f}%")
-    for key, what in (("ddp", "DDP wrapper, alternated steps in one process"),
-                      ("ddp_2proc", "Lightning DDP, 2 CPU processes (gloo)")):
-        if key in results:
-            d = results[key]
-            print(f"\n{what}: time per step {1000 * d['step_s_find_unused_false']:.1f} ms "
-                  f"(find_unused_parameters=False) vs {1000 * d['step_s_find_unused_true']:.1f} ms (True): "
-                  f"{100 * d['cost']:+.1f}%")
+        results["ddp_2proc"] = d = bench_ddp_2proc(args)
+        print(f"\nLightning DDP, 2 CPU processes: {1000 * d['step_s_find_unused_false']:.1f} ms vs "
+              f"{1000 * d['step_s_find_unused_true']:.1f} ms: {100 * d['cost']:+.1f}%")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_callback.json").write_text(json.dumps(results, indent=1))

@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.split("\n\n")[0], epochs=20, cifar_epochs=40)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --seed is ignored)")
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="policies to compare")
-    p.add_argument("--captures-per-epoch", type=int, default=2, help="SVCCA captures per epoch (adaptive policy)")
-    p.add_argument("--freeze-threshold", type=float, default=0.98, help="adaptive: similarity to previous capture")
-    p.add_argument("--freeze-patience", type=int, default=2, help="adaptive: consecutive settled captures")
+    p.add_argument("--freeze-window", type=int, default=None,
+                   help="adaptive: steps between the two recordings its signal compares (default one epoch)")
+    p.add_argument("--freeze-threshold", type=float, default=0.95, help="adaptive: similarity to one window earlier")
+    p.add_argument("--freeze-patience", type=int, default=2, help="adaptive: consecutive settled windows")
     p.add_argument("--max-frozen-fraction", type=float, default=0.75, help="most layer groups frozen")
     p.add_argument("--schedule-start", type=float, default=0.25, help="schedule: fraction at which the lowest group freezes")
     p.add_argument("--schedule-end", type=float, default=0.75, help="schedule: fraction at which the highest freezable group freezes")
@@ -62,11 +63,11 @@ def train_one(args: argparse.Namespace, data: Any, seed: int, policy: str, run_d
     callbacks = []
     cb = None
     if policy != "none":
-        steps = max(1, -(-len(data.train) // args.batch_size))
-        every = max(1, steps // max(1, args.captures_per_epoch))
+        # captures at the callback's defaults (a 5% time budget); the freeze signal has its own grid
         cb = SVCCACallback(
-            data.probe, every_n_train_steps=every, run_dir=run_dir / f"{policy}-seed{seed}", name=f"freeze_{policy}",
-            freeze_training=policy, freeze_threshold=args.freeze_threshold, freeze_patience=args.freeze_patience,
+            data.probe, run_dir=run_dir / f"{policy}-seed{seed}", name=f"freeze_{policy}",
+            freeze_training=policy, freeze_window=args.freeze_window, freeze_threshold=args.freeze_threshold,
+            freeze_patience=args.freeze_patience,
             max_frozen_fraction=args.max_frozen_fraction, schedule_start=args.schedule_start,
             schedule_end=args.schedule_end, final_analysis=False, progress=False,
         )

@@ -106,7 +106,7 @@ def run_model(args: argparse.Namespace, model: str, data: Any, run_dir: Path, lo
     freeze = False if args.freeze == "none" else args.freeze
     cb = SVCCACallback(data.probe, args.layers, every_n_train_steps=every, run_dir=run_dir / model, name="svcca",
                        freeze_training=freeze, freeze_threshold=args.freeze_threshold,
-                       freeze_patience=args.freeze_patience, progress=False)
+                       freeze_patience=args.freeze_patience, max_overhead=None, progress=False)
     log(f"[{model}] training {args.epochs} epochs on {data.name} ({len(data.train)} images), "
         f"SVCCA capture every {every} steps on {len(data.probe)} probe images"
         + (f", freeze training: {args.freeze}" if freeze else ""))

@@ -49,6 +49,7 @@ from .freeze import (
     freeze_group,
     unfreeze_group,
 )
+from .tracker import DynamicsTracker
 from .data import load_cifar10, load_digits_dataset, probe_set
 from .models import ConvNet, ResNet, resnet18_cifar, resnet_small
 

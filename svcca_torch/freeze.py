@@ -8,9 +8,11 @@ drives it from a ``Trainer``, and a plain training loop can drive it directly::
 
     groups = default_layer_groups(model, example_input=batch)  # bottom-up in forward order
     policy = AdaptiveFreezePolicy([g.name for g in groups])
-    ...after each capture, with each layer's SVCCA similarity to its previous capture:
+    ...every window of training steps, with each group's SVCCA similarity to one window earlier:
     for name in policy.update(step, similarities):
         freeze_group(groups_by_name[name])
+
+:class:`svcca_torch.tracker.DynamicsTracker` does all of this (and the recording) for you.
 """
 from __future__ import annotations
 
@@ -273,13 +275,17 @@ class FreezePolicy:
 
 
 class AdaptiveFreezePolicy(FreezePolicy):
-    """Freeze the lowest trained group once its similarity to its own previous capture has
-    stayed at or above ``threshold`` for ``patience`` consecutive captures.
+    """Freeze the lowest trained group once its similarity signal has stayed at or above
+    ``threshold`` for ``patience`` consecutive updates.
+
+    The policy is agnostic to what the similarity compares; :class:`~svcca_torch.tracker.
+    DynamicsTracker` feeds it each group's SVCCA similarity to the group one fixed window of
+    training steps earlier, so that decisions do not depend on how often anything is captured.
 
     Args:
         groups: group names, bottom-up (the last one is never frozen).
-        threshold: SVCCA similarity to the previous capture counted as "settled".
-        patience: consecutive settled captures needed.
+        threshold: similarity counted as "settled".
+        patience: consecutive settled updates needed.
         max_frozen_fraction: most groups frozen, as a fraction of all groups.
     """
 

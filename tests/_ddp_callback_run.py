@@ -86,7 +86,7 @@ def main() -> None:
         "frozen_unchanged": watch.unchanged(),
         "find_unused_parameters": getattr(trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters"),
         "matrices": json.loads(summary_path.read_text())["matrices"] if rank == 0 else None,
-        "sharded": cb._shard_recorder is not None,
+        "sharded": cb.sharded,
         # per-datapoint norms of each stored layer at step 0 (before any training): invariant to
         # the basis' signs and rotation, but not to the order of the rows
         "row_norms_step0": _row_norms(cb.run_dir / "store") if rank == 0 else None,

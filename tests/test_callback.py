@@ -70,7 +70,7 @@ def test_tensorboard_run_logs_live_and_final_views(tmp_path):
     pl.seed_everything(0)
     loader, probe = digits_loaders()
     model = DigitsModule()
-    cb = SVCCACallback(probe, progress=False)
+    cb = SVCCACallback(probe, every_n_epochs=1, max_overhead=None, progress=False)
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer(tmp_path, logger=logger, max_epochs=3, callbacks=[cb]).fit(model, loader)
 
@@ -104,7 +104,7 @@ def test_tensorboard_run_logs_live_and_final_views(tmp_path):
 
 def test_every_n_train_steps_schedule(tmp_path):
     loader, probe = digits_loaders()
-    cb = SVCCACallback(probe, every_n_train_steps=4, final_analysis=False, progress=False)
+    cb = SVCCACallback(probe, every_n_train_steps=4, max_overhead=None, final_analysis=False, progress=False)
     trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(DigitsModule(), loader)
     assert cb.captured_steps == [0, 4, 8, 10]  # plus the end of training
 
@@ -147,7 +147,8 @@ def test_freeze_training_freezes_bottom_up_and_keeps_weights(tmp_path, policy):
 def test_resume_refreezes_and_keeps_history(tmp_path):
     pl.seed_everything(0)
     loader, probe = digits_loaders()
-    cb1 = SVCCACallback(probe, freeze_training=True, freeze_threshold=0.9, freeze_patience=1, progress=False)
+    cb1 = SVCCACallback(probe, every_n_epochs=1, max_overhead=None, freeze_training=True, freeze_threshold=0.9,
+                        freeze_patience=1, progress=False)
     t1 = trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path), name="tb"), max_epochs=2, callbacks=[cb1],
                  checkpointing=True)
     t1.fit(DigitsModule(), loader)
@@ -156,7 +157,8 @@ def test_resume_refreezes_and_keeps_history(tmp_path):
     ckpt = t1.checkpoint_callback.best_model_path
     saved = torch.load(ckpt, weights_only=False)["state_dict"]
 
-    cb2 = SVCCACallback(probe, freeze_training=True, freeze_threshold=0.9, freeze_patience=1, progress=False)
+    cb2 = SVCCACallback(probe, every_n_epochs=1, max_overhead=None, freeze_training=True, freeze_threshold=0.9,
+                        freeze_patience=1, progress=False)
     snap = FrozenSnapshot(cb2)
     t2 = trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path), name="tb"), max_epochs=4,
                  callbacks=[cb2, snap])
@@ -187,7 +189,7 @@ def test_resume_from_an_earlier_checkpoint_archives_the_lost_captures(tmp_path):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     loader, probe = digits_loaders()
-    cb1 = SVCCACallback(probe, final_analysis=False, progress=False)
+    cb1 = SVCCACallback(probe, every_n_epochs=1, max_overhead=None, final_analysis=False, progress=False)
     keep_all = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     t1 = trainer(tmp_path, max_epochs=3, callbacks=[cb1, keep_all], checkpointing=True)
     t1.fit(DigitsModule(), loader)
@@ -196,7 +198,7 @@ def test_resume_from_an_earlier_checkpoint_archives_the_lost_captures(tmp_path):
     lost = RepresentationStore(store_dir).load(30, "net.fc").basis.clone()
 
     first_epoch = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
-    cb2 = SVCCACallback(probe, final_analysis=False, progress=False)
+    cb2 = SVCCACallback(probe, every_n_epochs=1, max_overhead=None, final_analysis=False, progress=False)
     t2 = trainer(tmp_path, max_epochs=3, callbacks=[cb2])
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*already in the store.*")
@@ -217,7 +219,7 @@ def test_a_new_run_in_an_old_run_dir_archives_the_old_captures(tmp_path):
     firsts = []
     for seed in (0, 1):
         pl.seed_everything(seed)
-        cb = SVCCACallback(probe, final_analysis=False, progress=False)
+        cb = SVCCACallback(probe, every_n_epochs=1, max_overhead=None, final_analysis=False, progress=False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(DigitsModule(), loader)
@@ -246,7 +248,7 @@ def test_two_instances_coexist_by_state_key(tmp_path):
 def test_csv_and_no_logger_write_figures_and_json(tmp_path, kind):
     loader, probe = digits_loaders()
     logger = CSVLogger(str(tmp_path), name="csv") if kind == "csv" else None
-    cb = SVCCACallback(probe, progress=False)
+    cb = SVCCACallback(probe, every_n_epochs=1, max_overhead=None, progress=False)
     trainer(tmp_path, logger=logger, max_epochs=2, callbacks=[cb]).fit(DigitsModule(), loader)
     run_dir = (Path(logger.log_dir) if logger else tmp_path) / "svcca"
     assert cb.run_dir == run_dir
@@ -366,3 +368,50 @@ def test_explicit_freeze_groups(tmp_path):
     with pytest.raises(ValueError, match="no recorded layer"):
         trainer(tmp_path, callbacks=[SVCCACallback(probe, layers=["net.fc"], freeze_training=True,
                                                    freeze_groups=groups)]).fit(DigitsModule(), loader)
+
+
+# ---------------------------------------------------------------------------- probe edge cases (issue 8, section 4)
+def test_generator_probe_is_refused_at_construction():
+    _, probe = digits_loaders()
+    with pytest.raises(ValueError, match="single-use"):
+        SVCCACallback((b for b in probe.split(50)))
+
+
+def test_one_sample_probe_loader_fails_at_setup_with_a_probe_message(tmp_path):
+    loader, probe = digits_loaders()
+    cb = SVCCACallback(DataLoader(TensorDataset(probe[:1], torch.zeros(1)), batch_size=1), progress=False)
+    t = trainer(tmp_path, max_epochs=1, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"`probe` holds 1 input"):
+        cb.setup(t, DigitsModule(), "fit")
+
+
+class _SecondBatchDrifts:
+    """A re-iterable probe whose second batch changes between passes (first batch fixed)."""
+
+    def __init__(self, x):
+        self.x, self.passes = x, 0
+
+    def __iter__(self):
+        self.passes += 1
+        yield self.x[:100]
+        yield self.x[100:] * (1.0 + 0.1 * self.passes)
+
+
+def test_probe_checksum_covers_every_batch(tmp_path):
+    loader, probe = digits_loaders()
+    cb = SVCCACallback(_SecondBatchDrifts(probe), every_n_epochs=1, progress=False)
+    with pytest.raises(ValueError, match="probe` changed"):
+        trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(DigitsModule(), loader)
+
+
+def test_unknown_training_length_adaptive_freezes(tmp_path):
+    """max_steps=-1 with an early stop: the adaptive signal needs no training length."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    loader, probe = digits_loaders()
+    cb = SVCCACallback(probe, freeze_training=True, freeze_threshold=0.9, freeze_patience=1, final_analysis=False,
+                       progress=False)
+    stop = EarlyStopping(monitor="train_loss", patience=0, min_delta=10.0, check_on_train_epoch_end=True)
+    t = trainer(tmp_path, max_epochs=-1, max_steps=-1, callbacks=[cb, stop])
+    t.fit(DigitsModule(), loader)
+    assert t.global_step < 100 and cb.captured_steps[0] == 0 and cb.captured_steps[-1] == t.global_step

@@ -1,0 +1,805 @@
+"""DynamicsTracker: SVCCA learning dynamics and freeze training in any PyTorch training loop.
+
+The engine behind :class:`svcca_torch.callbacks.SVCCACallback`, usable without Lightning::
+
+    tracker = DynamicsTracker(model, probe, run_dir="runs/svcca", freeze="adaptive",
+                              freeze_window=len(loader))          # window: one epoch of steps
+    tracker.start()                                               # capture at step 0
+    step = 0
+    for epoch in range(epochs):
+        for x, y in loader:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); step += 1
+            tracker.maybe_capture(step, epoch=epoch)              # captures, freezes
+    tracker.finish(step)                                          # figures + svcca_summary.json
+
+It owns four things:
+
+* the **capture schedule**: a capture records every chosen layer on the fixed probe set,
+  reduces it (:func:`~svcca_torch.svd_reduce`) into a
+  :class:`~svcca_torch.store.RepresentationStore` and measures each layer's similarity to
+  the previous capture. Captures are taken at step 0, at the end, and in between when the
+  schedule (``every_n_steps``, or the caller's ``request``) asks, but only while the time
+  the tracker has spent stays within ``max_overhead`` of the training time measured so far
+  (keeping enough in reserve for the final capture and analysis). With no schedule the
+  budget alone spaces the captures.
+* the **freeze signal** (``freeze="adaptive"``): every ``freeze_window`` optimizer steps
+  (a grid fixed in training steps, independent of the capture schedule) it records only
+  the layers of the lowest two still-trained groups, each on enough probe images for
+  ``signal_datapoints_per_neuron`` datapoints per neuron at those layers' own pooling
+  grid, and compares them with the same recording one window earlier. A group freezes
+  once that similarity has been ``>= freeze_threshold`` at ``freeze_patience``
+  consecutive grid points (and every group below it is frozen). How often heatmap captures
+  are taken therefore never changes what freezes.
+* the **freezing** (:mod:`svcca_torch.freeze`): frozen parameters get
+  ``requires_grad=False`` and ``grad=None`` and their BatchNorm layers stay in eval mode,
+  so they stay bit-identical.
+* the **final analysis**: learning-dynamics matrices, figures and ``svcca_summary.json``.
+
+Activations are ``(datapoints, neurons)`` (batch-first), or ``(N, C, H, W)`` for conv
+layers (folded to datapoints by the recorder).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .dynamics import LayerCurves, LearningDynamics, learning_dynamics, paired_similarity, similarity_to_previous
+from .freeze import (
+    FreezePolicy,
+    LayerGroup,
+    backward_flops,
+    default_layer_groups,
+    explicit_layer_groups,
+    freeze_group,
+    is_frozen,
+    make_freeze_policy,
+)
+from .functional.svcca import ReducedBasis, svd_reduce
+from .recorder import ActivationRecorder, batch_inputs, first_tensor, to_model
+from .store import RepresentationStore
+from .utils.validation import check_fraction, check_keep, check_positive_int
+
+__all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "check_probe", "probe_size"]
+
+FREEZE_CHOICES = ("adaptive", "schedule")
+#: SVD truncation of the freeze signal's recordings (fraction of variance kept, as in the paper)
+SIGNAL_KEEP = 0.99
+_FLOPS_EXAMPLES = 2
+
+Groups = Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]]
+
+
+# ----------------------------------------------------------------------------------- probe
+def check_probe(probe: Any) -> Any:
+    """``probe`` is a tensor ``(N, ...)`` or a re-iterable of batches (a DataLoader, a list
+    of batches); single-use iterators (generators) are refused: the probe is run again at
+    every capture and must give the same inputs in the same order."""
+    if probe is None:
+        raise ValueError("`probe` is None: pass a tensor of probe inputs or a DataLoader over them.")
+    if isinstance(probe, torch.Tensor):
+        if probe.ndim == 0 or probe.shape[0] < 2:
+            raise ValueError(
+                f"`probe` must hold at least 2 inputs along dim 0 (datapoints first), got shape {tuple(probe.shape)}."
+            )
+        return probe
+    if not hasattr(probe, "__iter__"):
+        raise ValueError(f"`probe` must be a tensor or a DataLoader/iterable of batches, got {type(probe).__name__}.")
+    try:
+        single_use = iter(probe) is probe
+    except TypeError:
+        single_use = False
+    if single_use:
+        raise ValueError(
+            f"`probe` is a single-use iterator ({type(probe).__name__}): it is run again at every capture, so it "
+            "must be re-iterable. Pass a tensor, a DataLoader (shuffle=False), or a list of batches "
+            "(e.g. `list(generator)`)."
+        )
+    try:
+        n = len(probe.dataset) if hasattr(probe, "dataset") else len(probe)
+    except TypeError:
+        return probe
+    if n == 0:
+        raise ValueError("`probe` is empty: it must yield at least 2 inputs.")
+    return probe
+
+
+def probe_size(probe: Any) -> int:
+    """Number of inputs in ``probe`` (a tensor or a re-iterable of batches; iterated once
+    when its size is not known otherwise)."""
+    if isinstance(probe, torch.Tensor):
+        return int(probe.shape[0])
+    dataset = getattr(probe, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    return sum(int(batch_inputs(b).shape[0]) for b in probe)
+
+
+class _Probe:
+    """The probe as input batches, hashed as they are iterated.
+
+    ``digests[i]`` is the SHA-1 of every input up to and including batch ``i`` (cumulative),
+    so a capture that runs only the first batches (a freeze-signal capture) is checked
+    against the same prefix of the first full pass, and a full pass checks every batch."""
+
+    def __init__(self, probe: Any, batch_size: int) -> None:
+        self.probe = check_probe(probe)
+        self.batch_size = batch_size
+        self.digests: List[str] = []
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        if isinstance(self.probe, torch.Tensor):
+            yield from self.probe.split(self.batch_size)
+        else:
+            for b in self.probe:
+                yield batch_inputs(b)
+
+    def inputs(self, n_images: Optional[int] = None) -> Iterator[torch.Tensor]:
+        """Yield input batches (the first ``n_images`` inputs, default all), checking each
+        batch's cumulative digest against the first pass."""
+        h = hashlib.sha1()
+        seen = 0
+        for i, x in enumerate(self._batches()):
+            t = x.detach().to("cpu", torch.float32).contiguous()
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+            d = h.hexdigest()
+            if i < len(self.digests):
+                if d != self.digests[i]:
+                    raise ValueError(
+                        f"`probe` changed between captures (batch {i} differs): SVCCA compares the same "
+                        "datapoints in the same order, so use a fixed tensor or a DataLoader with shuffle=False "
+                        "and no random augmentation (e.g. svcca_torch.data.probe_set)."
+                    )
+            else:
+                self.digests.append(d)
+            if n_images is not None and seen + x.shape[0] >= n_images:
+                yield x[: n_images - seen]
+                return
+            seen += x.shape[0]
+            yield x
+
+    @property
+    def checksum(self) -> Optional[str]:
+        """Digest of the whole probe (None before the first full pass)."""
+        return self.digests[-1] if self.digests else None
+
+    def head(self, k: int) -> torch.Tensor:
+        return next(iter(self._batches()))[:k].clone()
+
+
+# ----------------------------------------------------------------------------------- results
+@dataclass
+class TrackerEvents:
+    """What one :meth:`DynamicsTracker.maybe_capture` call did (plain data, for logging).
+
+    Attributes:
+        step: the optimizer step.
+        capture: ``{"step", "to_previous": {layer: similarity}}`` when a capture was taken.
+        signal: ``{"step", "window", "similarity": {group: similarity to one window earlier}}``
+            when a freeze-signal recording was taken (rank 0 only has the values).
+        freeze: a freeze-log entry ``{"step", "groups", "frozen_groups", "frozen_parameters",
+            "backward_flops_saved"}`` when groups were frozen.
+    """
+
+    step: int
+    capture: Optional[Dict[str, Any]] = None
+    signal: Optional[Dict[str, Any]] = None
+    freeze: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class FinalAnalysis:
+    """The end-of-run analysis (rank 0): matrices, to-final and to-previous curves."""
+
+    dynamics: LearningDynamics
+    to_final: LayerCurves
+    to_previous: LayerCurves
+    summary: Dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------- tracker
+class DynamicsTracker:
+    r"""Record layers on a fixed probe during training, keep their SVCCA history on disk and
+    optionally freeze converged layer groups bottom-up. Plain PyTorch (no Lightning).
+
+    Call :meth:`start` before the first step, :meth:`maybe_capture` after every optimizer
+    step and :meth:`finish` at the end (see the module docstring for a full loop).
+
+    Args:
+        model: the ``nn.Module`` being trained.
+        probe: fixed probe inputs: a tensor ``(N, ...)`` or a re-iterable of batches (a
+            DataLoader with ``shuffle=False``, a list of batches), same order every time.
+        layers: layers to record (see :func:`svcca_torch.recorder.select_layers`).
+        run_dir: folder for the store (``<run_dir>/store``), figures and summary JSON.
+        keep, max_directions: SVD truncation of the stored representations.
+        grid, max_datapoints, batch_size: recorder settings.
+        every_n_steps: capture every n optimizer steps (subject to ``max_overhead``); None:
+            the budget alone spaces captures (or the caller passes ``request``).
+        max_overhead: most time spent on captures, as a fraction of training time measured
+            so far (default 0.05); ``None``: no budget (every scheduled capture is taken).
+        freeze: ``False``, ``"adaptive"`` (or ``True``) or ``"schedule"``.
+        freeze_groups: explicit groups (default: one per recorded layer,
+            :func:`svcca_torch.freeze.default_layer_groups`).
+        freeze_window: the adaptive signal's window, in optimizer steps (e.g. one epoch).
+        freeze_threshold, freeze_patience: settled when the similarity to one window earlier
+            is ``>= freeze_threshold`` at ``freeze_patience`` consecutive windows.
+        signal_datapoints_per_neuron: datapoints per neuron the signal records (10).
+        max_frozen_fraction, schedule_start, schedule_end: see :mod:`svcca_torch.freeze`.
+        total_steps: training length, when known (the schedule policy needs it).
+        final_analysis: compute the learning-dynamics matrices and figures in :meth:`finish`.
+        progress: progress bar during the final analysis.
+        is_writer: whether this process writes the store (rank 0 under DDP).
+        broadcast: ``obj -> obj`` from rank 0 to every rank (default identity).
+        sharded_record: ``(recorder, inputs) -> {layer: rows} or None`` recording a probe
+            tensor split across ranks (rows gathered on rank 0); default: record here.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: Any,
+        layers: Optional[Sequence[Any]] = None,
+        *,
+        run_dir: Union[str, os.PathLike] = "svcca_run",
+        keep: Union[int, float] = 0.99,
+        max_directions: Optional[int] = None,
+        grid: int = 2,
+        max_datapoints: Optional[int] = None,
+        batch_size: int = 256,
+        every_n_steps: Optional[int] = None,
+        max_overhead: Optional[float] = 0.05,
+        freeze: Union[bool, str] = False,
+        freeze_groups: Optional[Groups] = None,
+        freeze_window: Optional[int] = None,
+        freeze_threshold: float = 0.95,
+        freeze_patience: int = 2,
+        signal_datapoints_per_neuron: int = 10,
+        max_frozen_fraction: float = 0.75,
+        schedule_start: float = 0.25,
+        schedule_end: float = 0.75,
+        total_steps: Optional[int] = None,
+        final_analysis: bool = True,
+        progress: bool = False,
+        is_writer: bool = True,
+        broadcast: Optional[Callable[[Any], Any]] = None,
+        sharded_record: Optional[Callable[[ActivationRecorder, torch.Tensor], Optional[Dict[str, torch.Tensor]]]] = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if freeze is True:
+            freeze = "adaptive"
+        if freeze is not False and freeze not in FREEZE_CHOICES:
+            raise ValueError(
+                f"`freeze_training` must be False, True (= 'adaptive'), 'adaptive' or 'schedule'; got {freeze!r}."
+            )
+        self.model = model
+        self._probe = _Probe(probe, check_positive_int(batch_size, "batch_size"))
+        self.layers_spec = layers
+        self.run_dir = Path(run_dir)
+        self.keep = check_keep(keep)
+        self.max_directions = max_directions
+        self.recorder_kwargs = dict(grid=check_positive_int(grid, "grid"), max_datapoints=max_datapoints,
+                                    batch_size=batch_size)
+        self.every_n_steps = None if every_n_steps is None else check_positive_int(every_n_steps, "every_n_steps")
+        self.max_overhead = None if max_overhead is None else check_fraction(max_overhead, "max_overhead")
+        self.freeze: Union[bool, str] = freeze
+        self.freeze_groups = freeze_groups
+        self.freeze_window = None if freeze_window is None else check_positive_int(freeze_window, "freeze_window")
+        self.signal_ratio = check_positive_int(signal_datapoints_per_neuron, "signal_datapoints_per_neuron")
+        self.policy_kwargs: Dict[str, Any] = {"max_frozen_fraction": check_fraction(
+            max_frozen_fraction, "max_frozen_fraction", high_inclusive=True)}
+        if freeze == "adaptive":
+            self.policy_kwargs.update(threshold=check_fraction(freeze_threshold, "freeze_threshold", high_inclusive=True),
+                                      patience=check_positive_int(freeze_patience, "freeze_patience"))
+        elif freeze == "schedule":
+            self.policy_kwargs.update(
+                start=check_fraction(schedule_start, "schedule_start", low_inclusive=True, high_inclusive=True),
+                end=check_fraction(schedule_end, "schedule_end", low_inclusive=True, high_inclusive=True))
+        self.total_steps = None if total_steps is None else check_positive_int(total_steps, "total_steps")
+        self.final_analysis = bool(final_analysis)
+        self.progress = bool(progress)
+        self.is_writer = bool(is_writer)
+        self._broadcast = broadcast or (lambda obj: obj)
+        self._sharded_record = sharded_record
+
+        self.recorder: Optional[ActivationRecorder] = None
+        self._recorders: Dict[Tuple[Tuple[str, ...], bool], ActivationRecorder] = {}
+        self.store: Optional[RepresentationStore] = None
+        self.groups: List[LayerGroup] = []
+        self.policy: Optional[FreezePolicy] = None
+        self.group_layers: Dict[str, List[str]] = {}
+        self._prev: Optional[Dict[str, ReducedBasis]] = None
+        self._ref: Optional[Dict[str, Any]] = None  # the last signal recording: {"step", "bases", "rows"}
+        self._shapes: Optional[Dict[str, Tuple[int, ...]]] = None
+        self._set_up = False
+        self._started = False
+        # time accounting (seconds): own time nests, only the outermost section counts
+        self._origin: Optional[float] = None
+        self._own = 0.0
+        self._t_outer = 0.0
+        self._depth = 0
+        self._n_probe: Optional[int] = None
+        #: the archive folder of captures moved aside by the last :meth:`start` (resume)
+        self.archived: Optional[Path] = None
+        self._capture_cost: Optional[float] = None
+        self._analysis_cost = 0.0
+        self._warned: set = set()
+        # checkpointed state
+        self.captured_steps: List[int] = []
+        self.to_previous: List[Dict[str, Any]] = []
+        self.signal_log: List[Dict[str, Any]] = []
+        self.freeze_log: List[Dict[str, Any]] = []
+        self.baseline_backward_flops: Optional[int] = None
+        self._restored: Optional[Dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def probe(self) -> Any:
+        return self._probe.probe
+
+    @property
+    def probe_checksum(self) -> Optional[str]:
+        """SHA-1 of every probe input, in order (None before the first capture)."""
+        return self._probe.checksum
+
+    def setup(self) -> None:
+        """Resolve layers, groups and the policy, and check the probe's size (idempotent;
+        :meth:`start` calls it). Unknown layer names fail here, listing the names that exist."""
+        if self._set_up:
+            return
+        n = self._n_probe = probe_size(self.probe)
+        if n < 2:
+            raise ValueError(
+                f"`probe` holds {n} input(s): SVCCA compares layers across probe datapoints, so it needs at least "
+                "2 inputs (a few hundred to a few thousand in practice, e.g. svcca_torch.data.probe_set(dataset, 1024))."
+            )
+        self.recorder = ActivationRecorder(self.model, self.layers_spec, **self.recorder_kwargs)
+        if self.freeze:
+            self._setup_freeze()
+        self._set_up = True
+
+    def _setup_freeze(self) -> None:
+        assert self.recorder is not None
+        recorded = self.recorder.layers
+        if self.freeze_groups is None:
+            self.groups = default_layer_groups(self.model, recorded)
+        else:
+            self.groups = explicit_layer_groups(self.model, self.freeze_groups)
+        self.group_layers = {
+            g.name: [n for n in recorded if n == g.name or any(n == m or n.startswith(m + ".") for m in g.module_names)]
+            for g in self.groups}
+        names = [g.name for g in self.groups]
+        if len(names) < 2:
+            raise ValueError(
+                f"freeze_training needs at least 2 layer groups (the last, the output layer, is never frozen); "
+                f"got {names}. Record more layers or pass `freeze_groups`."
+            )
+        if self.freeze == "adaptive":
+            silent = [g for g in names[:-1] if not self.group_layers[g]]
+            if silent:
+                raise ValueError(
+                    f"freeze groups {silent} contain no recorded layer, so the adaptive policy has no similarity "
+                    "to judge them by; add a layer of each group to `layers` or change `freeze_groups`."
+                )
+        self.policy = make_freeze_policy(self.freeze, names, **self.policy_kwargs)
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        if self._origin is None:
+            self._origin = t0
+        if self._depth == 0:
+            self._t_outer = t0
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._own += time.perf_counter() - t0
+
+    @property
+    def overhead(self) -> Optional[float]:
+        """Time spent by the tracker so far / training time so far (None before training)."""
+        if self._origin is None:
+            return None
+        train = time.perf_counter() - self._origin - self._own
+        return self._own / train if train > 0 else None
+
+    def start(self, step: int = 0, epoch: Optional[int] = None) -> TrackerEvents:
+        """Set up, open the store, restore a resumed state (re-freezing its groups and
+        archiving captures made after ``step`` by a run that was not kept) and capture
+        ``step`` (0 for a new run)."""
+        with self._timed():
+            self.setup()
+            if self.freeze == "adaptive" and self.freeze_window is None:
+                raise ValueError(
+                    "freeze_training='adaptive' needs `freeze_window` (optimizer steps between the two recordings "
+                    "its signal compares, e.g. one epoch: len(train_loader))."
+                )
+            if self.freeze == "schedule" and self.total_steps is None:
+                raise ValueError("freeze_training='schedule' needs a known training length: pass `total_steps`.")
+            if self.is_writer:
+                self.store = RepresentationStore(self.run_dir / "store", keep=self.keep,
+                                                 max_directions=self.max_directions)
+            self._restore(step)
+            store = self.store
+            if store is not None and len(store) and not self.captured_steps:
+                # a new run in the folder of an earlier one: its captures must not stand in for this run's
+                steps = [c.step for c in store.checkpoints]
+                archive = store.archive_after(-1)
+                warnings.warn(
+                    f"{type(self).__name__}: {store.folder} held the captures of an earlier run (steps {steps}); "
+                    f"moved to {archive} so that this run's are not mixed with them. Resume with the saved state "
+                    "(load_state_dict) to continue a run, or pass a new run_dir.", UserWarning, stacklevel=2)
+            if self.freeze and self.baseline_backward_flops is None and self.is_writer:
+                self.baseline_backward_flops = self._backward_flops(all_trainable=True)
+            events = TrackerEvents(step)
+            if step not in self.captured_steps:
+                events.capture = self.capture(step, epoch)
+            if self.freeze == "adaptive" and step % self.freeze_window == 0:  # type: ignore[operator]
+                events.signal = self._signal(step)
+            self._started = True
+            return events
+
+    # ------------------------------------------------------------------ per step
+    def maybe_capture(self, step: int, progress: Optional[float] = None, *, epoch: Optional[int] = None,
+                      request: Optional[bool] = None) -> TrackerEvents:
+        """Call after every optimizer step: applies the freeze schedule, takes the adaptive
+        signal's recordings on its grid, and a capture when one is due and affordable.
+
+        Args:
+            step: optimizer steps done (the step just taken).
+            progress: fraction of training done, if known (default ``step / total_steps``).
+            epoch: the epoch, stored with a capture.
+            request: ``True`` asks for a capture now (e.g. at an epoch end), ``False`` for
+                none; default: ``every_n_steps``, or the budget alone when it is None.
+        """
+        if not self._started:
+            raise RuntimeError(f"{type(self).__name__}.maybe_capture: call start() once before the first step.")
+        with self._timed():
+            events = TrackerEvents(step)
+            if self.freeze == "schedule":
+                fraction = progress if progress is not None else (
+                    min(1.0, step / self.total_steps) if self.total_steps else None)
+                assert self.policy is not None
+                if fraction is not None and self.policy.update(step, fraction=fraction):
+                    events.freeze = self._apply_frozen(step)
+            if self.freeze == "adaptive" and step % self.freeze_window == 0:  # type: ignore[operator]
+                events.signal = self._signal(step)
+                events.freeze = self._apply_frozen(step)
+            if request is None:
+                if self.every_n_steps is not None:
+                    request = step % self.every_n_steps == 0
+                else:
+                    request = self.max_overhead is not None
+            if request:
+                events.capture = self.capture_if_affordable(step, epoch)
+            return events
+
+    def capture_if_affordable(self, step: int, epoch: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """Take a capture at ``step`` unless it is taken already or would exceed the
+        ``max_overhead`` budget (decided on the writer and broadcast); its result or None."""
+        if step in self.captured_steps:
+            return None
+        with self._timed():
+            if not self._broadcast(self._affordable() if self.is_writer else None):
+                return None
+            return self.capture(step, epoch)
+
+    def _affordable(self) -> bool:
+        """Whether one more capture keeps the tracker's time within ``max_overhead`` of the
+        training time so far, with the final capture and analysis held in reserve."""
+        if self.max_overhead is None:
+            return True
+        if self._origin is None or self._capture_cost is None:
+            return True
+        now = time.perf_counter()
+        spent = self._own + (now - self._t_outer if self._depth else 0.0)
+        train = now - self._origin - spent
+        # the final capture, and the end-of-run analysis with its figures (costed as one more capture)
+        reserve = 2 * self._capture_cost + (len(self.captured_steps) + 2) * self._analysis_cost
+        return spent + self._capture_cost + reserve <= self.max_overhead * train
+
+    def capture(self, step: int, epoch: Optional[int] = None) -> Dict[str, Any]:
+        """Record every layer now, store it and return ``{"step", "to_previous"}``
+        (``to_previous`` is empty on ranks other than the writer)."""
+        with self._timed():
+            t0 = time.perf_counter()
+            acts = self._record(None)
+            sims: Dict[str, float] = {}
+            if acts is not None:
+                assert self.store is not None
+                settings = self.store.settings
+                bases = {name: svd_reduce(acts.pop(name), settings["keep"], keep_rule=settings["keep_rule"],
+                                          max_directions=settings["max_directions"], name=name) for name in list(acts)}
+                if step in [c.step for c in self.store.checkpoints]:
+                    warnings.warn(
+                        f"{type(self).__name__}: step {step} is already in the store at {self.store.folder} (a run "
+                        "resumed from an earlier checkpoint?); keeping the stored capture.", UserWarning, stacklevel=2)
+                else:
+                    # no fraction stored: the store uses step / final step, right also when training stops early
+                    self.store.add(bases, step=step, epoch=epoch)
+                t1 = time.perf_counter()
+                if self._prev is not None:
+                    sims = paired_similarity(self._prev, bases)
+                    # the final analysis compares every capture with the final one, layers x layers
+                    self._analysis_cost = (time.perf_counter() - t1) * max(1, len(bases))
+                self._prev = bases
+                if sims:
+                    self.to_previous.append({"step": step, **sims})
+            self.captured_steps.append(step)
+            self._capture_cost = time.perf_counter() - t0
+            return {"step": step, "to_previous": sims}
+
+    # ------------------------------------------------------------------ recording
+    def _recorder_for(self, layers: Optional[Sequence[str]], signal: bool) -> ActivationRecorder:
+        assert self.recorder is not None
+        if layers is None:
+            return self.recorder
+        key = (tuple(layers), signal)
+        if key not in self._recorders:
+            kwargs = dict(self.recorder_kwargs)
+            if signal:
+                kwargs["max_datapoints"] = None  # rows are sliced per layer instead
+            self._recorders[key] = ActivationRecorder(self.model, list(layers), **kwargs)
+        return self._recorders[key]
+
+    def _record(self, layers: Optional[Sequence[str]], n_images: Optional[int] = None,
+                signal: bool = False) -> Optional[Dict[str, torch.Tensor]]:
+        """Record ``layers`` (default all) on the first ``n_images`` probe inputs (default
+        all); ``None`` on ranks that do not receive the rows. A recorder for exactly those
+        layers is used, so their conv maps share a grid of their own (a 1x1 map elsewhere in
+        the network does not shrink it), and the probe is hashed batch by batch."""
+        rec = self._recorder_for(layers, signal)
+        rec.device = next((t.device for t in self.model.parameters()), None)
+        if self._sharded_record is not None:
+            return self._sharded_record(rec, torch.cat(list(self._probe.inputs(n_images))))
+        if not self.is_writer:
+            return None
+        return rec.record(self._probe.inputs(n_images))
+
+    def _layer_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Output shape (without batch) of each recorded layer, from one forward of 2 inputs."""
+        if self._shapes is None:
+            assert self.recorder is not None
+            modules = dict(self.model.named_modules())
+            shapes: Dict[str, Tuple[int, ...]] = {}
+            def hook(name: str) -> Callable:
+                def fn(module: nn.Module, inputs: Any, output: Any) -> None:  # returns None: output unchanged
+                    shapes.setdefault(name, tuple(first_tensor(output).shape[1:]))
+                return fn
+
+            handles = [modules[n].register_forward_hook(hook(n)) for n in self.recorder.layers]
+            modes = [(m, m.training) for m in self.model.modules()]
+            try:
+                self.model.eval()
+                with torch.no_grad():
+                    self.model(to_model(self._probe.head(_FLOPS_EXAMPLES), self.model))
+            finally:
+                for h in handles:
+                    h.remove()
+                for m, mode in modes:
+                    m.training = mode
+            self._shapes = shapes
+        return self._shapes
+
+    # ------------------------------------------------------------------ freeze signal
+    def _signal_plan(self, groups: Sequence[str]) -> Tuple[List[str], Dict[str, int], int]:
+        """Layers to record for ``groups``, the rows each needs (``ratio x neurons``, whole
+        images) and the images to run."""
+        shapes = self._layer_shapes()
+        layers = [n for g in groups for n in self.group_layers[g]]
+        grid = self.recorder_kwargs["grid"]
+        convs = [shapes[n] for n in layers if len(shapes[n]) == 3]
+        cells = 1
+        if convs:
+            cells = min(min(grid, s[1]) for s in convs) * min(min(grid, s[2]) for s in convs)
+        total = self._n_probe or probe_size(self.probe)
+        rows: Dict[str, int] = {}
+        for n in layers:
+            conv = len(shapes[n]) == 3
+            neurons = shapes[n][0] if conv else int(math.prod(shapes[n]) or 1)
+            # a dense row repeated over an image's cells is one datapoint, not `cells`
+            images = min(total, -(-self.signal_ratio * neurons // (cells if conv else 1)))
+            rows[n] = images * cells
+        n_images = max(r // cells for r in rows.values())
+        return layers, rows, n_images
+
+    def _signal(self, step: int) -> Optional[Dict[str, Any]]:
+        """Record the lowest two still-trained groups and compare them with the recording
+        one window earlier; feed the policy (on the writer, then broadcast)."""
+        assert self.policy is not None and self.freeze_window is not None
+        with self._timed():
+            frozen = set(self.policy.frozen)
+            room = self.policy.max_frozen - len(frozen)
+            groups = [g for g in self.policy.groups if g not in frozen][: min(2, room)]
+            state = None
+            out: Optional[Dict[str, Any]] = None
+            if groups:
+                layers, rows, n_images = self._signal_plan(groups)
+                acts = self._record(layers, n_images, signal=True)
+                if acts is not None:
+                    # the paper's SVD step (directions explaining 99% of the variance): the signal
+                    # judges the directions that carry the layer, not its low-variance tail
+                    bases = {n: svd_reduce(acts[n][: rows[n]], SIGNAL_KEEP, keep_rule="variance", name=n)
+                             for n in layers}
+                    ref = self._ref
+                    sims: Dict[str, float] = {}
+                    if ref is not None and step - ref["step"] == self.freeze_window:
+                        for g in groups:
+                            names = self.group_layers[g]
+                            if all(n in ref["bases"] and ref["bases"][n].n_datapoints == bases[n].n_datapoints
+                                   for n in names) and all(self._trusted(bases[n], n) for n in names):
+                                vals = paired_similarity({n: ref["bases"][n] for n in names},
+                                                         {n: bases[n] for n in names})
+                                sims[g] = min(vals.values())  # a group is settled when all its layers are
+                    self._ref = {"step": step, "bases": bases}
+                    if ref is not None and step - ref["step"] == self.freeze_window:
+                        self.policy.update(step, sims)
+                        out = {"step": step, "window": self.freeze_window, "similarity": sims}
+                        self.signal_log.append({"step": step, **sims})
+                    state = self.policy.state_dict()
+            state = self._broadcast(state)
+            if state is not None:
+                self.policy.load_state_dict(state)
+            return out
+
+    def _trusted(self, basis: ReducedBasis, name: str) -> bool:
+        ok = basis.n_datapoints >= self.signal_ratio * basis.k
+        if not ok and name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(
+                f"{type(self).__name__}: the freeze signal of layer {name!r} has {basis.n_datapoints} datapoints for "
+                f"{basis.k} kept directions (< {self.signal_ratio} per direction), so its similarity is not "
+                "trusted and its group is not frozen; use a larger probe or a larger `grid`.", UserWarning,
+                stacklevel=3)
+        return ok
+
+    # ------------------------------------------------------------------ freezing
+    def _apply_frozen(self, step: int, silent: bool = False) -> Optional[Dict[str, Any]]:
+        """Freeze every group the policy lists that is not frozen yet; the freeze-log entry."""
+        assert self.policy is not None
+        by_name = {g.name: g for g in self.groups}
+        # a group without parameters has nothing to freeze (and would count as newly frozen every time)
+        newly = [n for n in self.policy.frozen if by_name[n].parameters() and not is_frozen(by_name[n])]
+        if not newly:
+            return None
+        for n in newly:
+            freeze_group(by_name[n])
+        if silent:
+            return None
+        frozen_params = sum(by_name[n].num_parameters() for n in self.policy.frozen)
+        saved = None
+        if self.is_writer and self.baseline_backward_flops:
+            saved = 1.0 - self._backward_flops() / self.baseline_backward_flops
+        entry = {"step": int(step), "groups": newly, "frozen_groups": len(self.policy.frozen),
+                 "frozen_parameters": frozen_params, "backward_flops_saved": saved}
+        self.freeze_log.append(entry)
+        return entry
+
+    def _backward_flops(self, all_trainable: bool = False) -> int:
+        x = to_model(self._probe.head(_FLOPS_EXAMPLES), self.model)
+        if not all_trainable:
+            return backward_flops(self.model, x)
+        frozen = [p for g in self.groups for p in g.parameters() if not p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(True)
+        try:
+            return backward_flops(self.model, x)
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ end
+    def finish(self, step: int, epoch: Optional[int] = None) -> Optional[FinalAnalysis]:
+        """Capture the final state (if not captured yet) and, on the writer, run the final
+        analysis and write ``svcca_summary.json`` (and figures) in ``run_dir``."""
+        with self._timed():
+            if step not in self.captured_steps:
+                self.capture(step, epoch)
+            if not self.is_writer:
+                return None
+            return self._analyse()
+
+    def _analyse(self) -> Optional[FinalAnalysis]:
+        """The end-of-run analysis: every capture against the final one, figures, JSON."""
+        from .plotting import DEFAULT_FRACTIONS, plot_convergence, plot_learning_dynamics
+
+        assert self.store is not None
+        run_dir = self.run_dir
+        summary: Dict[str, Any] = {
+            "layers": self.store.layers,
+            "captured_steps": list(self.captured_steps),
+            "probe_checksum": self.probe_checksum,
+            "store": str(self.store.folder),
+            "overhead": self.overhead,
+            "freeze": {"policy": self.freeze or None, "window": self.freeze_window,
+                       "groups": [{"name": g.name, "modules": g.module_names} for g in self.groups],
+                       "events": self.freeze_log, "signal": self.signal_log,
+                       "policy_state": self.policy.state_dict() if self.policy is not None else None},
+        }
+        result = None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.final_analysis and len(self.store) >= 1:
+            dyn = learning_dynamics(self.store, progress=self.progress)
+            fin = dyn.curves()
+            prev = similarity_to_previous(self.store)
+            plot_learning_dynamics(dyn, list(DEFAULT_FRACTIONS)).savefig(run_dir / "learning_dynamics.png", dpi=110)
+            plot_convergence(fin).savefig(run_dir / "convergence.png", dpi=110)
+            if self.freeze and len(self.store) > 1:
+                plot_convergence(prev, ylabel="SVCCA similarity to previous capture").savefig(
+                    run_dir / "to_previous.png", dpi=110)
+            summary.update(steps=dyn.steps, fractions=dyn.fractions, matrices=_nan_to_none(dyn.matrices.tolist()),
+                           to_final=_nan_to_none(fin.values.tolist()), to_previous=_nan_to_none(prev.values.tolist()))
+            result = FinalAnalysis(dyn, fin, prev, summary)
+        tmp = run_dir / ".svcca_summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, run_dir / "svcca_summary.json")
+        return result
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """JSON-serialisable state: capture history, probe digests, policy, freeze log."""
+        return {
+            "captured_steps": list(self.captured_steps),
+            "to_previous": [dict(e) for e in self.to_previous],
+            "probe_checksum": self.probe_checksum,
+            "probe_digests": list(self._probe.digests),
+            "run_dir": str(self.run_dir),
+            "policy": None if self.policy is None else self.policy.state_dict(),
+            "freeze_window": self.freeze_window,
+            "freeze_log": [dict(e) for e in self.freeze_log],
+            "signal_log": [dict(e) for e in self.signal_log],
+            "baseline_backward_flops": self.baseline_backward_flops,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; applied by :meth:`start` (which re-freezes the groups)."""
+        self._restored = dict(state)
+        self.captured_steps = list(state.get("captured_steps", []))
+        self.to_previous = [dict(e) for e in state.get("to_previous", [])]
+        self._probe.digests = list(state.get("probe_digests", []))
+        self.freeze_log = [dict(e) for e in state.get("freeze_log", [])]
+        self.signal_log = [dict(e) for e in state.get("signal_log", [])]
+        self.baseline_backward_flops = state.get("baseline_backward_flops")
+
+    def _restore(self, step: int) -> None:
+        state, self._restored = self._restored, None
+        if state is None:
+            return
+        # captures after the checkpoint's step belong to a run that was not kept
+        self.captured_steps = [s for s in self.captured_steps if s <= step]
+        self.to_previous = [e for e in self.to_previous if e["step"] <= step]
+        self.signal_log = [e for e in self.signal_log if e["step"] <= step]
+        self.freeze_log = [e for e in self.freeze_log if e["step"] <= step]
+        if state.get("policy") is not None:
+            if self.policy is None:
+                raise ValueError(
+                    f"the saved state holds a {state['policy']['kind']!r} freeze-training state but this "
+                    f"{type(self).__name__} has freeze_training=False; resume with the same settings."
+                )
+            self.policy.load_state_dict(state["policy"])
+            self._apply_frozen(step, silent=True)
+        if self.store is not None and len(self.store):
+            self.archived = self.store.archive_after(step)
+            done = [c for c in self.store.checkpoints if c.step <= step]
+            if done:
+                self._prev = self.store.load_checkpoint(done[-1])
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x

@@ -1,0 +1,170 @@
+"""DynamicsTracker in a plain PyTorch loop (no Lightning): captures, the store, freeze
+decisions that do not depend on the capture schedule, resume, and probe edge cases."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from svcca_torch.data import load_digits_dataset, probe_set
+from svcca_torch.freeze import is_frozen
+from svcca_torch.models import ConvNet
+from svcca_torch.store import RepresentationStore
+from svcca_torch.tracker import DynamicsTracker
+
+STEPS_PER_EPOCH = 10  # 640 digits, batches of 64
+
+
+def _data(n_probe: int = 200):
+    train, _ = load_digits_dataset()
+    x, y = train.tensors
+    loader = DataLoader(TensorDataset(x[:640], y[:640]), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    return loader, probe_set(train, n_probe, seed=0)
+
+
+def _train(tracker_kwargs, run_dir, epochs: int = 3, lr: float = 0.05):
+    """A plain training loop with the tracker, as in the README; returns (model, tracker)."""
+    loader, probe = _data()
+    torch.manual_seed(0)
+    model = ConvNet(width=8, depth=4, hidden=32)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    tracker = DynamicsTracker(model, probe, run_dir=run_dir, **tracker_kwargs)
+    tracker.start()
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            step += 1
+            tracker.maybe_capture(step, epoch=epoch)
+    tracker.finish(step, epochs - 1)
+    return model, tracker
+
+
+def test_plain_loop_captures_stores_and_summarises(tmp_path):
+    model, tracker = _train(dict(every_n_steps=STEPS_PER_EPOCH, max_overhead=None, final_analysis=True), tmp_path)
+    steps = [0, 10, 20, 30]
+    assert tracker.captured_steps == steps
+    store = RepresentationStore(tmp_path / "store")
+    assert [c.step for c in store.checkpoints] == steps
+    assert store.layers == model.layer_names
+    assert [e["step"] for e in tracker.to_previous] == steps[1:]
+    summary = json.loads((tmp_path / "svcca_summary.json").read_text())
+    assert summary["steps"] == steps and summary["probe_checksum"] == tracker.probe_checksum
+    final = torch.tensor(summary["matrices"][-1]).diagonal()
+    torch.testing.assert_close(final, torch.ones_like(final), rtol=0, atol=1e-5)  # float32 bases
+    json.dumps(tracker.state_dict())  # JSON-serialisable
+
+
+def test_maybe_capture_before_start_is_a_clear_error(tmp_path):
+    _, probe = _data()
+    tracker = DynamicsTracker(ConvNet(width=8, depth=4, hidden=32), probe, run_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="start"):
+        tracker.maybe_capture(1)
+
+
+def test_overhead_budget_spaces_captures(tmp_path):
+    # a budget no capture fits in: only the first and the final capture are taken
+    _, tight = _train(dict(every_n_steps=1, max_overhead=1e-9, final_analysis=False), tmp_path / "a", epochs=1)
+    assert tight.captured_steps == [0, STEPS_PER_EPOCH]
+    _, free = _train(dict(every_n_steps=1, max_overhead=None, final_analysis=False), tmp_path / "b", epochs=1)
+    assert free.captured_steps == list(range(STEPS_PER_EPOCH + 1))
+
+
+def test_freeze_decisions_do_not_depend_on_capture_frequency(tmp_path):
+    """The adaptive signal runs on its own grid of steps (freeze_window), so capturing every
+    step or only at start and end freezes the same groups at the same steps; training is
+    otherwise untouched by the captures (eval mode, no grad, no RNG use)."""
+    common = dict(freeze="adaptive", freeze_window=5, freeze_threshold=0.9, freeze_patience=1,
+                  max_overhead=None, final_analysis=False)
+    m1, every_step = _train(dict(common, every_n_steps=1), tmp_path / "a")
+    m2, ends_only = _train(dict(common, max_overhead=None), tmp_path / "b")
+    assert len(every_step.captured_steps) == 31 and ends_only.captured_steps == [0, 30]
+    assert every_step.policy.events, "the reference run should freeze a group"
+    assert every_step.policy.events == ends_only.policy.events
+    assert every_step.signal_log == ends_only.signal_log
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    # bottom-up, contiguous, BatchNorm of frozen groups in eval, the output group never frozen
+    names = [g.name for g in every_step.groups]
+    frozen = every_step.policy.frozen
+    assert frozen == names[: len(frozen)] and names[-1] not in frozen
+    for g in every_step.groups:
+        assert is_frozen(g) == (g.name in frozen)
+
+
+def test_signal_records_only_the_groups_it_judges(tmp_path):
+    model, tracker = _train(dict(freeze="adaptive", freeze_window=5, freeze_threshold=0.999999, freeze_patience=3,
+                                 max_overhead=None, final_analysis=False), tmp_path, epochs=1)
+    first_two = [n for g in tracker.policy.groups[:2] for n in tracker.group_layers[g]]
+    assert set(tracker.signal_log[0]) - {"step"} <= set(tracker.policy.groups[:2])
+    # the signal's recorders hold exactly those layers (their conv maps get a grid of their own)
+    signal_recorders = [rec.layers for (layers, signal), rec in tracker._recorders.items() if signal]
+    assert signal_recorders == [first_two]
+
+
+def test_resume_refreezes_from_state(tmp_path):
+    common = dict(freeze="adaptive", freeze_window=5, freeze_threshold=0.9, freeze_patience=1,
+                  max_overhead=None, final_analysis=False)
+    model, tracker = _train(common, tmp_path, epochs=2)
+    assert tracker.policy.frozen
+    state = json.loads(json.dumps(tracker.state_dict()))
+    _, probe = _data()
+    fresh = ConvNet(width=8, depth=4, hidden=32)
+    fresh.load_state_dict(model.state_dict())
+    resumed = DynamicsTracker(fresh, probe, run_dir=tmp_path, **common)
+    resumed.load_state_dict(state)
+    resumed.start(step=20)
+    assert resumed.policy.frozen == tracker.policy.frozen
+    frozen = {g.name for g in resumed.groups if is_frozen(g)}
+    assert frozen == set(tracker.policy.frozen)
+    assert resumed.captured_steps == tracker.captured_steps  # nothing re-captured at step 20
+
+
+# ---------------------------------------------------------------------------- probe edge cases
+def test_single_use_generator_probe_is_refused_at_construction():
+    _, probe = _data()
+    model = ConvNet(width=8, depth=4, hidden=32)
+    with pytest.raises(ValueError, match="single-use"):
+        DynamicsTracker(model, (b for b in probe.split(50)))
+    with pytest.raises(ValueError, match="single-use"):
+        DynamicsTracker(model, iter(DataLoader(TensorDataset(probe), batch_size=50)))
+    # re-iterables are fine: a list of batches, a DataLoader
+    DynamicsTracker(model, list(probe.split(50)))
+    DynamicsTracker(model, DataLoader(TensorDataset(probe), batch_size=50))
+
+
+def test_one_sample_probe_fails_at_setup_with_a_probe_message(tmp_path):
+    _, probe = _data()
+    model = ConvNet(width=8, depth=4, hidden=32)
+    tracker = DynamicsTracker(model, DataLoader(TensorDataset(probe[:1]), batch_size=1), run_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"`probe` holds 1 input"):
+        tracker.setup()
+
+
+class _DriftingProbe:
+    """Re-iterable probe whose second batch changes from one pass to the next."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        yield self.x[:100]
+        yield self.x[100:] + float(self.passes)
+
+
+def test_probe_checksum_covers_every_batch(tmp_path):
+    _, probe = _data()
+    model = ConvNet(width=8, depth=4, hidden=32)
+    tracker = DynamicsTracker(model, _DriftingProbe(probe), run_dir=tmp_path, max_overhead=None, final_analysis=False)
+    tracker.start()
+    with pytest.raises(ValueError, match="batch 1 differs"):
+        tracker.capture(1)
