@@ -22,8 +22,8 @@ from .functional import (
 )
 from .utils.validation import FewDatapointsWarning
 from .metrics import CCA, PWCCA, SVCCA, LinearCKA
-from .recorder import ActivationRecorder
-from .store import Checkpoint, RepresentationStore, StoreCorruptError
+from .recorder import ActivationRecorder, LayerOrderWarning, direction_limits, forward_order
+from .store import Checkpoint, RepresentationStore, StoreCorruptError, StoreLockedError
 from .dynamics import (
     AlignedDirections,
     ClassSensitivity,
@@ -50,7 +50,8 @@ from .freeze import (
     unfreeze_group,
 )
 from .tracker import DynamicsTracker
+from .board import BoardLogger
 from .data import load_cifar10, load_digits_dataset, probe_set
 from .models import ConvNet, ResNet, resnet18_cifar, resnet_small
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
