@@ -11,6 +11,7 @@ The engine behind :class:`svcca_torch.callbacks.SVCCACallback`, usable without L
             opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); step += 1
             tracker.maybe_capture(step, epoch=epoch)              # captures, freezes
     tracker.finish(step)                                          # figures + svcca_summary.json
+    tracker.close()                                               # release the store's writer lock
 
 It owns four things:
 
@@ -24,9 +25,9 @@ It owns four things:
   budget alone spaces the captures.
 * the **freeze signal** (``freeze="adaptive"``): every ``freeze_window`` optimizer steps
   (a grid fixed in training steps, independent of the capture schedule) it records only
-  the layers of the lowest two still-trained groups, each on enough probe images for
-  ``signal_datapoints_per_neuron`` datapoints per neuron at those layers' own pooling
-  grid, and compares them with the same recording one window earlier. A group freezes
+  the layers of the lowest two still-trained groups (the forward stops after the highest
+  of them), each on enough probe images for ``signal_datapoints_per_neuron`` datapoints
+  per neuron at its own pooling grid, and compares them with the same recording one window earlier. A group freezes
   once that similarity has been ``>= freeze_threshold`` at ``freeze_patience``
   consecutive grid points (and every group below it is frozen). How often heatmap captures
   are taken therefore never changes what freezes.
@@ -242,7 +243,15 @@ class DynamicsTracker:
         is_writer: whether this process writes the store (rank 0 under DDP).
         broadcast: ``obj -> obj`` from rank 0 to every rank (default identity).
         sharded_record: ``(recorder, inputs) -> {layer: rows} or None`` recording a probe
-            tensor split across ranks (rows gathered on rank 0); default: record here.
+            tensor split across ranks (rows gathered on rank 0) for full captures (common
+            rows); default: record here. Freeze-signal recordings run on the writer alone.
+
+    The recorded layers are put in forward order at :meth:`setup` (one traced forward of
+    two probe inputs), so freeze groups, "bottom-up" and "the output group is never frozen"
+    follow the forward pass. Recordings and their SVD reductions stay on the model's device.
+    A layer constant over the probe (zero variance) is a ``ValueError`` at the capture that
+    meets it (for a constant probe or a dead layer: at the first one, before training),
+    naming the layer and the fix.
     """
 
     def __init__(
