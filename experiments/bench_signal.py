@@ -24,7 +24,7 @@ signal trusts a layer with at least ``signal_datapoints_per_neuron`` datapoints 
 direction). The baseline is loaded from ``git show REF:svcca_torch/tracker.py`` against this checkout's
 other modules (recorder, store, kernels), so only the tracker differs between the arms.
 
-    python experiments/bench_signal.py                  # ~2 minutes on one CPU thread
+    python experiments/bench_signal.py                  # ~30 s on one CPU thread
     python experiments/bench_signal.py --frozen 4 --baseline d4026da
 """
 from __future__ import annotations

@@ -27,9 +27,9 @@ It owns four things:
   (a grid fixed in training steps, independent of the capture schedule) it records only
   the layers of the lowest two still-trained groups (the forward stops after the highest
   of them), each on enough probe images for ``signal_datapoints_per_neuron`` datapoints
-  per neuron at its own pooling grid, and compares them with the same recording one window earlier. A group freezes
-  once that similarity has been ``>= freeze_threshold`` at ``freeze_patience``
-  consecutive grid points (and every group below it is frozen). How often heatmap captures
+  per neuron at its own pooling grid, and compares them with the same recording one
+  window earlier. A group freezes once that similarity has been ``>= freeze_threshold``
+  at ``freeze_patience`` consecutive grid points (and every group below it is frozen). How often heatmap captures
   are taken therefore never changes what freezes.
 * the **freezing** (:mod:`svcca_torch.freeze`): frozen parameters get
   ``requires_grad=False`` and ``grad=None`` and their BatchNorm layers stay in eval mode,
