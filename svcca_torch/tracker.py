@@ -609,7 +609,8 @@ class DynamicsTracker:
 
     # ------------------------------------------------------------------ freeze signal
     def _signal_plan(self, groups: Sequence[str]) -> Tuple[List[str], Dict[str, int], int]:
-        """Layers to record for ``groups``, the rows each keeps and the images to run.
+        """Layers to record for ``groups``, the probe images each layer keeps and the images
+        to run.
 
         Each layer gets ``signal_datapoints_per_neuron x neurons`` datapoints at its own
         pooling grid (whole images: ``ceil(ratio x neurons / cells)`` images of ``cells``
@@ -629,8 +630,7 @@ class DynamicsTracker:
         total = self._n_probe or probe_size(self.probe)
         images = {n: min(total, -(-self.signal_ratio * self._signal_shapes[n][0] // self._signal_shapes[n][1]))
                   for n in layers}
-        rows = {n: images[n] * self._signal_shapes[n][1] for n in layers}
-        return layers, rows, max(images.values())
+        return layers, images, max(images.values())
 
     def _signal(self, step: int) -> Optional[Dict[str, Any]]:
         """Record the lowest two still-trained groups and compare them with the recording
@@ -643,13 +643,18 @@ class DynamicsTracker:
             state = None
             out: Optional[Dict[str, Any]] = None
             if groups and self.is_writer:
-                layers, rows, n_images = self._signal_plan(groups)
+                layers, images, n_images = self._signal_plan(groups)
                 acts = self._record(layers, n_images)
                 if acts is not None:
+                    assert self.recorder is not None
+                    index = self.recorder.layer_datapoint_index  # row -> probe image, per layer
                     # the paper's SVD step (directions explaining 99% of the variance): the signal
                     # judges the directions that carry the layer, not its low-variance tail
-                    bases = {n: self._reduce(n, acts.pop(n)[: rows[n]], step, SIGNAL_KEEP, "variance")
-                             for n in layers}
+                    bases: Dict[str, ReducedBasis] = {}
+                    for n in layers:
+                        t = acts.pop(n)
+                        bases[n] = self._reduce(n, t[(index[n] < images[n]).to(t.device)], step, SIGNAL_KEEP,
+                                                "variance")
                     ref = self._ref
                     sims: Dict[str, float] = {}
                     if ref is not None and step - ref["step"] == self.freeze_window:
