@@ -26,6 +26,7 @@ other modules (recorder, store, kernels), so only the tracker differs between th
 
     python experiments/bench_signal.py                  # ~30 s on one CPU thread
     python experiments/bench_signal.py --frozen 4 --baseline d4026da
+    python experiments/bench_signal.py --frozen 4 --grid 4     # judged layers on different grids
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ def load_baseline(ref: str) -> Any:
     return module
 
 
-def make_tracker(cls: Any, net: torch.nn.Module, probe: torch.Tensor, folder: str, frozen: int) -> Any:
-    tracker = cls(net, probe, run_dir=folder, freeze="adaptive", freeze_window=1, max_overhead=None,
+def make_tracker(cls: Any, net: torch.nn.Module, probe: torch.Tensor, folder: str, frozen: int, grid: int) -> Any:
+    tracker = cls(net, probe, run_dir=folder, freeze="adaptive", freeze_window=1, max_overhead=None, grid=grid,
                   final_analysis=False, freeze_threshold=1.0)  # never freezes by itself
     tracker.setup()
     if frozen:
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats, median reported (default 3)")
     parser.add_argument("--frozen", type=int, default=0, help="groups marked frozen before measuring (default 0)")
     parser.add_argument("--baseline", default="main", help="git ref of the baseline tracker.py (default main)")
+    parser.add_argument("--grid", type=int, default=2, help="the tracker's pooling grid (default 2)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,11 +92,11 @@ def main() -> None:
     warnings.simplefilter("ignore")  # the few-datapoints warnings of the 1x1 deep maps: not what is measured
     with tempfile.TemporaryDirectory() as tmp:
         trackers = {f"before ({args.baseline})": make_tracker(baseline.DynamicsTracker, net, probe, f"{tmp}/a",
-                                                                args.frozen),
+                                                                args.frozen, args.grid),
                     "after (this checkout)": make_tracker(current.DynamicsTracker, net, probe, f"{tmp}/b",
-                                                          args.frozen)}
+                                                          args.frozen, args.grid)}
         groups = [g.name for g in trackers["after (this checkout)"].groups]
-        print(f"tv-resnet18, 32x32, probe {args.probe}, {args.threads} thread(s); groups {groups}; "
+        print(f"tv-resnet18, 32x32, probe {args.probe}, grid {args.grid}, {args.threads} thread(s); groups {groups}; "
               f"signal judges {groups[args.frozen: args.frozen + 2]}")
 
         def forward() -> None:
