@@ -11,6 +11,7 @@ The engine behind :class:`svcca_torch.callbacks.SVCCACallback`, usable without L
             opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); step += 1
             tracker.maybe_capture(step, epoch=epoch)              # captures, freezes
     tracker.finish(step)                                          # figures + svcca_summary.json
+    tracker.close()                                               # release the store's writer lock
 
 It owns four things:
 
@@ -24,11 +25,11 @@ It owns four things:
   budget alone spaces the captures.
 * the **freeze signal** (``freeze="adaptive"``): every ``freeze_window`` optimizer steps
   (a grid fixed in training steps, independent of the capture schedule) it records only
-  the layers of the lowest two still-trained groups, each on enough probe images for
-  ``signal_datapoints_per_neuron`` datapoints per neuron at those layers' own pooling
-  grid, and compares them with the same recording one window earlier. A group freezes
-  once that similarity has been ``>= freeze_threshold`` at ``freeze_patience``
-  consecutive grid points (and every group below it is frozen). How often heatmap captures
+  the layers of the lowest two still-trained groups (the forward stops after the highest
+  of them), each on enough probe images for ``signal_datapoints_per_neuron`` datapoints
+  per neuron at its own pooling grid, and compares them with the same recording one
+  window earlier. A group freezes once that similarity has been ``>= freeze_threshold``
+  at ``freeze_patience`` consecutive grid points (and every group below it is frozen). How often heatmap captures
   are taken therefore never changes what freezes.
 * the **freezing** (:mod:`svcca_torch.freeze`): frozen parameters get
   ``requires_grad=False`` and ``grad=None`` and their BatchNorm layers stay in eval mode,
@@ -66,7 +67,7 @@ from .freeze import (
     make_freeze_policy,
 )
 from .functional.svcca import ReducedBasis, svd_reduce
-from .recorder import ActivationRecorder, batch_inputs, first_tensor, to_model
+from .recorder import ActivationRecorder, batch_inputs, to_model
 from .store import RepresentationStore
 from .utils.validation import check_fraction, check_keep, check_positive_int
 
@@ -242,7 +243,15 @@ class DynamicsTracker:
         is_writer: whether this process writes the store (rank 0 under DDP).
         broadcast: ``obj -> obj`` from rank 0 to every rank (default identity).
         sharded_record: ``(recorder, inputs) -> {layer: rows} or None`` recording a probe
-            tensor split across ranks (rows gathered on rank 0); default: record here.
+            tensor split across ranks (rows gathered on rank 0) for full captures (common
+            rows); default: record here. Freeze-signal recordings run on the writer alone.
+
+    The recorded layers are put in forward order at :meth:`setup` (one traced forward of
+    two probe inputs), so freeze groups, "bottom-up" and "the output group is never frozen"
+    follow the forward pass. Recordings and their SVD reductions stay on the model's device.
+    A layer constant over the probe (zero variance) is a ``ValueError`` at the capture that
+    meets it (for a constant probe or a dead layer: at the first one, before training),
+    naming the layer and the fix.
     """
 
     def __init__(
@@ -314,14 +323,14 @@ class DynamicsTracker:
         self._sharded_record = sharded_record
 
         self.recorder: Optional[ActivationRecorder] = None
-        self._recorders: Dict[Tuple[Tuple[str, ...], bool], ActivationRecorder] = {}
         self.store: Optional[RepresentationStore] = None
         self.groups: List[LayerGroup] = []
         self.policy: Optional[FreezePolicy] = None
         self.group_layers: Dict[str, List[str]] = {}
         self._prev: Optional[Dict[str, ReducedBasis]] = None
         self._ref: Optional[Dict[str, Any]] = None  # the last signal recording: {"step", "bases", "rows"}
-        self._shapes: Optional[Dict[str, Tuple[int, ...]]] = None
+        # per signal layer: (neurons, pooled cells per image at its own grid), from one tiny recording
+        self._signal_shapes: Dict[str, Tuple[int, int]] = {}
         self._set_up = False
         self._started = False
         # time accounting (seconds): own time nests, only the outermost section counts
@@ -365,6 +374,10 @@ class DynamicsTracker:
                 "2 inputs (a few hundred to a few thousand in practice, e.g. svcca_torch.data.probe_set(dataset, 1024))."
             )
         self.recorder = ActivationRecorder(self.model, self.layers_spec, **self.recorder_kwargs)
+        # groups, "bottom-up" and "the output group is never frozen" follow the forward pass, not the
+        # order the modules were registered in: one traced forward of two probe inputs (falls back to
+        # the given order with a LayerOrderWarning when the forward fails)
+        self.recorder.order_layers(self._probe.head(_FLOPS_EXAMPLES))
         if self.freeze:
             self._setup_freeze()
         self._set_up = True
@@ -431,6 +444,7 @@ class DynamicsTracker:
             if self.freeze == "schedule" and self.total_steps is None:
                 raise ValueError("freeze_training='schedule' needs a known training length: pass `total_steps`.")
             if self.is_writer:
+                self.close()  # a second start (resume in the same process) reopens the store
                 self.store = RepresentationStore(self.run_dir / "store", keep=self.keep,
                                                  max_directions=self.max_directions)
             self._restore(step)
@@ -522,8 +536,8 @@ class DynamicsTracker:
             if acts is not None:
                 assert self.store is not None
                 settings = self.store.settings
-                bases = {name: svd_reduce(acts.pop(name), settings["keep"], keep_rule=settings["keep_rule"],
-                                          max_directions=settings["max_directions"], name=name) for name in list(acts)}
+                bases = {name: self._reduce(name, acts.pop(name), step, settings["keep"], settings["keep_rule"],
+                                            settings["max_directions"]) for name in list(acts)}
                 if step in [c.step for c in self.store.checkpoints]:
                     warnings.warn(
                         f"{type(self).__name__}: step {step} is already in the store at {self.store.folder} (a run "
@@ -544,78 +558,79 @@ class DynamicsTracker:
             return {"step": step, "to_previous": sims}
 
     # ------------------------------------------------------------------ recording
-    def _recorder_for(self, layers: Optional[Sequence[str]], signal: bool) -> ActivationRecorder:
-        assert self.recorder is not None
-        if layers is None:
-            return self.recorder
-        key = (tuple(layers), signal)
-        if key not in self._recorders:
-            kwargs = dict(self.recorder_kwargs)
-            if signal:
-                kwargs["max_datapoints"] = None  # rows are sliced per layer instead
-            self._recorders[key] = ActivationRecorder(self.model, list(layers), **kwargs)
-        return self._recorders[key]
+    def _model_device(self) -> Optional[torch.device]:
+        return next((t.device for t in (*self.model.parameters(), *self.model.buffers())), None)
 
-    def _record(self, layers: Optional[Sequence[str]], n_images: Optional[int] = None,
-                signal: bool = False) -> Optional[Dict[str, torch.Tensor]]:
-        """Record ``layers`` (default all) on the first ``n_images`` probe inputs (default
-        all); ``None`` on ranks that do not receive the rows. A recorder for exactly those
-        layers is used, so their conv maps share a grid of their own (a 1x1 map elsewhere in
-        the network does not shrink it), and the probe is hashed batch by batch."""
-        rec = self._recorder_for(layers, signal)
-        rec.device = next((t.device for t in self.model.parameters()), None)
-        if self._sharded_record is not None:
-            return self._sharded_record(rec, torch.cat(list(self._probe.inputs(n_images))))
+    def _record(self, layers: Optional[Sequence[str]] = None, n_images: Optional[int] = None
+                ) -> Optional[Dict[str, torch.Tensor]]:
+        """Record on the first ``n_images`` probe inputs (default all), hashing the probe
+        batch by batch; ``None`` on ranks that do not receive the rows.
+
+        ``layers=None``: a full capture, every layer on the common rows (for layers x layers
+        heatmaps), sharded over ranks when ``sharded_record`` is set. Otherwise a freeze-signal
+        recording of those layers only, each conv layer on its own grid (``rows="per_layer"``,
+        same-layer comparisons need no common rows, so a deep 1x1 map does not starve them)
+        and without ``max_datapoints`` (the signal slices whole images per layer instead); the
+        forward stops after the highest of them. It runs on the writer alone, which decides
+        and broadcasts the policy (it is a few hundred images through the bottom of the network).
+        Results stay on the model's device.
+        """
+        rec = self.recorder
+        assert rec is not None
+        rec.device = self._model_device()
+        if layers is None:
+            if self._sharded_record is not None:
+                return self._sharded_record(rec, torch.cat(list(self._probe.inputs(n_images))))
+            if not self.is_writer:
+                return None
+            return rec.record(self._probe.inputs(n_images), rows="common")
         if not self.is_writer:
             return None
-        return rec.record(self._probe.inputs(n_images))
+        cap, rec.max_datapoints = rec.max_datapoints, None
+        try:
+            return rec.record(self._probe.inputs(n_images), layers=list(layers), rows="per_layer")
+        finally:
+            rec.max_datapoints = cap
 
-    def _layer_shapes(self) -> Dict[str, Tuple[int, ...]]:
-        """Output shape (without batch) of each recorded layer, from one forward of 2 inputs."""
-        if self._shapes is None:
-            assert self.recorder is not None
-            modules = dict(self.model.named_modules())
-            shapes: Dict[str, Tuple[int, ...]] = {}
-            def hook(name: str) -> Callable:
-                def fn(module: nn.Module, inputs: Any, output: Any) -> None:  # returns None: output unchanged
-                    shapes.setdefault(name, tuple(first_tensor(output).shape[1:]))
-                return fn
-
-            handles = [modules[n].register_forward_hook(hook(n)) for n in self.recorder.layers]
-            modes = [(m, m.training) for m in self.model.modules()]
-            try:
-                self.model.eval()
-                with torch.no_grad():
-                    self.model(to_model(self._probe.head(_FLOPS_EXAMPLES), self.model))
-            finally:
-                for h in handles:
-                    h.remove()
-                for m, mode in modes:
-                    m.training = mode
-            self._shapes = shapes
-        return self._shapes
+    def _reduce(self, name: str, x: torch.Tensor, step: int, keep: Union[int, float], keep_rule: str,
+                max_directions: Optional[int] = None) -> ReducedBasis:
+        """:func:`svd_reduce` of one recorded layer, on its device; a layer constant over the
+        probe is an error naming the layer, the step and the fix."""
+        try:
+            return svd_reduce(x, keep, keep_rule=keep_rule, max_directions=max_directions, name=name)
+        except ValueError as err:
+            if "zero variance" not in str(err):
+                raise
+            raise ValueError(
+                f"{type(self).__name__}: layer {name!r} is constant over the probe at step {step}: {err} "
+                "Fix: use a probe of varied real inputs (e.g. svcca_torch.data.probe_set(dataset, 1024)), or "
+                f"leave {name!r} out of `layers`."
+            ) from None
 
     # ------------------------------------------------------------------ freeze signal
     def _signal_plan(self, groups: Sequence[str]) -> Tuple[List[str], Dict[str, int], int]:
-        """Layers to record for ``groups``, the rows each needs (``ratio x neurons``, whole
-        images) and the images to run."""
-        shapes = self._layer_shapes()
+        """Layers to record for ``groups``, the probe images each layer keeps and the images
+        to run.
+
+        Each layer gets ``signal_datapoints_per_neuron x neurons`` datapoints at its own
+        pooling grid (whole images: ``ceil(ratio x neurons / cells)`` images of ``cells``
+        rows each, at most the probe); the recording runs the largest of those image counts
+        and each layer keeps the rows of its own first images. Neurons and cells come from a
+        per-layer-rows recording of two probe inputs (once per layer; it stops after them)."""
+        assert self.recorder is not None
         layers = [n for g in groups for n in self.group_layers[g]]
-        grid = self.recorder_kwargs["grid"]
-        convs = [shapes[n] for n in layers if len(shapes[n]) == 3]
-        cells = 1
-        if convs:
-            cells = min(min(grid, s[1]) for s in convs) * min(min(grid, s[2]) for s in convs)
+        todo = [n for n in layers if n not in self._signal_shapes]
+        if todo:
+            rec = self.recorder
+            rec.device = self._model_device()
+            tiny = rec.record(self._probe.head(_FLOPS_EXAMPLES), layers=todo, rows="per_layer")
+            for n, t in tiny.items():
+                h, w = rec.layer_grids[n]
+                self._signal_shapes[n] = (int(t.shape[1]), h * w)
         total = self._n_probe or probe_size(self.probe)
-        rows: Dict[str, int] = {}
-        for n in layers:
-            conv = len(shapes[n]) == 3
-            neurons = shapes[n][0] if conv else int(math.prod(shapes[n]) or 1)
-            # a dense row repeated over an image's cells is one datapoint, not `cells`
-            images = min(total, -(-self.signal_ratio * neurons // (cells if conv else 1)))
-            rows[n] = images * cells
-        n_images = max(r // cells for r in rows.values())
-        return layers, rows, n_images
+        images = {n: min(total, -(-self.signal_ratio * self._signal_shapes[n][0] // self._signal_shapes[n][1]))
+                  for n in layers}
+        return layers, images, max(images.values())
 
     def _signal(self, step: int) -> Optional[Dict[str, Any]]:
         """Record the lowest two still-trained groups and compare them with the recording
@@ -627,14 +642,19 @@ class DynamicsTracker:
             groups = [g for g in self.policy.groups if g not in frozen][: min(2, room)]
             state = None
             out: Optional[Dict[str, Any]] = None
-            if groups:
-                layers, rows, n_images = self._signal_plan(groups)
-                acts = self._record(layers, n_images, signal=True)
+            if groups and self.is_writer:
+                layers, images, n_images = self._signal_plan(groups)
+                acts = self._record(layers, n_images)
                 if acts is not None:
+                    assert self.recorder is not None
+                    index = self.recorder.layer_datapoint_index  # row -> probe image, per layer
                     # the paper's SVD step (directions explaining 99% of the variance): the signal
                     # judges the directions that carry the layer, not its low-variance tail
-                    bases = {n: svd_reduce(acts[n][: rows[n]], SIGNAL_KEEP, keep_rule="variance", name=n)
-                             for n in layers}
+                    bases: Dict[str, ReducedBasis] = {}
+                    for n in layers:
+                        t = acts.pop(n)
+                        bases[n] = self._reduce(n, t[(index[n] < images[n]).to(t.device)], step, SIGNAL_KEEP,
+                                                "variance")
                     ref = self._ref
                     sims: Dict[str, float] = {}
                     if ref is not None and step - ref["step"] == self.freeze_window:
@@ -703,6 +723,12 @@ class DynamicsTracker:
                 p.requires_grad_(False)
 
     # ------------------------------------------------------------------ end
+    def close(self) -> None:
+        """Release the store's writer lock (other processes may then write to ``run_dir``).
+        Idempotent; a later :meth:`start` reopens the store, and the store stays readable."""
+        if self.store is not None:
+            self.store.close()
+
     def finish(self, step: int, epoch: Optional[int] = None) -> Optional[FinalAnalysis]:
         """Capture the final state (if not captured yet) and, on the writer, run the final
         analysis and write ``svcca_summary.json`` (and figures) in ``run_dir``."""
@@ -796,7 +822,7 @@ class DynamicsTracker:
             self.archived = self.store.archive_after(step)
             done = [c for c in self.store.checkpoints if c.step <= step]
             if done:
-                self._prev = self.store.load_checkpoint(done[-1])
+                self._prev = self.store.load_checkpoint(done[-1], device=self._model_device())
 
 
 def _nan_to_none(x: Any) -> Any:

@@ -2,7 +2,9 @@
 decisions that do not depend on the capture schedule, resume, and probe edge cases."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 
 import pytest
 import torch
@@ -99,14 +101,40 @@ def test_freeze_decisions_do_not_depend_on_capture_frequency(tmp_path):
         assert is_frozen(g) == (g.name in frozen)
 
 
-def test_signal_records_only_the_groups_it_judges(tmp_path):
-    model, tracker = _train(dict(freeze="adaptive", freeze_window=5, freeze_threshold=0.999999, freeze_patience=3,
-                                 max_overhead=None, final_analysis=False), tmp_path, epochs=1)
+def test_signal_records_only_the_groups_it_judges(tmp_path, monkeypatch):
+    """A signal recording asks the one recorder for the judged layers only, each on its own
+    grid (per-layer rows), and the forward stops after the highest of them."""
+    loader, probe = _data()
+    torch.manual_seed(0)
+    model = ConvNet(width=8, depth=4, hidden=32)
+    tracker = DynamicsTracker(model, probe, run_dir=tmp_path, freeze="adaptive", freeze_window=5,
+                              max_overhead=None, final_analysis=False)
+    tracker.setup()
+    calls = []
+    record = tracker.recorder.record
+
+    def spy(probe, **kwargs):
+        out = record(probe, **kwargs)
+        calls.append((kwargs, {n: t.shape[0] for n, t in out.items()}, tracker.recorder.last_stopped_early))
+        return out
+
+    monkeypatch.setattr(tracker.recorder, "record", spy)
+    tracker.start()
     first_two = [n for g in tracker.policy.groups[:2] for n in tracker.group_layers[g]]
-    assert set(tracker.signal_log[0]) - {"step"} <= set(tracker.policy.groups[:2])
-    # the signal's recorders hold exactly those layers (their conv maps get a grid of their own)
-    signal_recorders = [rec.layers for (layers, signal), rec in tracker._recorders.items() if signal]
-    assert signal_recorders == [first_two]
+    full = [c for c in calls if c[0].get("layers") is None]
+    signal = [c for c in calls if c[0].get("layers") is not None and c[1][first_two[0]] > 2 * 4]
+    assert len(full) == 1 and full[0][0]["rows"] == "common"
+    assert len(signal) == 1
+    kwargs, rows, stopped = signal[0]
+    assert kwargs["layers"] == first_two and kwargs["rows"] == "per_layer" and stopped
+    # each layer has ratio x neurons datapoints at its own grid (whole images), sliced from the recording
+    for n in first_two:
+        neurons, cells = tracker._signal_shapes[n]
+        assert tracker.recorder.layer_grids[n][0] * tracker.recorder.layer_grids[n][1] == cells
+        assert tracker._ref["bases"][n].n_datapoints == -(-10 * neurons // cells) * cells
+    # the full capture is on the common grid of all layers (1x1 here: the last map is dense)
+    assert len({t for t in full[0][1].values()}) == 1
+    tracker.close()
 
 
 def test_resume_refreezes_from_state(tmp_path):
@@ -168,3 +196,91 @@ def test_probe_checksum_covers_every_batch(tmp_path):
     tracker.start()
     with pytest.raises(ValueError, match="batch 1 differs"):
         tracker.capture(1)
+
+
+# ---------------------------------------------------------------------------- forward order, store, bad layers
+class _Scrambled(nn.Module):
+    """Registered head, hidden, body; called body -> hidden -> head (issue 8, section 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.hidden = nn.Linear(8, 8)
+        self.body = nn.Linear(5, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(torch.relu(self.body(x)))))
+
+
+def test_freeze_groups_follow_the_forward_pass_not_registration(tmp_path):
+    torch.manual_seed(0)
+    model = _Scrambled()
+    probe = torch.randn(200, 5)
+    tracker = DynamicsTracker(model, probe, run_dir=tmp_path, freeze="schedule", total_steps=8,
+                              max_overhead=None, final_analysis=False)
+    tracker.start()
+    assert tracker.recorder.layers == ["body", "hidden", "head"]
+    assert [g.name for g in tracker.groups] == ["body", "hidden", "head"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 9):
+        opt.zero_grad()
+        model(torch.randn(16, 5)).square().mean().backward()
+        opt.step()
+        tracker.maybe_capture(step, request=False)
+    events = tracker.policy.events
+    assert events and events[0]["group"] == "body"  # bottom-up: the true bottom first
+    assert tracker.policy.frozen == ["body", "hidden"]
+    assert "head" not in tracker.policy.frozen and not is_frozen(tracker.groups[-1])
+    assert is_frozen(tracker.groups[0])
+    tracker.close()
+
+
+class _WithDeadLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(5, 8)
+        self.dead = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.dead.weight.zero_()  # constant output (its bias) on every input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        return self.head(self.dead(h) + h)
+
+
+def test_layer_constant_on_the_probe_is_a_clear_error_at_the_first_capture(tmp_path):
+    tracker = DynamicsTracker(_WithDeadLayer(), torch.randn(100, 5), run_dir=tmp_path, max_overhead=None,
+                              final_analysis=False)
+    with pytest.raises(ValueError, match=r"layer 'dead' is constant over the probe at step 0.*out of `layers`"):
+        tracker.start()
+    tracker.close()
+    assert not (tmp_path / "store" / "index.json").exists()  # nothing stored
+
+
+def test_close_releases_the_store_and_a_second_start_resumes(tmp_path):
+    """close() lets another writer in; a second start() in the same process (a resume) reopens it."""
+    _, probe = _data()
+    model = ConvNet(width=8, depth=4, hidden=32)
+    tracker = DynamicsTracker(model, probe, run_dir=tmp_path, max_overhead=None, final_analysis=False)
+    tracker.start()
+    tracker.capture(5)
+    state = tracker.state_dict()
+    tracker.close()
+    tracker.close()  # idempotent
+    fd = os.open(tmp_path / "store" / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: nothing holds it any more
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    resumed = DynamicsTracker(model, probe, run_dir=tmp_path, max_overhead=None, final_analysis=False)
+    resumed.load_state_dict(state)
+    resumed.start(step=5)
+    assert resumed.captured_steps == [0, 5]
+    assert resumed._prev is not None and set(resumed._prev) == set(model.layer_names)
+    resumed.capture(6)
+    assert [c.step for c in RepresentationStore(tmp_path / "store", read_only=True).checkpoints] == [0, 5, 6]
+    resumed.start(step=6)  # the same tracker started again: the store is reopened, nothing re-captured
+    assert resumed.captured_steps == [0, 5, 6]
+    resumed.close()
