@@ -67,7 +67,7 @@ from .freeze import (
     make_freeze_policy,
 )
 from .functional.svcca import ReducedBasis, svd_reduce
-from .recorder import ActivationRecorder, batch_inputs, to_model
+from .recorder import ActivationRecorder, direction_limits, batch_inputs, to_model
 from .store import RepresentationStore
 from .utils.validation import check_fraction, check_keep, check_positive_int
 
@@ -536,8 +536,23 @@ class DynamicsTracker:
             if acts is not None:
                 assert self.store is not None
                 settings = self.store.settings
+                # keep directions within the datapoints' reach: beyond rows / 5 CCA reports
+                # spuriously high similarity (e.g. 512 channels on 1,024 rows of 1x1 maps)
+                limits = direction_limits(acts)
+                capped = {n: (limits[n], acts[n].shape[0]) for n in acts
+                          if limits[n] < acts[n].shape[1] and ("capped", n) not in self._warned}
+                if capped:
+                    self._warned.update(("capped", n) for n in capped)
+                    warnings.warn(
+                        f"{type(self).__name__}: the probe gives too few datapoints to keep every direction of "
+                        + ", ".join(f"{n!r} (at most {k} directions from {rows} datapoints)" for n, (k, rows)
+                                    in capped.items())
+                        + "; they keep at most datapoints / 5 directions so that CCA stays unbiased. A larger probe "
+                        "(or a larger `grid`) keeps more.", UserWarning, stacklevel=3)
+                cap = settings["max_directions"]
                 bases = {name: self._reduce(name, acts.pop(name), step, settings["keep"], settings["keep_rule"],
-                                            settings["max_directions"]) for name in list(acts)}
+                                            limits[name] if cap is None else min(cap, limits[name]))
+                         for name in list(acts)}
                 if step in [c.step for c in self.store.checkpoints]:
                     warnings.warn(
                         f"{type(self).__name__}: step {step} is already in the store at {self.store.folder} (a run "

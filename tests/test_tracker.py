@@ -284,3 +284,24 @@ def test_close_releases_the_store_and_a_second_start_resumes(tmp_path):
     resumed.start(step=6)  # the same tracker started again: the store is reopened, nothing re-captured
     assert resumed.captured_steps == [0, 5, 6]
     resumed.close()
+
+
+def test_kept_directions_stay_within_the_datapoints_reach(tmp_path):
+    """A layer wider than its datapoints / 5 kept up to every direction (CCA then reports
+    spuriously high similarity); now it keeps at most rows // 5, with one warning."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 3))
+    probe = torch.randn(100, 20, generator=g)  # 100 datapoints: at most 20 directions
+    tracker = DynamicsTracker(model, probe, layers=["0", "2"], run_dir=tmp_path, max_overhead=None,
+                              final_analysis=False)
+    with pytest.warns(UserWarning, match=r"'0' \(at most 20 directions from 100 datapoints\)"):
+        tracker.start()
+    store = tracker.store
+    assert store.load(store.final, "0").k == 20  # 64 neurons, full rank: capped at 100 // 5
+    assert store.load(store.final, "2").k == 3  # narrow layer unaffected
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not at every capture
+        tracker.capture(1)
+    tracker.close()
