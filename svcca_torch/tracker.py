@@ -68,7 +68,7 @@ from .freeze import (
 from .functional.svcca import ReducedBasis, svd_reduce
 from .recorder import ActivationRecorder, batch_inputs, first_tensor, to_model
 from .store import RepresentationStore
-from .utils.validation import check_fraction, check_keep, check_positive_int
+from .utils.validation import check_device, check_fraction, check_keep, check_positive_int
 
 __all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "check_probe", "probe_size"]
 
@@ -243,6 +243,8 @@ class DynamicsTracker:
         broadcast: ``obj -> obj`` from rank 0 to every rank (default identity).
         sharded_record: ``(recorder, inputs) -> {layer: rows} or None`` recording a probe
             tensor split across ranks (rows gathered on rank 0); default: record here.
+        analysis_device: where the end-of-run analysis decodes and compares the stored
+            bases (e.g. ``"cpu"`` to keep a GPU free); default: the model's device.
     """
 
     def __init__(
@@ -274,6 +276,7 @@ class DynamicsTracker:
         is_writer: bool = True,
         broadcast: Optional[Callable[[Any], Any]] = None,
         sharded_record: Optional[Callable[[ActivationRecorder, torch.Tensor], Optional[Dict[str, torch.Tensor]]]] = None,
+        analysis_device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -311,6 +314,7 @@ class DynamicsTracker:
         self.progress = bool(progress)
         self.is_writer = bool(is_writer)
         self._broadcast = broadcast or (lambda obj: obj)
+        self.analysis_device = check_device(analysis_device, "analysis_device")
         self._sharded_record = sharded_record
 
         self.recorder: Optional[ActivationRecorder] = None
@@ -713,8 +717,24 @@ class DynamicsTracker:
                 return None
             return self._analyse()
 
+    def _analysis_on(self) -> torch.device:
+        if self.analysis_device is not None:
+            return self.analysis_device
+        return next((t.device for t in self.model.parameters()), torch.device("cpu"))
+
     def _analyse(self) -> Optional[FinalAnalysis]:
-        """The end-of-run analysis: every capture against the final one, figures, JSON."""
+        """The end-of-run analysis, on ``analysis_device`` (default the model's device).
+
+        Every capture is compared with the final one layer by layer (the to-final curves,
+        the diagonal: one small eigenproblem per layer, batched); full layers x layers
+        matrices only for the captures that are shown, chosen from those curves by
+        :func:`svcca_torch.board.full_checkpoints` (the paper's grid at 0/35/75/100% and
+        the at most 10 heatmaps TensorBoard shows). In ``svcca_summary.json`` the other
+        captures' matrices are ``null`` off the diagonal; ``full_steps`` lists the captures
+        with a full matrix. Figures: ``learning_dynamics.png``, ``convergence.png`` and, with
+        freeze training, ``to_previous.png``.
+        """
+        from .board import full_checkpoints
         from .plotting import DEFAULT_FRACTIONS, plot_convergence, plot_learning_dynamics
 
         assert self.store is not None
@@ -733,15 +753,22 @@ class DynamicsTracker:
         result = None
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.final_analysis and len(self.store) >= 1:
-            dyn = learning_dynamics(self.store, progress=self.progress)
+            device = self._analysis_on()
+            dyn = learning_dynamics(self.store, full=[], progress=self.progress, device=device)
+            full = full_checkpoints(dyn.curves(), grid=DEFAULT_FRACTIONS)
+            shown = [dyn.steps[c] for c in full]
+            detail = learning_dynamics(self.store, shown, full=shown, device=device)
+            dyn.matrices[full] = detail.matrices
+            dyn.full = full
             fin = dyn.curves()
-            prev = similarity_to_previous(self.store)
+            prev = similarity_to_previous(self.store, device=device)
             plot_learning_dynamics(dyn, list(DEFAULT_FRACTIONS)).savefig(run_dir / "learning_dynamics.png", dpi=110)
             plot_convergence(fin).savefig(run_dir / "convergence.png", dpi=110)
             if self.freeze and len(self.store) > 1:
                 plot_convergence(prev, ylabel="SVCCA similarity to previous capture").savefig(
                     run_dir / "to_previous.png", dpi=110)
-            summary.update(steps=dyn.steps, fractions=dyn.fractions, matrices=_nan_to_none(dyn.matrices.tolist()),
+            summary.update(steps=dyn.steps, fractions=dyn.fractions, full_steps=shown,
+                           matrices=_nan_to_none(dyn.matrices.tolist()),
                            to_final=_nan_to_none(fin.values.tolist()), to_previous=_nan_to_none(prev.values.tolist()))
             result = FinalAnalysis(dyn, fin, prev, summary)
         tmp = run_dir / ".svcca_summary.json.tmp"
