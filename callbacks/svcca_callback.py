@@ -468,11 +468,17 @@ class SVCCACallback(Callback):
 
     def _log_signal(self, trainer: "pl.Trainer", signal: Dict[str, Any]) -> None:
         """The adaptive freeze signal: each judged group's similarity to one window earlier."""
-        metrics = {f"{self.name}/freeze_signal/{g}": float(v) for g, v in signal["similarity"].items()}
-        self._log_metrics(trainer, metrics, signal["step"])
-        for w in self._tensorboards(trainer):
-            for tag, v in metrics.items():
-                w.add_scalar(tag, v, signal["step"])
+        sims = signal["similarity"]
+        self._log_metrics(trainer, {f"{self.name}/freeze_signal/{g}": float(v) for g, v in sims.items()},
+                          signal["step"])
+        assert self.tracker is not None
+        order = [g.name for g in self.tracker.groups]
+        for board in self._boards:
+            for g, v in sims.items():
+                # a group named after its recorded layer gets that layer's NN_short tag (depth order)
+                tag = (board.layer_tag("freeze_signal", g) if g in board.layer_tags
+                       else board.tag("freeze_signal", f"{order.index(g):02d}_{g}"))
+                board.writer.add_scalar(tag, float(v), signal["step"])
 
     def _freeze_metrics(self, entry: Dict[str, Any]) -> Dict[str, float]:
         metrics = {f"{self.name}/freeze/frozen_groups": float(entry["frozen_groups"]),
