@@ -70,7 +70,7 @@ from .recorder import ActivationRecorder, batch_inputs, first_tensor, to_model
 from .store import RepresentationStore
 from .utils.validation import check_device, check_fraction, check_keep, check_positive_int
 
-__all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "check_probe", "probe_size"]
+__all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "check_probe", "probe_size", "shown_dynamics"]
 
 FREEZE_CHOICES = ("adaptive", "schedule")
 #: SVD truncation of the freeze signal's recordings (fraction of variance kept, as in the paper)
@@ -734,7 +734,6 @@ class DynamicsTracker:
         with a full matrix. Figures: ``learning_dynamics.png``, ``convergence.png`` and, with
         freeze training, ``to_previous.png``.
         """
-        from .board import full_checkpoints
         from .plotting import DEFAULT_FRACTIONS, plot_convergence, plot_learning_dynamics
 
         assert self.store is not None
@@ -754,12 +753,8 @@ class DynamicsTracker:
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.final_analysis and len(self.store) >= 1:
             device = self._analysis_on()
-            dyn = learning_dynamics(self.store, full=[], progress=self.progress, device=device)
-            full = full_checkpoints(dyn.curves(), grid=DEFAULT_FRACTIONS)
-            shown = [dyn.steps[c] for c in full]
-            detail = learning_dynamics(self.store, shown, full=shown, device=device)
-            dyn.matrices[full] = detail.matrices
-            dyn.full = full
+            dyn = shown_dynamics(self.store, device=device, progress=self.progress)
+            shown = [dyn.steps[c] for c in dyn.full or []]
             fin = dyn.curves()
             prev = similarity_to_previous(self.store, device=device)
             plot_learning_dynamics(dyn, list(DEFAULT_FRACTIONS)).savefig(run_dir / "learning_dynamics.png", dpi=110)
@@ -824,6 +819,29 @@ class DynamicsTracker:
             done = [c for c in self.store.checkpoints if c.step <= step]
             if done:
                 self._prev = self.store.load_checkpoint(done[-1])
+
+
+def shown_dynamics(store: RepresentationStore, *, device: Optional[Union[str, torch.device]] = None,
+                   progress: bool = False, max_images: int = 10) -> LearningDynamics:
+    """The learning dynamics of a run with full matrices only where they are shown.
+
+    Two passes over ``store``: every capture against the final one layer by layer (the
+    to-final curves), then :func:`svcca_torch.board.full_checkpoints` picks from those curves
+    the captures shown (the paper's grid at 0/35/75/100% and at most ``max_images``
+    heatmaps) and only those get a full layers x layers matrix. Off-diagonal entries of the
+    other captures are NaN; ``.full`` lists the chosen ones. Bases are compared on
+    ``device`` (default CPU); the result is on the CPU.
+    """
+    from .board import full_checkpoints
+    from .plotting import DEFAULT_FRACTIONS
+
+    dyn = learning_dynamics(store, full=[], progress=progress, device=device)
+    full = full_checkpoints(dyn.curves(), grid=DEFAULT_FRACTIONS, max_images=max_images)
+    shown = [dyn.steps[c] for c in full]
+    detail = learning_dynamics(store, shown, full=shown, device=device)
+    dyn.matrices[full] = detail.matrices
+    dyn.full = full
+    return dyn
 
 
 def _nan_to_none(x: Any) -> Any:
