@@ -203,7 +203,11 @@ def test_resume_refreezes_and_keeps_history(tmp_path):
     frozen_before = list(cb1.policy.frozen)
     assert frozen_before, "the first run should have frozen a group"
     ckpt = t1.checkpoint_callback.best_model_path
-    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    loaded = torch.load(ckpt, weights_only=False)
+    saved = loaded["state_dict"]
+    # the TensorBoard images written so far travel with the checkpoint
+    board_state = loaded["callbacks"][cb1.state_key]["board"]
+    assert board_state["images_written"]["svcca/live/to_previous_curves"]
 
     cb2 = SVCCACallback(probe, every_n_epochs=1, max_overhead=None, freeze_training=True, freeze_threshold=0.9,
                         freeze_patience=1, progress=False)
@@ -214,6 +218,10 @@ def test_resume_refreezes_and_keeps_history(tmp_path):
     t2.fit(model2, loader, ckpt_path=ckpt)
 
     assert snap.frozen_at_start == frozen_before  # re-frozen before the first resumed step
+    live = cb2._boards[0].images_written["svcca/live/to_previous_curves"]
+    assert live[: len(board_state["images_written"]["svcca/live/to_previous_curves"])] == \
+        board_state["images_written"]["svcca/live/to_previous_curves"]  # restored, then continued
+    assert len(live) <= 10 and live[-1] == 40
     assert cb2.run_dir == cb1.run_dir  # same store, history kept
     assert cb2.captured_steps == [0, 10, 20, 30, 40]
     assert cb2.policy.frozen[: len(frozen_before)] == frozen_before
