@@ -24,7 +24,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from svcca_torch.dynamics import LearningDynamics
+from svcca_torch.board import BoardLogger
 from svcca_torch.freeze import FreezePolicy, LayerGroup
 from svcca_torch.recorder import ActivationRecorder
 from svcca_torch.tracker import FREEZE_CHOICES, DynamicsTracker, FinalAnalysis, TrackerEvents, check_probe
@@ -42,12 +42,20 @@ class SVCCACallback(Callback):
     the callback's time so far plus one more capture (and the final capture and analysis
     held in reserve) stays within ``max_overhead`` (5%) of the training time so far; with
     ``every_n_epochs`` / ``every_n_train_steps`` those are the candidate points (pass
-    ``max_overhead=None`` to take every one). After each capture it logs each layer's SVCCA
-    similarity to its previous capture as ``<name>/to_previous/<layer>``. At the end of
-    training it compares every capture with the final state and logs, with a
-    ``TensorBoardLogger``, one heatmap image per capture under ``<name>/learning_dynamics``
-    (the capture's global step as the image step), ``<name>/to_final/<layer>`` scalars and a
-    custom-scalars layout. With any logger, or none, it writes ``learning_dynamics.png``,
+    ``max_overhead=None`` to take every one). At the end of training it compares every
+    capture with the final state (on ``analysis_device``, default the model's device; full
+    layers x layers matrices only for the captures shown, see
+    :meth:`DynamicsTracker._analyse <svcca_torch.tracker.DynamicsTracker._analyse>`).
+
+    With a ``TensorBoardLogger`` everything goes through :class:`svcca_torch.board.BoardLogger`,
+    every tag under ``<name>/`` (layer tags ``NN_short``, sorted by depth): at every capture
+    (step 0 included) ``<name>/to_previous/NN_short`` and, when due, the live images
+    ``<name>/live/...``; with freeze training ``<name>/freeze/...`` from step 0 at every
+    capture; at the end ``<name>/to_final/NN_short``, at most 10 chosen heatmaps
+    ``<name>/dynamics/to_final_matrix``, the paper's grid and the convergence curves (see the
+    README, "What you see in TensorBoard"). Other loggers (e.g. ``CSVLogger``) get the same
+    scalars with full layer names (``<name>/to_previous/<layer>``, ``<name>/to_final/<layer>``,
+    ``<name>/freeze/...``). With any logger, or none, it writes ``learning_dynamics.png``,
     ``convergence.png`` (and, with freeze training, ``to_previous.png``) and
     ``svcca_summary.json`` in ``run_dir``.
 
@@ -67,8 +75,8 @@ class SVCCACallback(Callback):
     often heatmaps are captured. Schedule: group ``i`` freezes at a fraction of training
     growing linearly with depth. Frozen parameters get ``requires_grad=False`` and
     ``grad=None`` and their BatchNorm layers stay in eval mode, so they stay bit-identical.
-    Logged: ``freeze/frozen_groups``, ``freeze/frozen_parameters``,
-    ``freeze/backward_flops_saved`` and ``<name>/freeze_signal/<group>``.
+    Logged: ``<name>/freeze/frozen_groups``, ``<name>/freeze/frozen_parameters``,
+    ``<name>/freeze/backward_flops_saved`` and ``<name>/freeze_signal/<group>``.
 
     Distributed (Lightning's DDP strategies): with a tensor probe every rank records a slice
     of it and rank 0 gathers the rows (``trainer.strategy.all_gather``); a DataLoader probe is
@@ -78,9 +86,10 @@ class SVCCACallback(Callback):
     ``find_unused_parameters=True`` before the model is wrapped; FSDP and DeepSpeed are not
     supported.
 
-    Resume: :meth:`state_dict` holds the capture history, probe digests, the policy and the
-    frozen groups; ``trainer.fit(ckpt_path=...)`` re-freezes the same groups, reopens the
-    store (archiving captures a lost run made after the checkpoint) and continues.
+    Resume: :meth:`state_dict` holds the capture history, probe digests, the policy, the
+    frozen groups and the TensorBoard images written (so no tag passes its 10);
+    ``trainer.fit(ckpt_path=...)`` re-freezes the same groups, reopens the store (archiving
+    captures a lost run made after the checkpoint) and continues.
     ``name`` keys the state (``state_key``), the log tags and the default run folder.
 
     Example::
@@ -112,6 +121,7 @@ class SVCCACallback(Callback):
         schedule_start, schedule_end: the schedule policy's first and last freezing points.
         final_analysis: compute and log the learning-dynamics matrices and figures at the end.
         progress: show a progress bar during the end-of-training analysis.
+        analysis_device: where the end-of-training analysis runs (default: the model's device).
     """
 
     def __init__(
@@ -139,6 +149,7 @@ class SVCCACallback(Callback):
         schedule_end: float = 0.75,
         final_analysis: bool = True,
         progress: bool = True,
+        analysis_device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         super().__init__()
         if every_n_epochs is not None and every_n_train_steps is not None:
@@ -169,10 +180,12 @@ class SVCCACallback(Callback):
             freeze=freeze_training, freeze_groups=freeze_groups, freeze_threshold=freeze_threshold,
             freeze_patience=freeze_patience, max_frozen_fraction=max_frozen_fraction,
             schedule_start=schedule_start, schedule_end=schedule_end, final_analysis=final_analysis,
-            progress=progress)
+            progress=progress, analysis_device=analysis_device)
         DynamicsTracker(torch.nn.Identity(), self.probe, **{**self._tracker_kwargs, "layers": None})
         self.tracker: Optional[DynamicsTracker] = None
         self._restored: Optional[Dict[str, Any]] = None
+        self._board_state: Optional[Dict[str, Any]] = None
+        self._boards: List[BoardLogger] = []
         self._last_step = -1
 
     # ------------------------------------------------------------------ the tracker's state, for users and tests
@@ -290,6 +303,7 @@ class SVCCACallback(Callback):
         if self._restored is not None:
             tracker.load_state_dict(self._restored)
             self._restored = None
+        previous = tracker.last_capture
         events = tracker.start(trainer.global_step, trainer.current_epoch)
         self._last_step = trainer.global_step
         if tracker.archived is not None:
@@ -299,8 +313,8 @@ class SVCCACallback(Callback):
         if tracker.policy is not None and tracker.policy.frozen:
             rank_zero_info(f"{type(self).__name__}: resumed with frozen groups {', '.join(tracker.policy.frozen)}.")
         if trainer.is_global_zero:
-            self._write_layout(trainer)
-        self._log_events(trainer, events)
+            self._start_board(trainer)
+        self._log_events(trainer, events, previous)
 
     def _resolve_run_dir(self, trainer: "pl.Trainer") -> Path:
         if self.run_dir is None:
@@ -337,26 +351,37 @@ class SVCCACallback(Callback):
         else:
             request = False if self.every_n_epochs is not None else None
         total = self.tracker.total_steps
+        previous = self.tracker.last_capture  # the last capture's bases, for the live heatmap
         events = self.tracker.maybe_capture(step, min(1.0, step / total) if total else None,
                                             epoch=trainer.current_epoch, request=request)
-        self._log_events(trainer, events)
+        self._log_events(trainer, events, previous)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             assert self.tracker is not None
+            previous = self.tracker.last_capture
             capture = self.tracker.capture_if_affordable(trainer.global_step, trainer.current_epoch)
-            self._log_events(trainer, TrackerEvents(trainer.global_step, capture=capture))
+            self._log_events(trainer, TrackerEvents(trainer.global_step, capture=capture), previous)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        assert self.tracker is not None
-        before = list(self.tracker.captured_steps)
-        analysis = self.tracker.finish(trainer.global_step, trainer.current_epoch)
-        if self.tracker.captured_steps != before:
-            last = self.tracker.to_previous[-1] if self.tracker.to_previous else None
-            if last is not None and last["step"] == trainer.global_step:
-                sims = {k: v for k, v in last.items() if k != "step"}
-                self._log_capture(trainer, {"step": trainer.global_step, "to_previous": sims})
+        tracker = self.tracker
+        assert tracker is not None
+        step = trainer.global_step
+        before = list(tracker.captured_steps)
+        previous = tracker.last_capture
+        analysis = tracker.finish(step, trainer.current_epoch)
         if trainer.is_global_zero:
+            last = tracker.to_previous[-1] if tracker.to_previous else None
+            sims = {k: v for k, v in last.items() if k != "step"} if last and last["step"] == step else {}
+            if tracker.captured_steps != before:  # the end-of-training capture
+                self._log_events(trainer, TrackerEvents(step, capture={"step": step, "to_previous": sims}), previous,
+                                 final=True)
+            elif self._boards and sims and tracker.store is not None:
+                # the last capture was logged already: only its final live images are new
+                done = [c for c in tracker.store.checkpoints if c.step < step]
+                earlier = tracker.store.load_checkpoint(done[-1]) if done else None
+                for board in self._boards:
+                    board.log_capture(step, sims, previous=earlier, current=tracker.last_capture, final=True)
             self._log_final(trainer, analysis)
             rank_zero_info(f"{type(self).__name__}: figures and svcca_summary.json in {self.tracker.run_dir}")
         trainer.strategy.barrier("svcca_final_analysis")
@@ -395,35 +420,85 @@ class SVCCACallback(Callback):
         return {k: v[rows] for k, v in out.items()} if rows is not None else out
 
     # ------------------------------------------------------------------ logging (rank 0 writes)
-    def _log_events(self, trainer: "pl.Trainer", events: TrackerEvents) -> None:
+    def _start_board(self, trainer: "pl.Trainer") -> None:
+        """One BoardLogger per TensorBoardLogger (rank 0), restored from the saved state on resume."""
+        assert self.tracker is not None and self.tracker.recorder is not None
+        self._boards = [BoardLogger(w, self.name, self.tracker.recorder.layers, total_steps=self.tracker.total_steps)
+                        for w in self._tensorboards(trainer)]
+        if self._board_state is not None:
+            for board in self._boards:
+                board.load_state_dict(self._board_state, resume_step=trainer.global_step)
+            self._board_state = None
+
+    def _log_events(self, trainer: "pl.Trainer", events: TrackerEvents, previous: Any = None,
+                    final: bool = False) -> None:
         if not trainer.is_global_zero:
             return
         if events.capture is not None:
-            self._log_capture(trainer, events.capture)
+            self._log_capture(trainer, events.capture, previous, final=final)
         if events.signal is not None:
             self._log_signal(trainer, events.signal)
         if events.freeze is not None:
             self._log_freeze(trainer, events.freeze)
+        elif events.capture is not None and self.freeze_training:
+            self._log_freeze_state(trainer, events.capture["step"])
 
     def _log_metrics(self, trainer: "pl.Trainer", metrics: Dict[str, float], step: int) -> None:
-        # like LearningRateMonitor: straight to the loggers, so it works from any hook
+        # straight to the loggers other than TensorBoard (like LearningRateMonitor, so it works
+        # from any hook); TensorBoard gets the BoardLogger's depth-sorted tags instead
         if not metrics:
             return
         for lg in trainer.loggers:
-            lg.log_metrics(metrics, step=step)
+            if not isinstance(lg, TensorBoardLogger):
+                lg.log_metrics(metrics, step=step)
 
     def _tensorboards(self, trainer: "pl.Trainer") -> List[Any]:
         return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
-    def _log_capture(self, trainer: "pl.Trainer", capture: Dict[str, Any]) -> None:
-        """One capture: each layer's similarity to the previous capture."""
-        self._log_metrics(trainer, {f"{self.name}/to_previous/{k}": float(v)
-                                    for k, v in capture["to_previous"].items()}, capture["step"])
+    def _log_capture(self, trainer: "pl.Trainer", capture: Dict[str, Any], previous: Any = None,
+                     final: bool = False) -> None:
+        """One capture: each layer's similarity to the previous capture; in TensorBoard also
+        the live images when due (from ``previous`` and the tracker's current bases)."""
+        assert self.tracker is not None
+        step, sims = capture["step"], capture["to_previous"]
+        self._log_metrics(trainer, {f"{self.name}/to_previous/{k}": float(v) for k, v in sims.items()}, step)
+        for board in self._boards:
+            # the current bases are the tracker's last capture (references, nothing copied)
+            board.log_capture(step, sims, previous=previous, current=self.tracker.last_capture, final=final)
 
     def _log_signal(self, trainer: "pl.Trainer", signal: Dict[str, Any]) -> None:
         """The adaptive freeze signal: each judged group's similarity to one window earlier."""
-        self._log_metrics(trainer, {f"{self.name}/freeze_signal/{g}": float(v)
-                                    for g, v in signal["similarity"].items()}, signal["step"])
+        sims = signal["similarity"]
+        self._log_metrics(trainer, {f"{self.name}/freeze_signal/{g}": float(v) for g, v in sims.items()},
+                          signal["step"])
+        assert self.tracker is not None
+        order = [g.name for g in self.tracker.groups]
+        for board in self._boards:
+            for g, v in sims.items():
+                # a group named after its recorded layer gets that layer's NN_short tag (depth order)
+                tag = (board.layer_tag("freeze_signal", g) if g in board.layer_tags
+                       else board.tag("freeze_signal", f"{order.index(g):02d}_{g}"))
+                board.writer.add_scalar(tag, float(v), signal["step"])
+
+    def _freeze_metrics(self, entry: Dict[str, Any]) -> Dict[str, float]:
+        metrics = {f"{self.name}/freeze/frozen_groups": float(entry["frozen_groups"]),
+                   f"{self.name}/freeze/frozen_parameters": float(entry["frozen_parameters"])}
+        if entry["backward_flops_saved"] is not None:
+            metrics[f"{self.name}/freeze/backward_flops_saved"] = float(entry["backward_flops_saved"])
+        return metrics
+
+    def _log_freeze_state(self, trainer: "pl.Trainer", step: int, newly: Sequence[str] = ()) -> None:
+        """The freeze state at ``step`` (every capture from step 0, and every freeze)."""
+        assert self.tracker is not None
+        last = self.tracker.freeze_log[-1] if self.tracker.freeze_log else None
+        state = {"frozen_groups": last["frozen_groups"] if last else 0,
+                 "frozen_parameters": last["frozen_parameters"] if last else 0,
+                 "backward_flops_saved": (last["backward_flops_saved"] if last else 0.0)}
+        self._log_metrics(trainer, self._freeze_metrics(state), step)
+        for board in self._boards:
+            board.log_freeze(step, state["frozen_groups"], backward_flops_saved=state["backward_flops_saved"],
+                             frozen_parameters=state["frozen_parameters"], newly_frozen=list(newly),
+                             n_groups=len(self.tracker.groups))
 
     def _log_freeze(self, trainer: "pl.Trainer", entry: Dict[str, Any]) -> None:
         """Groups frozen at one step."""
@@ -433,51 +508,20 @@ class SVCCACallback(Callback):
             f"{type(self).__name__}: froze {', '.join(entry['groups'])} at step {step} ({entry['frozen_groups']} of "
             f"{len(self.tracker.groups)} groups, {entry['frozen_parameters']:,} parameters"
             + (f", ~{100 * saved:.0f}% of backward FLOPs saved)" if saved is not None else ")"))
-        metrics = {"freeze/frozen_groups": float(entry["frozen_groups"]),
-                   "freeze/frozen_parameters": float(entry["frozen_parameters"])}
-        if saved is not None:
-            metrics["freeze/backward_flops_saved"] = float(saved)
-        self._log_metrics(trainer, metrics, step)
-        for w in self._tensorboards(trainer):
-            w.add_text(f"{self.name}/freeze", f"step {step}: froze {', '.join(entry['groups'])}", step)
-
-    def _write_layout(self, trainer: "pl.Trainer") -> None:
-        layout = {
-            f"SVCCA ({self.name})": {
-                "similarity to final state, per layer": ["Multiline", [rf"^{self.name}/to_final/"]],
-                "similarity to previous capture, per layer": ["Multiline", [rf"^{self.name}/to_previous/"]],
-            }
-        }
-        if self.freeze_training:
-            layout[f"SVCCA ({self.name})"]["freeze training"] = [
-                "Multiline", [r"^freeze/frozen_groups$", r"^freeze/backward_flops_saved$"]]
-            layout[f"SVCCA ({self.name})"]["freeze signal (similarity to one window earlier)"] = [
-                "Multiline", [rf"^{self.name}/freeze_signal/"]]
-        for writer in self._tensorboards(trainer):
-            writer.add_custom_scalars(layout)
+        self._log_freeze_state(trainer, step, entry["groups"])
 
     def _log_final(self, trainer: "pl.Trainer", analysis: Optional[FinalAnalysis]) -> None:
-        """The end-of-training views: to-final scalars and one heatmap per capture."""
+        """The end-of-training views: to-final scalars; in TensorBoard the chosen heatmaps,
+        the paper's grid and the convergence curves (``BoardLogger.log_final``)."""
         if analysis is None:
             return
-        from svcca_torch.plotting import plot_learning_dynamics
-
         dyn = analysis.dynamics
-        writers = self._tensorboards(trainer)
         to_final = dyn.to_final()
         for c, step in enumerate(dyn.steps):
             self._log_metrics(trainer, {f"{self.name}/to_final/{n}": float(v) for n, v in zip(dyn.layers, to_final[c])
                                         if not math.isnan(float(v))}, step)
-            if writers:
-                one = LearningDynamics(dyn.layers, [step], [dyn.fractions[c]], dyn.matrices[c: c + 1])
-                fig = plot_learning_dynamics(one, [dyn.fractions[c]])
-                for w in writers:
-                    w.add_figure(f"{self.name}/learning_dynamics", fig, global_step=step, close=False)
-                import matplotlib.pyplot as plt
-
-                plt.close(fig)
-        for w in writers:
-            w.flush()
+        for board in self._boards:
+            board.log_final(dyn)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -485,10 +529,15 @@ class SVCCACallback(Callback):
             return dict(self._restored or {})
         state = self.tracker.state_dict()
         state["run_dir"] = None if self.run_dir is None else str(self.run_dir)
+        if self._boards:
+            state["board"] = self._boards[0].state_dict()
+        elif self._board_state is not None:
+            state["board"] = self._board_state
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         # applied in on_train_start, once the model, the run folder and the policy exist
-        self._restored = dict(state_dict)
+        self._restored = {k: v for k, v in state_dict.items() if k != "board"}
+        self._board_state = state_dict.get("board")
         if self.run_dir is None and state_dict.get("run_dir"):
             self.run_dir = Path(state_dict["run_dir"])

@@ -49,7 +49,7 @@ from .plotting import (
 )
 from .utils.validation import check_fraction, check_keep, check_positive_int
 
-__all__ = ["BoardLogger", "LIVE_FRACTIONS", "select_checkpoints", "figure_to_array"]
+__all__ = ["BoardLogger", "LIVE_FRACTIONS", "select_checkpoints", "full_checkpoints", "figure_to_array"]
 
 #: Fractions of training after which the live images are refreshed (besides the second
 #: capture, the first with a previous one, and the last capture).
@@ -92,24 +92,27 @@ def select_checkpoints(
     """The checkpoints worth an image each: at most ``max_images``, sorted, no two alike.
 
     Always the first (step 0) and the last checkpoint; then the one nearest each of
-    ``anchors`` (the paper's 0/35/75/100%) unless its matrix is within ``min_change`` of
+    ``anchors`` (the paper's 0/35/75/100%) unless its values are within ``min_change`` of
     one already chosen; then, while room is left, the checkpoint farthest from every chosen
-    one (largest cell difference), i.e. where the matrices change most, until every
+    one (largest difference of any value), i.e. where the values change most, until every
     remaining one is within ``min_change`` of a chosen one.
 
     Args:
-        matrices: ``(checkpoints, layers, layers)``, e.g. :attr:`LearningDynamics.matrices`.
+        matrices: ``(checkpoints, layers, layers)`` (e.g. :attr:`LearningDynamics.matrices`)
+            or the cheap ``(checkpoints, layers)`` to-final curves
+            (:meth:`LearningDynamics.to_final` of ``learning_dynamics(store, full=[])``):
+            one row of values per checkpoint, compared cell by cell.
         fractions: the fraction of training of each checkpoint.
         max_images: the most checkpoints returned (at least 2).
         anchors: fractions of training to include first.
-        min_change: two matrices whose cells all differ by at most this count as alike
+        min_change: two checkpoints whose values all differ by at most this count as alike
             (0.01 is below what a 0..1 colour scale shows).
     """
     m = torch.as_tensor(matrices).detach().cpu().double()
-    n = m.shape[0]
-    if m.ndim != 3 or len(fractions) != n:
-        raise ValueError(f"`matrices` must be (checkpoints, layers, layers) with one fraction per checkpoint; got "
-                         f"shape {tuple(m.shape)} and {len(fractions)} fractions.")
+    n = m.shape[0] if m.ndim else 0
+    if m.ndim not in (2, 3) or len(fractions) != n:
+        raise ValueError(f"`matrices` must be (checkpoints, layers, layers) or (checkpoints, layers) with one "
+                         f"fraction per checkpoint; got shape {tuple(m.shape)} and {len(fractions)} fractions.")
     max_images = check_positive_int(max_images, "max_images", minimum=2)  # the first and the last
     min_change = check_fraction(min_change, "min_change", low_inclusive=True, high_inclusive=True)
     if n == 0:
@@ -128,6 +131,44 @@ def select_checkpoints(
         if gaps[best] <= min_change:
             break
         chosen.append(rest[best])
+    return sorted(chosen)
+
+
+def full_checkpoints(
+    to_final: Union[LayerCurves, torch.Tensor],
+    fractions: Optional[Sequence[float]] = None,
+    *,
+    max_images: int = TENSORBOARD_IMAGES_PER_TAG,
+    grid: Sequence[float] = DEFAULT_FRACTIONS,
+    min_change: float = 0.01,
+) -> List[int]:
+    """The checkpoints that need a full layers x layers matrix, chosen from cheap data.
+
+    The heatmaps :meth:`BoardLogger.log_final` shows (:func:`select_checkpoints` on the
+    to-final curves: step 0, the end, the ``grid`` fractions, then where the curves change
+    most; at most ``max_images``) plus the checkpoint nearest each ``grid`` fraction (the
+    paper's grid figure), sorted. Pass the result's steps as ``full=`` to
+    :func:`~svcca_torch.dynamics.learning_dynamics`, so that only these (about 10 of any
+    number of captures) cost a full matrix.
+
+    Args:
+        to_final: the ``(checkpoints, layers)`` similarity of each layer to its own final
+            state, e.g. ``learning_dynamics(store, full=[]).curves()``.
+        fractions: fraction of training per checkpoint (taken from ``to_final`` when it is a
+            :class:`LayerCurves`).
+    """
+    if isinstance(to_final, LayerCurves):
+        values, fractions = to_final.values, to_final.fractions if fractions is None else fractions
+    else:
+        values = torch.as_tensor(to_final)
+    if fractions is None:
+        raise ValueError("`fractions` is needed when `to_final` is a tensor (one fraction of training per row).")
+    if values.ndim != 2:
+        raise ValueError(f"`to_final` must be (checkpoints, layers), got shape {tuple(values.shape)}.")
+    grid = [check_fraction(f, "grid[i]", low_inclusive=True, high_inclusive=True) for f in grid]
+    chosen = set(select_checkpoints(values, fractions, max_images=max_images, anchors=grid, min_change=min_change))
+    if len(fractions):
+        chosen |= {min(range(len(fractions)), key=lambda i: abs(fractions[i] - f)) for f in grid}
     return sorted(chosen)
 
 
@@ -462,12 +503,16 @@ class BoardLogger:
         """Log the end-of-training views from the learning-dynamics matrices.
 
         Writes ``<name>/to_final/NN_layer`` at every capture's step, the chosen
-        ``<name>/dynamics/to_final_matrix`` heatmaps (:func:`select_checkpoints`), the paper's
-        grid and the depth-coloured convergence curves at the final step, and the last live
-        curves if the final capture was not logged with ``final=True``.
+        ``<name>/dynamics/to_final_matrix`` heatmaps (:func:`select_checkpoints` among the
+        checkpoints with a full matrix), the paper's grid and the depth-coloured convergence
+        curves at the final step, and the last live curves if the final capture was not
+        logged with ``final=True``.
 
         Args:
-            dynamics: from :func:`svcca_torch.dynamics.learning_dynamics` over the run's store.
+            dynamics: from :func:`svcca_torch.dynamics.learning_dynamics` over the run's store;
+                to compute full matrices only for what is shown, pass
+                ``full=[steps[c] for c in full_checkpoints(learning_dynamics(store, full=[]).curves())]``
+                (what :class:`~svcca_torch.tracker.DynamicsTracker` does).
 
         Returns:
             ``{image tag: steps written}`` for the tags written here.
@@ -488,8 +533,12 @@ class BoardLogger:
                     self.writer.add_scalar(self.layer_tag("to_final", n), v, int(step))
         written: Dict[str, List[int]] = {}
         tag = self.tag("dynamics", "to_final_matrix")
-        for c in select_checkpoints(dynamics.matrices, dynamics.fractions, max_images=self.max_images,
-                                    anchors=self.fractions, min_change=self.min_change):
+        # only checkpoints with a full matrix can be heatmaps: choose among them (all when full is None)
+        cands = list(range(len(dynamics.steps))) if dynamics.full is None else sorted(dynamics.full)
+        picked = select_checkpoints(dynamics.matrices[cands], [dynamics.fractions[c] for c in cands],
+                                    max_images=self.max_images, anchors=self.fractions,
+                                    min_change=self.min_change) if cands else []
+        for c in (cands[i] for i in picked):
             s = int(dynamics.steps[c])
             if self._add_image(tag, lambda: plot_similarity_matrix(
                     dynamics.matrices[c], dynamics.layers,

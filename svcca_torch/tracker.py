@@ -10,8 +10,7 @@ The engine behind :class:`svcca_torch.callbacks.SVCCACallback`, usable without L
         for x, y in loader:
             opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); step += 1
             tracker.maybe_capture(step, epoch=epoch)              # captures, freezes
-    tracker.finish(step)                                          # figures + svcca_summary.json
-    tracker.close()                                               # release the store's writer lock
+    tracker.finish(step)                # figures + svcca_summary.json; releases the store's lock
 
 It owns four things:
 
@@ -69,9 +68,9 @@ from .freeze import (
 from .functional.svcca import ReducedBasis, svd_reduce
 from .recorder import ActivationRecorder, direction_limits, batch_inputs, to_model
 from .store import RepresentationStore
-from .utils.validation import check_fraction, check_keep, check_positive_int
+from .utils.validation import check_device, check_fraction, check_keep, check_positive_int
 
-__all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "check_probe", "probe_size"]
+__all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "check_probe", "probe_size", "shown_dynamics"]
 
 FREEZE_CHOICES = ("adaptive", "schedule")
 #: SVD truncation of the freeze signal's recordings (fraction of variance kept, as in the paper)
@@ -245,6 +244,8 @@ class DynamicsTracker:
         sharded_record: ``(recorder, inputs) -> {layer: rows} or None`` recording a probe
             tensor split across ranks (rows gathered on rank 0) for full captures (common
             rows); default: record here. Freeze-signal recordings run on the writer alone.
+        analysis_device: where the end-of-run analysis decodes and compares the stored
+            bases (e.g. ``"cpu"`` to keep a GPU free); default: the model's device.
 
     The recorded layers are put in forward order at :meth:`setup` (one traced forward of
     two probe inputs), so freeze groups, "bottom-up" and "the output group is never frozen"
@@ -283,6 +284,7 @@ class DynamicsTracker:
         is_writer: bool = True,
         broadcast: Optional[Callable[[Any], Any]] = None,
         sharded_record: Optional[Callable[[ActivationRecorder, torch.Tensor], Optional[Dict[str, torch.Tensor]]]] = None,
+        analysis_device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -320,6 +322,7 @@ class DynamicsTracker:
         self.progress = bool(progress)
         self.is_writer = bool(is_writer)
         self._broadcast = broadcast or (lambda obj: obj)
+        self.analysis_device = check_device(analysis_device, "analysis_device")
         self._sharded_record = sharded_record
 
         self.recorder: Optional[ActivationRecorder] = None
@@ -353,6 +356,11 @@ class DynamicsTracker:
         self._restored: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ setup
+    @property
+    def last_capture(self) -> Optional[Dict[str, ReducedBasis]]:
+        """The last capture's reduced bases ``{layer: ReducedBasis}`` (None before the first)."""
+        return self._prev
+
     @property
     def probe(self) -> Any:
         return self._probe.probe
@@ -748,14 +756,32 @@ class DynamicsTracker:
         """Capture the final state (if not captured yet) and, on the writer, run the final
         analysis and write ``svcca_summary.json`` (and figures) in ``run_dir``."""
         with self._timed():
-            if step not in self.captured_steps:
-                self.capture(step, epoch)
-            if not self.is_writer:
-                return None
-            return self._analyse()
+            try:
+                if step not in self.captured_steps:
+                    self.capture(step, epoch)
+                if not self.is_writer:
+                    return None
+                return self._analyse()
+            finally:
+                self.close()  # the run is over: release the store's writer lock
+
+    def _analysis_on(self) -> torch.device:
+        if self.analysis_device is not None:
+            return self.analysis_device
+        return next((t.device for t in self.model.parameters()), torch.device("cpu"))
 
     def _analyse(self) -> Optional[FinalAnalysis]:
-        """The end-of-run analysis: every capture against the final one, figures, JSON."""
+        """The end-of-run analysis, on ``analysis_device`` (default the model's device).
+
+        Every capture is compared with the final one layer by layer (the to-final curves,
+        the diagonal: one small eigenproblem per layer, batched); full layers x layers
+        matrices only for the captures that are shown, chosen from those curves by
+        :func:`svcca_torch.board.full_checkpoints` (the paper's grid at 0/35/75/100% and
+        the at most 10 heatmaps TensorBoard shows). In ``svcca_summary.json`` the other
+        captures' matrices are ``null`` off the diagonal; ``full_steps`` lists the captures
+        with a full matrix. Figures: ``learning_dynamics.png``, ``convergence.png`` and, with
+        freeze training, ``to_previous.png``.
+        """
         from .plotting import DEFAULT_FRACTIONS, plot_convergence, plot_learning_dynamics
 
         assert self.store is not None
@@ -774,15 +800,18 @@ class DynamicsTracker:
         result = None
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.final_analysis and len(self.store) >= 1:
-            dyn = learning_dynamics(self.store, progress=self.progress)
+            device = self._analysis_on()
+            dyn = shown_dynamics(self.store, device=device, progress=self.progress)
+            shown = [dyn.steps[c] for c in dyn.full or []]
             fin = dyn.curves()
-            prev = similarity_to_previous(self.store)
+            prev = similarity_to_previous(self.store, device=device)
             plot_learning_dynamics(dyn, list(DEFAULT_FRACTIONS)).savefig(run_dir / "learning_dynamics.png", dpi=110)
             plot_convergence(fin).savefig(run_dir / "convergence.png", dpi=110)
             if self.freeze and len(self.store) > 1:
                 plot_convergence(prev, ylabel="SVCCA similarity to previous capture").savefig(
                     run_dir / "to_previous.png", dpi=110)
-            summary.update(steps=dyn.steps, fractions=dyn.fractions, matrices=_nan_to_none(dyn.matrices.tolist()),
+            summary.update(steps=dyn.steps, fractions=dyn.fractions, full_steps=shown,
+                           matrices=_nan_to_none(dyn.matrices.tolist()),
                            to_final=_nan_to_none(fin.values.tolist()), to_previous=_nan_to_none(prev.values.tolist()))
             result = FinalAnalysis(dyn, fin, prev, summary)
         tmp = run_dir / ".svcca_summary.json.tmp"
@@ -838,6 +867,29 @@ class DynamicsTracker:
             done = [c for c in self.store.checkpoints if c.step <= step]
             if done:
                 self._prev = self.store.load_checkpoint(done[-1], device=self._model_device())
+
+
+def shown_dynamics(store: RepresentationStore, *, device: Optional[Union[str, torch.device]] = None,
+                   progress: bool = False, max_images: int = 10) -> LearningDynamics:
+    """The learning dynamics of a run with full matrices only where they are shown.
+
+    Two passes over ``store``: every capture against the final one layer by layer (the
+    to-final curves), then :func:`svcca_torch.board.full_checkpoints` picks from those curves
+    the captures shown (the paper's grid at 0/35/75/100% and at most ``max_images``
+    heatmaps) and only those get a full layers x layers matrix. Off-diagonal entries of the
+    other captures are NaN; ``.full`` lists the chosen ones. Bases are compared on
+    ``device`` (default CPU); the result is on the CPU.
+    """
+    from .board import full_checkpoints
+    from .plotting import DEFAULT_FRACTIONS
+
+    dyn = learning_dynamics(store, full=[], progress=progress, device=device)
+    full = full_checkpoints(dyn.curves(), grid=DEFAULT_FRACTIONS, max_images=max_images)
+    shown = [dyn.steps[c] for c in full]
+    detail = learning_dynamics(store, shown, full=shown, device=device)
+    dyn.matrices[full] = detail.matrices
+    dyn.full = full
+    return dyn
 
 
 def _nan_to_none(x: Any) -> Any:

@@ -274,3 +274,47 @@ def test_the_same_capture_twice_logs_once_and_draws_the_final(tmp_path):
     acc = _accumulate(tmp_path)
     assert [e.step for e in acc.Tensors("s/to_previous/00_a")] == [100, 200, 300]  # not twice at 300
     assert [e.step for e in acc.Tensors("s/live/to_previous_curves")][-1] == 300
+
+
+def test_full_checkpoints_are_chosen_from_the_cheap_curves(run, tmp_path):
+    """The end-of-run analysis computes full matrices only where a heatmap is shown: chosen
+    from the to-final curves (the diagonal), then log_final picks its heatmaps among them."""
+    from svcca_torch.board import full_checkpoints
+    from svcca_torch.dynamics import LearningDynamics
+
+    dyn, steps = run["dyn"], run["steps"]
+    full = full_checkpoints(dyn.curves())
+    n = len(steps)
+    assert full == sorted(set(full)) and full[0] == 0 and full[-1] == n - 1
+    assert len(full) <= 10 + 2  # the heatmaps plus, at most, the grid's 35% and 75% when alike
+    for f in (0.0, 0.35, 0.75, 1.0):  # the paper's grid always has its full matrices
+        assert min(range(n), key=lambda i: abs(dyn.fractions[i] - f)) in full
+    # the same from a plain (checkpoints, layers) tensor with fractions
+    assert full_checkpoints(dyn.to_final(), dyn.fractions) == full
+    with pytest.raises(ValueError, match="fractions"):
+        full_checkpoints(dyn.to_final())
+    # the curves change most early on (lower layers settle first): the choice follows them
+    assert sum(1 for c in full if dyn.fractions[c] < 0.5) > sum(1 for c in full if dyn.fractions[c] >= 0.5)
+
+    # a LearningDynamics with full matrices only there (what the tracker makes)
+    partial = dyn.matrices.clone()
+    off = ~torch.eye(len(LAYERS), dtype=torch.bool)
+    rest = [c for c in range(n) if c not in full]
+    partial[torch.tensor(rest)[:, None], off] = float("nan")
+    cheap = LearningDynamics(dyn.layers, dyn.steps, dyn.fractions, partial, full)
+    writer = SummaryWriter(str(tmp_path))
+    board = BoardLogger(writer, "svcca", LAYERS, total_steps=TOTAL)
+    written = board.log_final(cheap)
+    writer.close()
+    shown = written["svcca/dynamics/to_final_matrix"]
+    assert shown[0] == 0 and shown[-1] == steps[-1] and len(shown) <= 10
+    assert {steps.index(s) for s in shown} <= set(full)
+    acc = _accumulate(tmp_path)
+    assert [e.step for e in acc.Tensors("svcca/dynamics/to_final_matrix")] == shown
+
+
+def test_select_checkpoints_works_on_curves():
+    curves = torch.tensor([[0.1, 0.2], [0.5, 0.4], [0.5, 0.4], [0.9, 0.95], [1.0, 1.0]], dtype=torch.float64)
+    assert select_checkpoints(curves, [0, 0.25, 0.5, 0.75, 1.0]) == [0, 1, 3, 4]  # 2 is alike 1
+    with pytest.raises(ValueError, match="checkpoints, layers"):
+        select_checkpoints(torch.zeros(3), [0, 0.5, 1])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,47 +60,93 @@ class FrozenSnapshot(Callback):
 
 
 def _events(log_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """The event files as `tensorboard --logdir` serves them: TensorBoard's default size
+    guidance (10 images per tag, reservoir-sampled beyond that)."""
+    from tensorboard.backend.event_processing import data_ingester
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc = EventAccumulator(str(log_dir), size_guidance=data_ingester.DEFAULT_SIZE_GUIDANCE,
+                           tensor_size_guidance=data_ingester.DEFAULT_TENSOR_SIZE_GUIDANCE)
     acc.Reload()
     return acc
+
+
+def _plugin_tags(acc, plugin):
+    return [t for t in acc.Tags()["tensors"] if acc.SummaryMetadata(t).plugin_data.plugin_name == plugin]
+
+
+def _matrices(nested):
+    """svcca_summary.json's matrices (null off the diagonal where not computed) as a tensor."""
+    return torch.tensor([[[math.nan if v is None else v for v in row] for row in m] for m in nested],
+                        dtype=torch.float64)
 
 
 def test_tensorboard_run_logs_live_and_final_views(tmp_path):
     pl.seed_everything(0)
     loader, probe = digits_loaders()
     model = DigitsModule()
-    cb = SVCCACallback(probe, every_n_epochs=1, max_overhead=None, progress=False)
-    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    # 16 captures: more than TensorBoard keeps per image tag
+    cb = SVCCACallback(probe, every_n_train_steps=2, max_overhead=None, freeze_training=True, freeze_threshold=0.9,
+                       freeze_patience=1, progress=False)
+    logger = TensorBoardLogger(str(tmp_path), name="tb", default_hp_metric=False)
     trainer(tmp_path, logger=logger, max_epochs=3, callbacks=[cb]).fit(model, loader)
 
-    steps = [0, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH]
+    last = 3 * STEPS_PER_EPOCH
+    steps = list(range(0, last + 1, 2))
     assert cb.captured_steps == steps
     run_dir = Path(logger.log_dir) / "svcca"
     store = RepresentationStore(run_dir / "store")
     assert [c.step for c in store.checkpoints] == steps
     assert store.layers == model.layer_names
-    assert [store.fraction_of(c) for c in store.checkpoints] == pytest.approx([0, 1 / 3, 2 / 3, 1])
 
     acc = _events(logger.log_dir)
-    tags = acc.Tags()
-    for layer in model.layer_names:
-        assert [e.step for e in acc.Scalars(f"svcca/to_previous/{layer}")] == steps[1:]
-        to_final = acc.Scalars(f"svcca/to_final/{layer}")
-        assert [e.step for e in to_final] == steps
-        assert to_final[-1].value == pytest.approx(1.0, abs=1e-5)
-        assert all(0.0 <= e.value <= 1.0 + 1e-6 for e in to_final)
-    # one heatmap per capture, the capture's global step as the image step
-    assert [e.step for e in acc.Images("svcca/learning_dynamics")] == steps
-    assert "custom_scalars__config__" in tags["tensors"]
+    scalars, images = _plugin_tags(acc, "scalars"), _plugin_tags(acc, "images")
+    # every tag the callback wrote is under its name (the module's own train_loss/epoch aside)
+    ours = [t for t in acc.Tags()["tensors"] if t not in ("train_loss", "epoch", "custom_scalars__config__")]
+    assert ours and all(t.startswith("svcca/") for t in ours), ours
+    assert not any(t.startswith("freeze/") for t in acc.Tags()["tensors"])
+    # per-layer tags NN_short: sorted by name is sorted by depth
+    per_layer = sorted(t for t in scalars if t.startswith("svcca/to_final/"))
+    assert [t.rsplit("/", 1)[1] for t in per_layer] == [f"{i:02d}_{n.rsplit('.', 1)[1]}"
+                                                        for i, n in enumerate(model.layer_names)]
+    for tag in per_layer:
+        to_final = [(e.step, e.tensor_proto.float_val[0]) for e in acc.Tensors(tag)]
+        assert [st for st, _ in to_final] == steps  # step 0 included, every capture
+        assert to_final[-1][1] == pytest.approx(1.0, abs=1e-5)
+        assert [e.step for e in acc.Tensors(tag.replace("to_final", "to_previous"))] == steps[1:]
+    # images: at most 10 per tag (what TensorBoard keeps), in step order, heatmaps from step 0
+    assert {"svcca/live/to_previous_matrix", "svcca/live/to_previous_curves", "svcca/dynamics/to_final_matrix",
+            "svcca/dynamics/grid", "svcca/dynamics/to_final_curves"} <= set(images)
+    for tag in images:
+        got = [e.step for e in acc.Tensors(tag)]
+        assert 1 <= len(got) <= 10 and got == sorted(got), (tag, got)
+    heatmaps = [e.step for e in acc.Tensors("svcca/dynamics/to_final_matrix")]
+    assert heatmaps[0] == 0 and heatmaps[-1] == last and len(heatmaps) == 10
+    # live images were written while training ran, long before its last step
+    live = acc.Tensors("svcca/live/to_previous_curves")
+    assert live[0].step == 2 and live[-1].step == last
+    last_loss = max(acc.Tensors("train_loss"), key=lambda e: e.step)
+    assert live[0].wall_time < last_loss.wall_time
+    # freeze training: count and fraction from 0 at step 0, at every capture
+    for tag in ("svcca/freeze/frozen_groups", "svcca/freeze/backward_flops_saved"):
+        events = acc.Tensors(tag)
+        assert events[0].step == 0 and events[0].tensor_proto.float_val[0] == 0.0
+        assert set(steps) <= {e.step for e in events}
+    assert cb.policy.frozen and acc.Tensors("svcca/freeze/frozen_groups")[-1].tensor_proto.float_val[0] > 0
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+    # the end-of-run analysis: full matrices only for the captures shown
+    summary = json.loads((run_dir / "svcca_summary.json").read_text())
+    assert summary["steps"] == steps and summary["probe_checksum"] == cb.probe_checksum
+    assert set(heatmaps) <= set(summary["full_steps"]) and len(summary["full_steps"]) <= 12
+    m = _matrices(summary["matrices"])
+    for c, st in enumerate(steps):
+        off = ~torch.eye(len(model.layer_names), dtype=torch.bool)
+        assert bool(m[c][off].isnan().all()) != (st in summary["full_steps"])
+        assert not m[c].diagonal().isnan().any()
+    assert torch.allclose(m[-1].diagonal(), torch.ones(len(model.layer_names), dtype=torch.float64), atol=1e-5)
     for name in ("learning_dynamics.png", "convergence.png", "svcca_summary.json"):
         assert (run_dir / name).stat().st_size > 0
-    summary = json.loads((run_dir / "svcca_summary.json").read_text())
-    assert summary["steps"] == steps and len(summary["matrices"]) == 4
-    final = torch.tensor(summary["matrices"][-1])
-    assert torch.allclose(final.diagonal(), torch.ones(len(model.layer_names)), atol=1e-5)
-    assert summary["probe_checksum"] == cb.probe_checksum
 
 
 def test_every_n_train_steps_schedule(tmp_path):
@@ -141,7 +188,8 @@ def test_freeze_training_freezes_bottom_up_and_keeps_weights(tmp_path, policy):
     assert 0.0 < last["backward_flops_saved"] < 1.0
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert any(r.get("freeze/frozen_groups") for r in rows)
+    assert any(r.get("svcca/freeze/frozen_groups") for r in rows)
+    assert not any(k.startswith("freeze/") for k in rows[0])  # every tag under the callback's name
 
 
 def test_resume_refreezes_and_keeps_history(tmp_path):
@@ -155,7 +203,11 @@ def test_resume_refreezes_and_keeps_history(tmp_path):
     frozen_before = list(cb1.policy.frozen)
     assert frozen_before, "the first run should have frozen a group"
     ckpt = t1.checkpoint_callback.best_model_path
-    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    loaded = torch.load(ckpt, weights_only=False)
+    saved = loaded["state_dict"]
+    # the TensorBoard images written so far travel with the checkpoint
+    board_state = loaded["callbacks"][cb1.state_key]["board"]
+    assert board_state["images_written"]["svcca/live/to_previous_curves"]
 
     cb2 = SVCCACallback(probe, every_n_epochs=1, max_overhead=None, freeze_training=True, freeze_threshold=0.9,
                         freeze_patience=1, progress=False)
@@ -166,6 +218,10 @@ def test_resume_refreezes_and_keeps_history(tmp_path):
     t2.fit(model2, loader, ckpt_path=ckpt)
 
     assert snap.frozen_at_start == frozen_before  # re-frozen before the first resumed step
+    live = cb2._boards[0].images_written["svcca/live/to_previous_curves"]
+    assert live[: len(board_state["images_written"]["svcca/live/to_previous_curves"])] == \
+        board_state["images_written"]["svcca/live/to_previous_curves"]  # restored, then continued
+    assert len(live) <= 10 and live[-1] == 40
     assert cb2.run_dir == cb1.run_dir  # same store, history kept
     assert cb2.captured_steps == [0, 10, 20, 30, 40]
     assert cb2.policy.frozen[: len(frozen_before)] == frozen_before
@@ -318,8 +374,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert two[0]["find_unused_parameters"] is True
     assert two[0]["captured_steps"] == one["captured_steps"]
     # rank 0 alone wrote the store; its matrices match the 1-process run's
-    m1, m2 = torch.tensor(one["matrices"]), torch.tensor(two[0]["matrices"])
-    assert m1.shape == m2.shape and torch.allclose(m1, m2, atol=1e-4)
+    m1, m2 = _matrices(one["matrices"]), _matrices(two[0]["matrices"])
+    assert m1.shape == m2.shape and torch.allclose(m1, m2, atol=1e-4, equal_nan=True)
     assert two[1]["matrices"] is None
     # each rank recorded half of the probe; the rows rank 0 gathered are the 1-process rows, in order
     assert two[0]["sharded"] and not one["sharded"]

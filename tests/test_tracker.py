@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import math
 
 import pytest
 import torch
@@ -305,3 +306,34 @@ def test_kept_directions_stay_within_the_datapoints_reach(tmp_path):
         warnings.simplefilter("error")  # said once, not at every capture
         tracker.capture(1)
     tracker.close()
+
+
+def test_final_analysis_full_matrices_only_for_the_captures_shown(tmp_path):
+    """Every capture gets its to-final diagonal; only the chosen ones (the grid and the
+    heatmaps) a full layers x layers matrix, equal to the naive analysis's there."""
+    from svcca_torch.dynamics import learning_dynamics
+
+    _, tracker = _train(dict(every_n_steps=1, max_overhead=None, analysis_device="cpu"), tmp_path, epochs=2)
+    assert tracker.analysis_device == torch.device("cpu")
+    summary = json.loads((tmp_path / "svcca_summary.json").read_text())
+    steps = summary["steps"]
+    assert len(steps) == 21 and steps[0] == 0 and steps[-1] == 20
+    full = summary["full_steps"]
+    assert 0 in full and 20 in full and len(full) <= 12
+    m = torch.tensor([[[math.nan if v is None else v for v in row] for row in c] for c in summary["matrices"]],
+                     dtype=torch.float64)
+    naive = learning_dynamics(RepresentationStore(tmp_path / "store", read_only=True)).matrices
+    off = ~torch.eye(m.shape[1], dtype=torch.bool)
+    for c, step in enumerate(steps):
+        torch.testing.assert_close(m[c].diagonal(), naive[c].diagonal(), rtol=0, atol=1e-6)
+        if step in full:
+            torch.testing.assert_close(m[c], naive[c], rtol=0, atol=1e-6)
+        else:
+            assert m[c][off].isnan().all()
+    assert (tmp_path / "learning_dynamics.png").stat().st_size > 0
+
+
+def test_analysis_device_is_validated(tmp_path):
+    _, probe = _data()
+    with pytest.raises(ValueError, match="analysis_device"):
+        DynamicsTracker(ConvNet(width=8, depth=4, hidden=32), probe, run_dir=tmp_path, analysis_device="gpu0")

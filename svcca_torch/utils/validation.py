@@ -301,3 +301,14 @@ def check_optional_positive_int(value: Any, name: str) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"`{name}` must be None or an int >= 1, got {value!r}.")
     return int(value)
+
+
+def check_device(device: Any, name: str = "device") -> Optional[torch.device]:
+    """``None`` or a ``torch.device`` (a string such as ``"cpu"``/``"cuda:0"`` is parsed)."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`{name}` must be a torch.device or a device string such as 'cpu' or 'cuda', "
+                         f"got {device!r} ({err}).") from None
