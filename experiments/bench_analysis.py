@@ -51,7 +51,7 @@ import torch
 
 from svcca_torch.dynamics import learning_dynamics
 from svcca_torch.functional.matrix import similarity_matrix
-from svcca_torch.functional.svcca import ReducedBasis, svcca, svd_reduce
+from svcca_torch.functional.svcca import ReducedBasis, svcca
 from svcca_torch.store import RepresentationStore
 from svcca_torch.utils.validation import FewDatapointsWarning
 

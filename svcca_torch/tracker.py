@@ -68,7 +68,7 @@ from .freeze import (
 from .functional.svcca import ReducedBasis, svd_reduce
 from .recorder import ActivationRecorder, direction_limits, batch_inputs, to_model
 from .store import RepresentationStore
-from .utils.validation import check_device, check_fraction, check_keep, check_positive_int
+from .utils.validation import check_device, check_probe, check_fraction, check_keep, check_positive_int
 
 __all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "check_probe", "probe_size", "shown_dynamics"]
 
@@ -81,39 +81,6 @@ Groups = Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]]
 
 
 # ----------------------------------------------------------------------------------- probe
-def check_probe(probe: Any) -> Any:
-    """``probe`` is a tensor ``(N, ...)`` or a re-iterable of batches (a DataLoader, a list
-    of batches); single-use iterators (generators) are refused: the probe is run again at
-    every capture and must give the same inputs in the same order."""
-    if probe is None:
-        raise ValueError("`probe` is None: pass a tensor of probe inputs or a DataLoader over them.")
-    if isinstance(probe, torch.Tensor):
-        if probe.ndim == 0 or probe.shape[0] < 2:
-            raise ValueError(
-                f"`probe` must hold at least 2 inputs along dim 0 (datapoints first), got shape {tuple(probe.shape)}."
-            )
-        return probe
-    if not hasattr(probe, "__iter__"):
-        raise ValueError(f"`probe` must be a tensor or a DataLoader/iterable of batches, got {type(probe).__name__}.")
-    try:
-        single_use = iter(probe) is probe
-    except TypeError:
-        single_use = False
-    if single_use:
-        raise ValueError(
-            f"`probe` is a single-use iterator ({type(probe).__name__}): it is run again at every capture, so it "
-            "must be re-iterable. Pass a tensor, a DataLoader (shuffle=False), or a list of batches "
-            "(e.g. `list(generator)`)."
-        )
-    try:
-        n = len(probe.dataset) if hasattr(probe, "dataset") else len(probe)
-    except TypeError:
-        return probe
-    if n == 0:
-        raise ValueError("`probe` is empty: it must yield at least 2 inputs.")
-    return probe
-
-
 def probe_size(probe: Any) -> int:
     """Number of inputs in ``probe`` (a tensor or a re-iterable of batches; iterated once
     when its size is not known otherwise)."""

@@ -312,3 +312,36 @@ def check_device(device: Any, name: str = "device") -> Optional[torch.device]:
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"`{name}` must be a torch.device or a device string such as 'cpu' or 'cuda', "
                          f"got {device!r} ({err}).") from None
+
+
+def check_probe(probe: Any) -> Any:
+    """``probe`` is a tensor ``(N, ...)`` or a re-iterable of batches (a DataLoader, a list
+    of batches); single-use iterators (generators) are refused: the probe is run again at
+    every capture and must give the same inputs in the same order."""
+    if probe is None:
+        raise ValueError("`probe` is None: pass a tensor of probe inputs or a DataLoader over them.")
+    if isinstance(probe, torch.Tensor):
+        if probe.ndim == 0 or probe.shape[0] < 2:
+            raise ValueError(
+                f"`probe` must hold at least 2 inputs along dim 0 (datapoints first), got shape {tuple(probe.shape)}."
+            )
+        return probe
+    if not hasattr(probe, "__iter__"):
+        raise ValueError(f"`probe` must be a tensor or a DataLoader/iterable of batches, got {type(probe).__name__}.")
+    try:
+        single_use = iter(probe) is probe
+    except TypeError:
+        single_use = False
+    if single_use:
+        raise ValueError(
+            f"`probe` is a single-use iterator ({type(probe).__name__}): it is run again at every capture, so it "
+            "must be re-iterable. Pass a tensor, a DataLoader (shuffle=False), or a list of batches "
+            "(e.g. `list(generator)`)."
+        )
+    try:
+        n = len(probe.dataset) if hasattr(probe, "dataset") else len(probe)
+    except TypeError:
+        return probe
+    if n == 0:
+        raise ValueError("`probe` is empty: it must yield at least 2 inputs.")
+    return probe
