@@ -18,7 +18,11 @@ Two parts, in one run:
      full layers x layers ``similarity_matrix`` per capture against the final capture, each
      capture loaded once;
    - *new, float32 store*: the new analysis on the float32 store, to separate the two changes
-     (the int12 files cost a decode on load; float32 ones a torch.load).
+     (the int12 files cost a decode on load; float32 ones a torch.load);
+   - *callback*: what ``DynamicsTracker``/``SVCCACallback`` run at the end of training,
+     :func:`svcca_torch.tracker.shown_dynamics` on the int12 store: the to-final curves of
+     every capture, then full matrices for the grid's captures and the <= 10 TensorBoard
+     heatmaps chosen from those curves.
 
    ``--datapoints 4096 --width-scale 1`` is the full 2x2-grid geometry (slow on a CPU: the
    naive arm takes most of an hour at 67 x 49).
@@ -53,6 +57,7 @@ from svcca_torch.dynamics import learning_dynamics
 from svcca_torch.functional.matrix import similarity_matrix
 from svcca_torch.functional.svcca import ReducedBasis, svcca
 from svcca_torch.store import RepresentationStore
+from svcca_torch.tracker import shown_dynamics
 from svcca_torch.utils.validation import FewDatapointsWarning
 
 RESNET18_RECORDED = [64, 64, 64, 128, 128, 256, 256, 512, 512, 10]  # stem, 8 blocks, fc
@@ -110,13 +115,15 @@ def bench_analysis(sizes: Sequence[Tuple[int, int]], n: int, scale: float, devic
             build = time.perf_counter() - t0
             q12, f32 = stores["int12"], stores["float32"]
             shown = [q12.nearest(f) for f in GRID_FRACTIONS]
-            times: Dict[str, List[float]] = {"new": [], "naive": [], "new_f32": []}
+            times: Dict[str, List[float]] = {"new": [], "naive": [], "new_f32": [], "shown": []}
             results = {}
-            for arm in ("new", "naive", "new_f32", "new"):
+            for arm in ("new", "naive", "new_f32", "shown", "new"):
                 _sync(device)
                 t0 = time.perf_counter()
                 if arm == "naive":
                     results[arm] = _naive(f32, device)
+                elif arm == "shown":
+                    results[arm] = shown_dynamics(q12, device=device)
                 else:
                     results[arm] = learning_dynamics(q12 if arm == "new" else f32, full=shown, device=device)
                 _sync(device)
@@ -132,13 +139,15 @@ def bench_analysis(sizes: Sequence[Tuple[int, int]], n: int, scale: float, devic
             row = dict(captures=captures, layers=layers, datapoints=n, sum_k=sum_k, naive_s=t_naive, new_s=t_new,
                        new_runs=times["new"], new_f32_s=t_f32, ratio=t_new / t_naive, ratio_f32=t_f32 / t_naive,
                        diff_same_format=max(diag_exact, full_exact), diff_int12=max(diag_q12, full_q12),
-                       build_s=build, full=len(new.full))
+                       build_s=build, full=len(new.full), shown_s=times["shown"][0],
+                       shown_full=len(results["shown"].full), ratio_shown=times["shown"][0] / t_naive)
             rows.append(row)
             for st in stores.values():
                 st.close()
         print(f"  {captures} x {layers}: {n} datapoints, {sum_k} kept directions per capture; naive {t_naive:.1f} s, "
               f"new {t_new:.1f} s ({' / '.join(f'{t:.1f}' for t in times['new'])}), new on float32 {t_f32:.1f} s; "
-              f"new/naive {row['ratio']:.3f}; max difference {row['diff_same_format']:.0e} (same bases), "
+              f"new/naive {row['ratio']:.3f}; callback's analysis {row['shown_s']:.1f} s with {row['shown_full']} "
+              f"full matrices ({row['ratio_shown']:.3f} of naive); max difference {row['diff_same_format']:.0e} (same bases), "
               f"{row['diff_int12']:.0e} (int12 vs float32) (stores built in {build:.0f} s)", flush=True)
     return rows
 
@@ -226,11 +235,12 @@ def main(argv=None) -> Dict:
           f"{args.width_scale}, full matrices for the heatmap grid at {list(GRID_FRACTIONS)}")
     res: Dict = {"analysis": bench_analysis(sizes, args.datapoints, args.width_scale, args.device)}
     print("\n| captures x layers | datapoints | kept directions / capture | naive (0.1, float32 store) | new (int12 store) "
-          "| new / naive | new on the float32 store | max difference, same bases / int12 |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| new / naive | new on the float32 store | callback (grid + heatmaps) / naive | max difference, same bases / int12 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in res["analysis"]:
         print(f"| {r['captures']} x {r['layers']} | {r['datapoints']:,} | {r['sum_k']:,} | {r['naive_s']:.1f} s | "
               f"{r['new_s']:.1f} s | {r['ratio']:.3f} | {r['new_f32_s']:.1f} s ({r['ratio_f32']:.3f}) | "
+              f"{r['shown_s']:.1f} s, {r['shown_full']} full ({r['ratio_shown']:.3f}) | "
               f"{r['diff_same_format']:.0e} / {r['diff_int12']:.0e} |")
     if not args.skip_disk:
         d = bench_disk(args.device)
