@@ -200,17 +200,7 @@ def test_probe_checksum_covers_every_batch(tmp_path):
 
 
 # ---------------------------------------------------------------------------- forward order, store, bad layers
-class _Scrambled(nn.Module):
-    """Registered head, hidden, body; called body -> hidden -> head (issue 8, section 1)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = nn.Linear(8, 3)
-        self.hidden = nn.Linear(8, 8)
-        self.body = nn.Linear(5, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.hidden(torch.relu(self.body(x)))))
+from test_forward_order import Scrambled as _Scrambled  # noqa: E402  (issue 8, section 1)
 
 
 def test_freeze_groups_follow_the_forward_pass_not_registration(tmp_path):
