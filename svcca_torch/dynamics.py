@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .functional.cca import canonical_correlations
+from .functional.cca import mean_canonical_correlations
 from .functional.matrix import similarity_matrix
 from .functional.svcca import ReducedBasis, svcca, svd_reduce
 from .store import Checkpoint, CheckpointRef, RepresentationStore
@@ -118,42 +118,8 @@ def _load(store: RepresentationStore, ck: Checkpoint, layers: Sequence[str], dev
     return {n: store.load(ck, n, device=device) for n in layers if n in ck.layers}
 
 
-#: Bytes of float64 workspace per batched eigenproblem chunk (bounds memory at any size).
+#: Bytes of workspace per chunk of cross products (bounds memory at any size).
 _CHUNK_BYTES = 64 << 20
-
-
-def _mean_correlations(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """SVCCA similarity (mean canonical correlation) of each cross block ``Uᵢᵀ Uⱼ`` of two
-    orthonormal bases, as a float64 CPU tensor. Blocks of similar size are zero-padded to
-    one shape (zero padding adds only zero singular values) and their eigenproblems solved
-    as one batch. On the CPU only equal shapes share a batch (a batch saves only Python
-    overhead there, and padding would cost flops); on a GPU sizes within 25% of each other
-    do, so that a store whose layers all keep different k still makes few, large batches."""
-    out = torch.empty(len(blocks), dtype=torch.float64)
-    order = sorted(range(len(blocks)), key=lambda i: (min(blocks[i].shape), max(blocks[i].shape), blocks[i].shape))
-    slack = 1.0 if not blocks or blocks[0].device.type == "cpu" else 1.25
-    start = 0
-    while start < len(order):
-        first = blocks[order[start]]
-        a, b, stop = first.shape[0], first.shape[1], start + 1
-        while stop < len(order):  # grow the batch while sizes are close and the workspace fits
-            m = blocks[order[stop]]
-            na, nb = max(a, m.shape[0]), max(b, m.shape[1])
-            close = m.shape == first.shape or (
-                slack > 1 and min(m.shape) <= slack * min(first.shape) and max(m.shape) <= slack * max(first.shape))
-            if not close or (stop - start + 1) * na * nb * 8 > _CHUNK_BYTES:
-                break
-            a, b, stop = na, nb, stop + 1
-        idx = order[start:stop]
-        pad = torch.zeros(len(idx), a, b, dtype=torch.float64, device=first.device)
-        for i, j in enumerate(idx):
-            pad[i, : blocks[j].shape[0], : blocks[j].shape[1]] = blocks[j]
-        rho = canonical_correlations(pad)
-        r = torch.tensor([min(blocks[j].shape) for j in idx], device=rho.device)
-        keep = torch.arange(rho.shape[1], device=rho.device)[None, :] < r[:, None]
-        out[idx] = ((rho * keep).sum(1) / r).cpu()
-        start = stop
-    return out
 
 
 def _paired(xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis]) -> torch.Tensor:
@@ -162,7 +128,8 @@ def _paired(xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis]) -> torch.Ten
         if x.n_datapoints != y.n_datapoints:
             raise ValueError(f"pair {i}: {x.n_datapoints} and {y.n_datapoints} datapoints; a layer must be "
                              "recorded on the same probe datapoints at every checkpoint.")
-    return _mean_correlations([x.basis.mT @ y.basis.to(x.basis.dtype) for x, y in zip(xs, ys)])
+    return mean_canonical_correlations([x.basis.mT @ y.basis.to(x.basis.dtype) for x, y in zip(xs, ys)],
+                                       dtype=torch.float64)
 
 
 def _cross(
@@ -188,7 +155,8 @@ def _cross(
         g = big_x.mT @ big_y  # the only pass over the datapoints
         ox = [0] + torch.tensor([x.k for x in rows]).cumsum(0).tolist()
         pairs = [(i, j) for i in range(len(rows)) for j in range(len(ys)) if not square or j >= r0 + i]
-        vals = _mean_correlations([g[ox[i] : ox[i + 1], oy[j] : oy[j + 1]] for i, j in pairs])
+        vals = mean_canonical_correlations([g[ox[i] : ox[i + 1], oy[j] : oy[j + 1]] for i, j in pairs],
+                                           dtype=torch.float64)
         for (i, j), v in zip(pairs, vals.tolist()):
             out[r0 + i, j] = v
             if square:

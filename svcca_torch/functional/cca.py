@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -97,6 +97,39 @@ def canonical_correlations(m: torch.Tensor) -> torch.Tensor:
         return m.new_zeros(m.shape[:-2] + (0,))
     small = m @ m.mT if m.shape[-2] <= m.shape[-1] else m.mT @ m
     return torch.linalg.eigvalsh(small).flip(-1).clamp(0.0, 1.0).sqrt()
+
+
+def mean_canonical_correlations(blocks: Sequence[torch.Tensor], chunk_bytes: int = 64 << 20,
+                                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Mean canonical correlation of each whitened cross block (e.g. ``Uᵢᵀ Uⱼ`` of two
+    orthonormal bases), as a float64 CPU tensor.
+
+    A ``(k_i, k_j)`` block's correlations are the square roots of the eigenvalues of the
+    smaller of ``B Bᵀ`` and ``Bᵀ B`` (``r x r``, ``r = min(k_i, k_j)``); blocks of equal
+    ``r`` share batched symmetric eigensolves of at most ``chunk_bytes`` each (padding every
+    block to the largest size would solve 235 x 235 problems for 29 x 29 ones). The solve
+    runs in the blocks' dtype: float32 eigenvalues of ``B Bᵀ`` are off by ~1e-7 absolutely,
+    ~1e-6 on the mean (README); float64 blocks are exact. ``dtype`` casts each block first
+    (e.g. float64 for float32 blocks: only the small ``r x r`` work is then in float64).
+    """
+    if dtype is not None:
+        blocks = [b.to(dtype) for b in blocks]
+    out = torch.empty(len(blocks), dtype=torch.float64)
+    by_size: Dict[int, List[int]] = {}
+    for t, b in enumerate(blocks):
+        by_size.setdefault(min(int(b.shape[0]), int(b.shape[1])), []).append(t)
+    for r, idx in by_size.items():
+        if r == 0:
+            out[idx] = 0.0
+            continue
+        step = max(1, chunk_bytes // (r * r * blocks[idx[0]].element_size()))
+        for c in range(0, len(idx), step):
+            part = idx[c : c + step]
+            small = torch.stack([blocks[t] @ blocks[t].mT if blocks[t].shape[0] <= blocks[t].shape[1]
+                                 else blocks[t].mT @ blocks[t] for t in part])
+            vals = torch.linalg.eigvalsh(small).to(torch.float64).clamp(0.0, 1.0).sqrt()
+            out[part] = vals.mean(-1).cpu()
+    return out
 
 
 def prepare_pair(

@@ -1,7 +1,7 @@
 """Similarity of every pair of layers, each layer reduced once."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -20,6 +20,7 @@ from ._linalg import centre_layer, default_rtol, equilibrated_whitener
 from .cca import live_neurons, sub_matrix
 from .cka import _hsic_debiased, _kernel_diagonal
 from .pwcca import pwcca
+from .cca import mean_canonical_correlations
 from .svcca import ReducedBasis, _capped, svd_reduce, top_directions
 
 METHODS = ("svcca", "cca", "pwcca", "cka")
@@ -194,32 +195,10 @@ def _rows(px: Sequence[_Prepared], py: Sequence[_Prepared], method: str, debiase
             pairs.append((i, j))
             blocks.append(block)
     if pairs:
-        out_vals = _mean_correlations(blocks)
+        out_vals = mean_canonical_correlations(blocks)
         for (i, j), v in zip(pairs, out_vals.tolist()):
             out[i, j] = v
     if square:
         upper = torch.triu(torch.ones(len(px), len(px), dtype=torch.bool), 1)
         out = torch.where(upper.T, out.T, out)
-    return out
-
-
-def _mean_correlations(blocks: List[torch.Tensor]) -> torch.Tensor:
-    """Mean canonical correlation of each whitened ``(k_i, k_j)`` block: its singular values
-    are the square roots of the eigenvalues of the smaller of ``B Bᵀ`` and ``Bᵀ B``
-    (``r x r``, ``r = min(k_i, k_j)``); blocks of equal ``r`` share one batched symmetric
-    eigensolve (padding every block to the largest size would solve 235 x 235 problems for
-    29 x 29 ones)."""
-    smalls = [b @ b.mT if b.shape[0] <= b.shape[1] else b.mT @ b for b in blocks]
-    out = torch.empty(len(blocks), dtype=torch.float64)
-    by_size: Dict[int, List[int]] = {}
-    for t, sm in enumerate(smalls):
-        by_size.setdefault(int(sm.shape[0]), []).append(t)
-    for r, idx in by_size.items():
-        if r == 0:
-            out[idx] = 0.0
-            continue
-        # In the layers' dtype: float32 eigenvalues of B Bᵀ are off by ~1e-7 absolutely, i.e.
-        # ~1e-7 / ρ on a coefficient ρ, measured 1e-6 on the mean (README); float64 is exact.
-        vals = torch.linalg.eigvalsh(torch.stack([smalls[t] for t in idx]))
-        out[idx] = vals.to(torch.float64).clamp(0.0, 1.0).sqrt().mean(-1).cpu()
     return out
