@@ -120,6 +120,9 @@ class SVCCACallback(Callback):
         max_frozen_fraction: the most groups frozen, as a fraction of all groups.
         schedule_start, schedule_end: the schedule policy's first and last freezing points.
         final_analysis: compute and log the learning-dynamics matrices and figures at the end.
+        final_heatmaps: captures with a full layers x layers heatmap at the end (the paper's
+            grid included; the others where the to-final curves change most). Each costs
+            about one naive per-capture analysis; every capture gets its to-final curves.
         progress: show a progress bar during the end-of-training analysis.
         analysis_device: where the end-of-training analysis runs (default: the model's device).
     """
@@ -148,6 +151,7 @@ class SVCCACallback(Callback):
         schedule_start: float = 0.25,
         schedule_end: float = 0.75,
         final_analysis: bool = True,
+        final_heatmaps: int = 6,
         progress: bool = True,
         analysis_device: Optional[Union[str, torch.device]] = None,
     ) -> None:
@@ -180,7 +184,7 @@ class SVCCACallback(Callback):
             freeze=freeze_training, freeze_groups=freeze_groups, freeze_threshold=freeze_threshold,
             freeze_patience=freeze_patience, max_frozen_fraction=max_frozen_fraction,
             schedule_start=schedule_start, schedule_end=schedule_end, final_analysis=final_analysis,
-            progress=progress, analysis_device=analysis_device)
+            final_heatmaps=final_heatmaps, progress=progress, analysis_device=analysis_device)
         DynamicsTracker(torch.nn.Identity(), self.probe, **{**self._tracker_kwargs, "layers": None})
         self.tracker: Optional[DynamicsTracker] = None
         self._restored: Optional[Dict[str, Any]] = None
@@ -314,6 +318,8 @@ class SVCCACallback(Callback):
             rank_zero_info(f"{type(self).__name__}: resumed with frozen groups {', '.join(tracker.policy.frozen)}.")
         if trainer.is_global_zero:
             self._start_board(trainer)
+        # with TensorBoard the first board writes the run folder's PNGs from the images it logs
+        tracker.figures = not self._boards
         self._log_events(trainer, events, previous)
 
     def _resolve_run_dir(self, trainer: "pl.Trainer") -> Path:
@@ -434,6 +440,11 @@ class SVCCACallback(Callback):
                     final: bool = False) -> None:
         if not trainer.is_global_zero:
             return
+        assert self.tracker is not None
+        with self.tracker.accounted():  # logging is the callback's cost: inside max_overhead
+            self._log_event_parts(trainer, events, previous, final)
+
+    def _log_event_parts(self, trainer: "pl.Trainer", events: TrackerEvents, previous: Any, final: bool) -> None:
         if events.capture is not None:
             self._log_capture(trainer, events.capture, previous, final=final)
         if events.signal is not None:
@@ -515,13 +526,20 @@ class SVCCACallback(Callback):
         the paper's grid and the convergence curves (``BoardLogger.log_final``)."""
         if analysis is None:
             return
+        assert self.tracker is not None
+        with self.tracker.accounted():
+            self._log_final_views(trainer, analysis)
+
+    def _log_final_views(self, trainer: "pl.Trainer", analysis: FinalAnalysis) -> None:
         dyn = analysis.dynamics
         to_final = dyn.to_final()
         for c, step in enumerate(dyn.steps):
             self._log_metrics(trainer, {f"{self.name}/to_final/{n}": float(v) for n, v in zip(dyn.layers, to_final[c])
                                         if not math.isnan(float(v))}, step)
-        for board in self._boards:
-            board.log_final(dyn)
+        assert self.tracker is not None
+        for i, board in enumerate(self._boards):
+            # the first board also writes the run folder's PNGs (the tracker left them to it)
+            board.log_final(dyn, save_dir=self.tracker.run_dir if i == 0 and not self.tracker.figures else None)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

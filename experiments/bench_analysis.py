@@ -7,8 +7,8 @@ Two parts, in one run:
    datapoints; 49 layers took 1.4 GiB for 67 captures, about 110 kept directions per layer):
    conv widths 64 to 512, a quarter of the layers each, times ``--width-scale`` (default 0.5),
    kept directions 92% of that (keep=0.99 keeps 1,826 of 1,994 on ResNet-18 in
-   bench_capture.py): 29, 59, 118 and 235 directions, 110 on average. Bases converge to the
-   last capture. The same bases go into two stores: float32 (svcca-torch 0.1's format) and
+   bench_capture.py), at most datapoints / 5 as a tracker's capture keeps them: 29, 59, 118
+   and 204 directions, 103 on average. Bases converge to the last capture. The same bases go into two stores: float32 (svcca-torch 0.1's format) and
    int12 (the default now). Arms, interleaved in this order:
 
    - *new*: ``learning_dynamics(store, full=[the 4 captures of the heatmap grid])`` on the
@@ -20,9 +20,11 @@ Two parts, in one run:
    - *new, float32 store*: the new analysis on the float32 store, to separate the two changes
      (the int12 files cost a decode on load; float32 ones a torch.load);
    - *callback*: what ``DynamicsTracker``/``SVCCACallback`` run at the end of training,
-     :func:`svcca_torch.tracker.shown_dynamics` on the int12 store: the to-final curves of
-     every capture, then full matrices for the grid's captures and the <= 10 TensorBoard
-     heatmaps chosen from those curves.
+     :func:`svcca_torch.tracker.shown_dynamics` on the int12 store: one pass with the
+     to-final curves of every capture and full matrices for the grid's captures, then full
+     matrices for the other TensorBoard heatmaps chosen from those curves (``--heatmaps``
+     in all, the tracker's ``final_heatmaps``; the to-previous curves come from the values
+     the tracker computed at each capture).
 
    ``--datapoints 4096 --width-scale 1`` is the full 2x2-grid geometry (slow on a CPU: the
    naive arm takes most of an hour at 67 x 49).
@@ -58,7 +60,7 @@ from svcca_torch.functional.matrix import similarity_matrix
 from svcca_torch.functional.svcca import ReducedBasis, svcca
 from svcca_torch.store import RepresentationStore
 from svcca_torch.tracker import shown_dynamics
-from svcca_torch.utils.validation import FewDatapointsWarning
+from svcca_torch.utils.validation import MIN_DATAPOINTS_PER_DIRECTION, FewDatapointsWarning
 
 RESNET18_RECORDED = [64, 64, 64, 128, 128, 256, 256, 512, 512, 10]  # stem, 8 blocks, fc
 GRID_FRACTIONS = (0.0, 0.35, 0.75, 1.0)
@@ -75,7 +77,8 @@ def _build_stores(folder: Path, captures: int, layers: int, n: int, scale: float
                   device: str) -> Dict[str, RepresentationStore]:
     """Captures converging to the last one: basis of capture c = QR(G + (1 - c/C) noise)."""
     g = torch.Generator().manual_seed(0)
-    ks = [max(2, round(0.92 * w)) for w in _widths(layers, scale)]
+    # kept directions as a DynamicsTracker capture keeps them: at most datapoints // 5
+    ks = [max(2, min(round(0.92 * w), n // MIN_DATAPOINTS_PER_DIRECTION)) for w in _widths(layers, scale)]
     finals = [torch.randn(n, k, generator=g) for k in ks]
     spectra = [torch.logspace(0, -1, k) for k in ks]
     stores = {enc: RepresentationStore(folder / enc, encoding=enc) for enc in ("int12", "float32")}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.image import imsave
 
 from .dynamics import LayerCurves, LearningDynamics
 from .functional.matrix import similarity_matrix
@@ -45,6 +47,7 @@ from .plotting import (
     plot_convergence,
     plot_learning_dynamics,
     plot_similarity_matrix,
+    remember_layout,
     short_layer_names,
 )
 from .utils.validation import check_fraction, check_keep, check_positive_int
@@ -69,6 +72,7 @@ def figure_to_array(fig: Figure, dpi: int = 100) -> np.ndarray:
     fig.set_dpi(dpi)
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
+    remember_layout(fig)
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
@@ -335,12 +339,19 @@ class BoardLogger:
         # never more than the reservoir keeps, never out of step order
         return len(steps) < self.max_images and (not steps or step > steps[-1])
 
-    def _add_image(self, tag: str, draw: Callable[[], Figure], step: int) -> bool:
-        """Draw (only when there is room) with card-sized fonts, render, write."""
-        if not self._room(tag, step):
+    def _add_image(self, tag: str, draw: Callable[[], Figure], step: int,
+                   save_as: Optional[Path] = None) -> bool:
+        """Draw (only when there is room, or a file is asked for) with card-sized fonts,
+        render, write; ``save_as``: also write the same pixels to that PNG file."""
+        room = self._room(tag, step)
+        if not room and save_as is None:
             return False
         with rc_context({"font.size": self.font_size}):
             image = figure_to_array(draw(), self.dpi)
+        if save_as is not None:
+            imsave(save_as, image)
+        if not room:
+            return False
         self.writer.add_image(tag, image, step, dataformats="HWC")
         self.images_written.setdefault(tag, []).append(step)
         return True
@@ -499,7 +510,8 @@ class BoardLogger:
                                  f"step {step}: froze {', '.join(newly_frozen)} ({frozen_groups}{of} groups frozen{saved})",
                                  step)
 
-    def log_final(self, dynamics: LearningDynamics) -> Dict[str, List[int]]:
+    def log_final(self, dynamics: LearningDynamics, save_dir: Optional[Union[str, Path]] = None
+                  ) -> Dict[str, List[int]]:
         """Log the end-of-training views from the learning-dynamics matrices.
 
         Writes ``<name>/to_final/NN_layer`` at every capture's step, the chosen
@@ -513,6 +525,9 @@ class BoardLogger:
                 to compute full matrices only for what is shown, pass
                 ``full=[steps[c] for c in full_checkpoints(learning_dynamics(store, full=[]).curves())]``
                 (what :class:`~svcca_torch.tracker.DynamicsTracker` does).
+            save_dir: also write the grid and the curves, as logged, to
+                ``learning_dynamics.png`` and ``convergence.png`` in this folder (drawn once
+                for both; :class:`~svcca_torch.callbacks.SVCCACallback` passes its run folder).
 
         Returns:
             ``{image tag: steps written}`` for the tags written here.
@@ -545,11 +560,16 @@ class BoardLogger:
                     title=f"step {s} ({100 * dynamics.fractions[c]:.0f}%) vs end of training",
                     xlabel=f"layer at end (step {final_step})", ylabel=f"layer at step {s}"), s):
                 written.setdefault(tag, []).append(s)
+        folder = None if save_dir is None else Path(save_dir)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
         if self._add_image(self.tag("dynamics", "grid"), lambda: plot_learning_dynamics(
-                dynamics, self.fractions, ncols=2, panel_size=3.6), final_step):
+                dynamics, self.fractions, ncols=2, panel_size=3.6), final_step,
+                save_as=None if folder is None else folder / "learning_dynamics.png"):
             written[self.tag("dynamics", "grid")] = [final_step]
         if self._add_image(self.tag("dynamics", "to_final_curves"), lambda: plot_convergence(
-                dynamics.curves(), ylabel="SVCCA similarity", title="similarity to own final state"), final_step):
+                dynamics.curves(), ylabel="SVCCA similarity", title="similarity to own final state"), final_step,
+                save_as=None if folder is None else folder / "convergence.png"):
             written[self.tag("dynamics", "to_final_curves")] = [final_step]
         live = self.tag("live", "to_previous_curves")
         last = self._history[-1] if self._history else None

@@ -28,6 +28,7 @@ from .store import Checkpoint, CheckpointRef, RepresentationStore
 from .utils.validation import (
     as_tensor,
     check_activations,
+    check_bool,
     check_keep,
     check_positive_int,
     check_same_datapoints,
@@ -50,6 +51,8 @@ class LearningDynamics:
             checkpoint ``c``. NaN where a layer is missing at a checkpoint, and off the
             diagonal for checkpoints whose full matrix was not computed (see ``full``).
         full: indices (into ``steps``) of the checkpoints with a full matrix; ``None``: all.
+        previous: ``(checkpoints, layers)`` float64, each layer's similarity to itself at the
+            previous checkpoint (row 0 NaN), when asked for with ``previous=True``; else None.
     """
 
     layers: List[str]
@@ -57,6 +60,7 @@ class LearningDynamics:
     fractions: List[float]
     matrices: torch.Tensor
     full: Optional[List[int]] = None
+    previous: Optional[torch.Tensor] = None
 
     def to_final(self) -> torch.Tensor:
         """``(checkpoints, layers)``: each layer's similarity to its own final state."""
@@ -65,6 +69,13 @@ class LearningDynamics:
     def curves(self) -> "LayerCurves":
         """:meth:`to_final` as :class:`LayerCurves` (what :func:`similarity_to_final` returns)."""
         return LayerCurves(list(self.layers), list(self.steps), list(self.fractions), self.to_final())
+
+    def to_previous(self) -> "LayerCurves":
+        """``previous`` as :class:`LayerCurves` (what :func:`similarity_to_previous` returns)."""
+        if self.previous is None:
+            raise ValueError("these dynamics hold no similarity to the previous checkpoint: pass previous=True "
+                             "to learning_dynamics.")
+        return LayerCurves(list(self.layers), list(self.steps), list(self.fractions), self.previous)
 
     def nearest(self, fraction: float) -> int:
         """Index of the checkpoint whose fraction of training is nearest ``fraction``
@@ -123,13 +134,15 @@ _CHUNK_BYTES = 64 << 20
 
 
 def _paired(xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis]) -> torch.Tensor:
-    """Same-layer SVCCA of ``xs[i]`` with ``ys[i]`` (any datapoint count per pair), batched."""
+    """Same-layer SVCCA of ``xs[i]`` with ``ys[i]`` (any datapoint count per pair), batched.
+
+    The small eigenproblems run in the bases' dtype (float32 for stored bases: ~1e-6 on a
+    similarity, far below the int12 encoding's 1e-3 bound; see the README)."""
     for i, (x, y) in enumerate(zip(xs, ys)):
         if x.n_datapoints != y.n_datapoints:
             raise ValueError(f"pair {i}: {x.n_datapoints} and {y.n_datapoints} datapoints; a layer must be "
                              "recorded on the same probe datapoints at every checkpoint.")
-    return mean_canonical_correlations([x.basis.mT @ y.basis.to(x.basis.dtype) for x, y in zip(xs, ys)],
-                                       dtype=torch.float64)
+    return mean_canonical_correlations([x.basis.mT @ y.basis.to(x.basis.dtype) for x, y in zip(xs, ys)])
 
 
 def _cross(
@@ -155,8 +168,7 @@ def _cross(
         g = big_x.mT @ big_y  # the only pass over the datapoints
         ox = [0] + torch.tensor([x.k for x in rows]).cumsum(0).tolist()
         pairs = [(i, j) for i in range(len(rows)) for j in range(len(ys)) if not square or j >= r0 + i]
-        vals = mean_canonical_correlations([g[ox[i] : ox[i + 1], oy[j] : oy[j + 1]] for i, j in pairs],
-                                           dtype=torch.float64)
+        vals = mean_canonical_correlations([g[ox[i] : ox[i + 1], oy[j] : oy[j + 1]] for i, j in pairs])
         for (i, j), v in zip(pairs, vals.tolist()):
             out[r0 + i, j] = v
             if square:
@@ -179,6 +191,7 @@ def learning_dynamics(
     progress: bool = False,
     full: Optional[Sequence[CheckpointRef]] = None,
     device: Optional[Union[str, torch.device]] = None,
+    previous: bool = False,
 ) -> LearningDynamics:
     """For every checkpoint, the layers x layers SVCCA matrix against the final network.
 
@@ -196,6 +209,9 @@ def learning_dynamics(
             ``[]``: only the diagonals.
         device: where the bases are decoded and compared (e.g. the model's ``"cuda"``);
             default CPU. The result is on the CPU.
+        previous: also compare each layer with itself at the previous analysed checkpoint
+            (``.previous``, :meth:`LearningDynamics.to_previous`) in the same pass, so that
+            each checkpoint is still loaded once.
 
     Returns:
         :class:`LearningDynamics`; ``matrices[c, i, j]`` compares layer ``i`` at ``final``
@@ -218,9 +234,16 @@ def learning_dynamics(
     fin = _load(store, ref, names, device)
     _warn_few(list(fin.values()))
     out = torch.full((len(cks), len(names), len(names)), math.nan, dtype=torch.float64)
+    prev_out = torch.full((len(cks), len(names)), math.nan, dtype=torch.float64) if check_bool(previous, "previous") else None
     rows = [i for i, n in enumerate(names) if n in fin]
+    before: Dict[str, ReducedBasis] = {}
     for c, ck in enumerate(tqdm(cks, desc="learning dynamics", disable=not progress, leave=False)):
         cur = fin if ck.step == ref.step else _load(store, ck, names, device)
+        if prev_out is not None:
+            again = [j for j, n in enumerate(names) if n in cur and n in before]
+            if again:
+                prev_out[c, again] = _paired([before[names[j]] for j in again], [cur[names[j]] for j in again])
+            before = cur
         cols = [j for j, n in enumerate(names) if n in cur]
         if not (rows and cols):
             continue
@@ -233,7 +256,8 @@ def learning_dynamics(
             if both:
                 out[c, both, both] = _paired([fin[names[j]] for j in both], [cur[names[j]] for j in both])
         del cur
-    return LearningDynamics(names, [c.step for c in cks], [store.fraction_of(c) for c in cks], out, full_idx)
+    return LearningDynamics(names, [c.step for c in cks], [store.fraction_of(c) for c in cks], out, full_idx,
+                            prev_out)
 
 
 def similarity_to_final(
@@ -265,7 +289,8 @@ def similarity_to_previous(
     The online convergence signal (the final state is unknown during training): a layer
     whose value stays near 1 has stopped changing, which is what freeze training acts on.
     Row 0 is NaN (no previous checkpoint). Each checkpoint is loaded once (on ``device``);
-    the comparisons of one checkpoint are batched.
+    the comparisons of one checkpoint are batched. ``learning_dynamics(..., previous=True)``
+    gives the same values in the pass that compares every checkpoint with the final one.
     """
     names = _layers(store, layers)
     cks = _checkpoints(store, checkpoints)

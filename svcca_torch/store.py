@@ -165,8 +165,8 @@ def decode_basis(data: Mapping[str, Any], device: Optional[Union[str, torch.devi
     if "basis" in data:
         return data["basis"].to(device=device, dtype=torch.float32)
     n, k = (int(v) for v in data["shape"])
-    p = data["codes"].to(device=device, dtype=torch.int32).view(-1, 3)
-    q = torch.empty(p.shape[0], 2, dtype=torch.int32, device=p.device)  # (lo, hi) code pairs
+    p = data["codes"].to(device=device, dtype=torch.int16).view(-1, 3)  # codes < 4096 fit int16
+    q = torch.empty(p.shape[0], 2, dtype=torch.int16, device=p.device)  # (lo, hi) code pairs
     torch.bitwise_or(p[:, 0], (p[:, 1] & 0xF) << 8, out=q[:, 0])
     torch.bitwise_or(p[:, 1] >> 4, p[:, 2] << 4, out=q[:, 1])
     scale = data["scale"].to(device=device, dtype=torch.float32)

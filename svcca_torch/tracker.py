@@ -54,7 +54,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from .dynamics import LayerCurves, LearningDynamics, learning_dynamics, paired_similarity, similarity_to_previous
+from .dynamics import LayerCurves, LearningDynamics, learning_dynamics, paired_similarity
 from .freeze import (
     FreezePolicy,
     LayerGroup,
@@ -68,7 +68,7 @@ from .freeze import (
 from .functional.svcca import ReducedBasis, svd_reduce
 from .recorder import ActivationRecorder, direction_limits, batch_inputs, to_model
 from .store import RepresentationStore
-from .utils.validation import check_device, check_probe, check_fraction, check_keep, check_positive_int
+from .utils.validation import check_bool, check_device, check_fraction, check_keep, check_positive_int, check_probe
 
 __all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "check_probe", "probe_size", "shown_dynamics"]
 
@@ -76,6 +76,9 @@ FREEZE_CHOICES = ("adaptive", "schedule")
 #: SVD truncation of the freeze signal's recordings (fraction of variance kept, as in the paper)
 SIGNAL_KEEP = 0.99
 _FLOPS_EXAMPLES = 2
+#: Seconds the capture budget holds back per end-of-run figure (drawing one 720 x 540 px
+#: figure with Agg took 0.11 to 0.39 s on one CPU thread of the development machine).
+FIGURE_SECONDS = 0.3
 
 Groups = Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]]
 
@@ -205,6 +208,14 @@ class DynamicsTracker:
         max_frozen_fraction, schedule_start, schedule_end: see :mod:`svcca_torch.freeze`.
         total_steps: training length, when known (the schedule policy needs it).
         final_analysis: compute the learning-dynamics matrices and figures in :meth:`finish`.
+        final_heatmaps: how many captures get a full layers x layers matrix (a heatmap) at the
+            end, the paper's grid at 0/35/75/100% included, the rest where the to-final curves
+            change most (:func:`shown_dynamics`). Each costs about what a naive analysis
+            spends per capture; every capture gets its to-final curves whatever this is.
+        figures: write ``learning_dynamics.png`` and ``convergence.png`` (and, with freeze
+            training, ``to_previous.png``) in :meth:`finish`; ``False`` when a caller draws
+            them itself (:class:`~svcca_torch.callbacks.SVCCACallback` with TensorBoard
+            writes the images it logs, so that each is drawn once).
         progress: progress bar during the final analysis.
         is_writer: whether this process writes the store (rank 0 under DDP).
         broadcast: ``obj -> obj`` from rank 0 to every rank (default identity).
@@ -247,6 +258,8 @@ class DynamicsTracker:
         schedule_end: float = 0.75,
         total_steps: Optional[int] = None,
         final_analysis: bool = True,
+        final_heatmaps: int = 6,
+        figures: bool = True,
         progress: bool = False,
         is_writer: bool = True,
         broadcast: Optional[Callable[[Any], Any]] = None,
@@ -285,7 +298,9 @@ class DynamicsTracker:
                 start=check_fraction(schedule_start, "schedule_start", low_inclusive=True, high_inclusive=True),
                 end=check_fraction(schedule_end, "schedule_end", low_inclusive=True, high_inclusive=True))
         self.total_steps = None if total_steps is None else check_positive_int(total_steps, "total_steps")
-        self.final_analysis = bool(final_analysis)
+        self.final_analysis = check_bool(final_analysis, "final_analysis")
+        self.final_heatmaps = check_positive_int(final_heatmaps, "final_heatmaps", minimum=2)
+        self.figures = check_bool(figures, "figures")
         self.progress = bool(progress)
         self.is_writer = bool(is_writer)
         self._broadcast = broadcast or (lambda obj: obj)
@@ -381,6 +396,11 @@ class DynamicsTracker:
                     "to judge them by; add a layer of each group to `layers` or change `freeze_groups`."
                 )
         self.policy = make_freeze_policy(self.freeze, names, **self.policy_kwargs)
+
+    def accounted(self) -> "contextlib.AbstractContextManager[None]":
+        """``with tracker.accounted(): ...`` counts the time inside as the tracker's own, so
+        that ``max_overhead`` covers it too (e.g. a caller's logging of each capture)."""
+        return self._timed()
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:
@@ -497,8 +517,9 @@ class DynamicsTracker:
         now = time.perf_counter()
         spent = self._own + (now - self._t_outer if self._depth else 0.0)
         train = now - self._origin - spent
-        # the final capture, and the end-of-run analysis with its figures (costed as one more capture)
-        reserve = 2 * self._capture_cost + (len(self.captured_steps) + 2) * self._analysis_cost
+        # the final capture, the end-of-run analysis and its figures (heatmaps, grid, curves)
+        reserve = (2 * self._capture_cost + (len(self.captured_steps) + 2) * self._analysis_cost
+                   + (self.final_heatmaps + 3) * FIGURE_SECONDS)
         return spent + self._capture_cost + reserve <= self.max_overhead * train
 
     def capture(self, step: int, epoch: Optional[int] = None) -> Dict[str, Any]:
@@ -768,12 +789,17 @@ class DynamicsTracker:
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.final_analysis and len(self.store) >= 1:
             device = self._analysis_on()
-            dyn = shown_dynamics(self.store, device=device, progress=self.progress)
+            online = self._online_previous()
+            dyn = shown_dynamics(self.store, device=device, progress=self.progress, previous=online is None,
+                                 max_images=self.final_heatmaps)
+            if online is not None:
+                dyn.previous = online
             shown = [dyn.steps[c] for c in dyn.full or []]
-            fin = dyn.curves()
-            prev = similarity_to_previous(self.store, device=device)
-            plot_learning_dynamics(dyn, list(DEFAULT_FRACTIONS)).savefig(run_dir / "learning_dynamics.png", dpi=110)
-            plot_convergence(fin).savefig(run_dir / "convergence.png", dpi=110)
+            fin, prev = dyn.curves(), dyn.to_previous()
+            if self.figures:
+                plot_learning_dynamics(dyn, list(DEFAULT_FRACTIONS)).savefig(run_dir / "learning_dynamics.png",
+                                                                              dpi=110)
+                plot_convergence(fin).savefig(run_dir / "convergence.png", dpi=110)
             if self.freeze and len(self.store) > 1:
                 plot_convergence(prev, ylabel="SVCCA similarity to previous capture").savefig(
                     run_dir / "to_previous.png", dpi=110)
@@ -785,6 +811,22 @@ class DynamicsTracker:
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, run_dir / "svcca_summary.json")
         return result
+
+    def _online_previous(self) -> Optional[torch.Tensor]:
+        """``(captures, layers)`` similarity of each stored capture to the one before, from
+        the values :meth:`capture` computed during training (on the bases before encoding),
+        or None when some capture after the first has none (then the analysis recomputes)."""
+        assert self.store is not None
+        names, steps = self.store.layers, [c.step for c in self.store.checkpoints]
+        known = {e["step"]: e for e in self.to_previous}
+        if any(s not in known for s in steps[1:]):
+            return None
+        out = torch.full((len(steps), len(names)), math.nan, dtype=torch.float64)
+        for c, s in enumerate(steps[1:], 1):
+            for j, n in enumerate(names):
+                if n in known[s]:
+                    out[c, j] = float(known[s][n])
+        return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -837,24 +879,28 @@ class DynamicsTracker:
 
 
 def shown_dynamics(store: RepresentationStore, *, device: Optional[Union[str, torch.device]] = None,
-                   progress: bool = False, max_images: int = 10) -> LearningDynamics:
+                   progress: bool = False, max_images: int = 10, previous: bool = False) -> LearningDynamics:
     """The learning dynamics of a run with full matrices only where they are shown.
 
-    Two passes over ``store``: every capture against the final one layer by layer (the
-    to-final curves), then :func:`svcca_torch.board.full_checkpoints` picks from those curves
-    the captures shown (the paper's grid at 0/35/75/100% and at most ``max_images``
-    heatmaps) and only those get a full layers x layers matrix. Off-diagonal entries of the
-    other captures are NaN; ``.full`` lists the chosen ones. Bases are compared on
-    ``device`` (default CPU); the result is on the CPU.
+    One pass over ``store`` compares every capture with the final one layer by layer (the
+    to-final curves) and, for the captures of the paper's grid (nearest 0/35/75/100%, known
+    before any comparison), layers x layers. :func:`svcca_torch.board.full_checkpoints` then
+    picks from the curves the other heatmaps shown (where the curves change most; at most
+    ``max_images`` heatmaps in all), and only those are loaded again for a full matrix.
+    Off-diagonal entries of the other captures are NaN; ``.full`` lists the chosen ones.
+    ``previous=True`` also fills ``.previous`` (each layer against the capture before it) in
+    the first pass. Bases are compared on ``device`` (default CPU); the result is on the CPU.
     """
     from .board import full_checkpoints
     from .plotting import DEFAULT_FRACTIONS
 
-    dyn = learning_dynamics(store, full=[], progress=progress, device=device)
+    grid = sorted({store.nearest(f).step for f in DEFAULT_FRACTIONS}) if len(store) else []
+    dyn = learning_dynamics(store, full=grid, progress=progress, device=device, previous=previous)
     full = full_checkpoints(dyn.curves(), grid=DEFAULT_FRACTIONS, max_images=max_images)
-    shown = [dyn.steps[c] for c in full]
-    detail = learning_dynamics(store, shown, full=shown, device=device)
-    dyn.matrices[full] = detail.matrices
+    extra = [c for c in full if c not in (dyn.full or [])]
+    if extra:
+        steps = [dyn.steps[c] for c in extra]
+        dyn.matrices[extra] = learning_dynamics(store, steps, full=steps, device=device).matrices
     dyn.full = full
     return dyn
 

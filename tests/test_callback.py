@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from matplotlib.image import imread
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
@@ -121,7 +123,7 @@ def test_tensorboard_run_logs_live_and_final_views(tmp_path):
         got = [e.step for e in acc.Tensors(tag)]
         assert 1 <= len(got) <= 10 and got == sorted(got), (tag, got)
     heatmaps = [e.step for e in acc.Tensors("svcca/dynamics/to_final_matrix")]
-    assert heatmaps[0] == 0 and heatmaps[-1] == last and len(heatmaps) == 10
+    assert heatmaps[0] == 0 and heatmaps[-1] == last and len(heatmaps) == cb.tracker.final_heatmaps == 6
     # live images were written while training ran, long before its last step
     live = acc.Tensors("svcca/live/to_previous_curves")
     assert live[0].step == 2 and live[-1].step == last
@@ -147,6 +149,11 @@ def test_tensorboard_run_logs_live_and_final_views(tmp_path):
     assert torch.allclose(m[-1].diagonal(), torch.ones(len(model.layer_names), dtype=torch.float64), atol=1e-5)
     for name in ("learning_dynamics.png", "convergence.png", "svcca_summary.json"):
         assert (run_dir / name).stat().st_size > 0
+    # the run folder's figures are the images TensorBoard got, drawn once for both
+    for name, tag in (("learning_dynamics.png", "svcca/dynamics/grid"), ("convergence.png", "svcca/dynamics/to_final_curves")):
+        logged = imread(io.BytesIO(acc.Tensors(tag)[-1].tensor_proto.string_val[2]))
+        saved = imread(run_dir / name)
+        assert logged.shape[:2] == saved.shape[:2] and (abs(logged[..., :3] - saved[..., :3]) < 1e-6).all()
 
 
 def test_every_n_train_steps_schedule(tmp_path):

@@ -222,6 +222,22 @@ def test_heatmap_checkpoints_only_in_full(run) -> None:
         learning_dynamics(store, full=[12345])
 
 
+def test_previous_in_the_same_pass_as_to_final(run) -> None:
+    """``previous=True`` gives similarity_to_previous's values from the pass that compares
+    every checkpoint with the final one (each checkpoint loaded once)."""
+    store = run[0]
+    both = learning_dynamics(store, full=[], previous=True)
+    alone = similarity_to_previous(store)
+    torch.testing.assert_close(both.previous, alone.values, rtol=0, atol=0, equal_nan=True)
+    assert both.to_previous().layers == store.layers and bool(both.previous[0].isnan().all())
+    assert bool((both.previous[1:] < 1 - 1e-3).any())  # not the to-final values of the last rows
+    torch.testing.assert_close(both.to_final(), learning_dynamics(store, full=[]).to_final(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="previous=True"):
+        learning_dynamics(store, full=[]).to_previous()
+    with pytest.raises(ValueError, match="`previous`"):
+        learning_dynamics(store, full=[], previous="yes")
+
+
 def test_int12_store_reports_within_1e3_of_float32(runs) -> None:
     """The default encoding's claim: every reported similarity within 1e-3 of the float32
     bases' (learning-dynamics matrices, to-final and to-previous curves), in 3/8 of the bytes."""

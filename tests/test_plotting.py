@@ -145,3 +145,33 @@ def test_aligned_directions_names_the_layer() -> None:
     al = aligned_directions(x, x @ torch.randn(6, 6, generator=g, dtype=torch.float64))
     fig = plot_aligned_directions(al, torch.arange(100) % 3, layer="net.fc1")
     assert "net.fc1" in fig.get_suptitle()
+
+
+def test_heatmaps_of_one_kind_reuse_the_first_ones_layout() -> None:
+    """Constrained layout runs once per kind of heatmap (layers, size, labels, font size):
+    later ones are placed where it put the first, and look the same."""
+    from matplotlib import rc_context
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    from svcca_torch import plotting
+    from svcca_torch.board import figure_to_array
+    from svcca_torch.plotting import plot_similarity_matrix
+
+    plotting._LAYOUTS.clear()
+    names = [f"net.block{i}" for i in range(6)]
+    m = torch.rand(6, 6, generator=torch.Generator().manual_seed(0)).double()
+    first = plot_similarity_matrix(m, names, title="step 0 (0%) vs end", ylabel="layer at step 0")
+    assert isinstance(first.get_layout_engine(), ConstrainedLayoutEngine)
+    a = figure_to_array(first)
+    later = plot_similarity_matrix(m, names, title="step 3000 (100%) vs end", ylabel="layer at step 3000")
+    assert not isinstance(later.get_layout_engine(), ConstrainedLayoutEngine)
+    b = figure_to_array(later)
+    assert a.shape == b.shape
+    for x, y in zip(first.axes, later.axes):
+        np.testing.assert_allclose(x.get_position().bounds, y.get_position().bounds, rtol=0, atol=1e-12)
+    # another kind (other layers, or another font size) gets its own layout
+    other = plot_similarity_matrix(m[:5, :5], names[:5])
+    assert isinstance(other.get_layout_engine(), ConstrainedLayoutEngine)
+    with rc_context({"font.size": 18}):
+        big = plot_similarity_matrix(m, names, title="step 0 (0%) vs end", ylabel="layer at step 0")
+    assert isinstance(big.get_layout_engine(), ConstrainedLayoutEngine)
