@@ -109,7 +109,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_analysis(sizes: Sequence[Tuple[int, int]], n: int, scale: float, device: str) -> List[Dict]:
+def bench_analysis(sizes: Sequence[Tuple[int, int]], n: int, scale: float, device: str,
+                   heatmaps: int = 6) -> List[Dict]:
     rows = []
     for captures, layers in sizes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +127,7 @@ def bench_analysis(sizes: Sequence[Tuple[int, int]], n: int, scale: float, devic
                 if arm == "naive":
                     results[arm] = _naive(f32, device)
                 elif arm == "shown":
-                    results[arm] = shown_dynamics(q12, device=device)
+                    results[arm] = shown_dynamics(q12, device=device, max_images=heatmaps)
                 else:
                     results[arm] = learning_dynamics(q12 if arm == "new" else f32, full=shown, device=device)
                 _sync(device)
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where stores reduce and the analysis runs (cpu, cuda)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--skip-disk", action="store_true", help="only the analysis timings")
+    p.add_argument("--heatmaps", type=int, default=6,
+                   help="the callback arm's full matrices (the tracker's final_heatmaps, default 6)")
     return p
 
 
@@ -236,7 +239,7 @@ def main(argv=None) -> Dict:
     warnings.simplefilter("ignore", FewDatapointsWarning)  # synthetic bases: timing only
     print(f"analysis: device {args.device}, {args.threads} thread(s), {args.datapoints:,} datapoints, widths x "
           f"{args.width_scale}, full matrices for the heatmap grid at {list(GRID_FRACTIONS)}")
-    res: Dict = {"analysis": bench_analysis(sizes, args.datapoints, args.width_scale, args.device)}
+    res: Dict = {"analysis": bench_analysis(sizes, args.datapoints, args.width_scale, args.device, args.heatmaps)}
     print("\n| captures x layers | datapoints | kept directions / capture | naive (0.1, float32 store) | new (int12 store) "
           "| new / naive | new on the float32 store | callback (grid + heatmaps) / naive | max difference, same bases / int12 |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -20,7 +20,7 @@ from .functional import (
     svcca,
     svd_reduce,
 )
-from .utils.validation import FewDatapointsWarning
+from .utils.validation import FewDatapointsWarning, ZeroVarianceError
 from .metrics import CCA, PWCCA, SVCCA, LinearCKA
 from .recorder import ActivationRecorder, LayerOrderWarning, direction_limits, forward_order
 from .store import Checkpoint, RepresentationStore, StoreCorruptError, StoreLockedError

@@ -68,7 +68,15 @@ from .freeze import (
 from .functional.svcca import ReducedBasis, svd_reduce
 from .recorder import ActivationRecorder, direction_limits, batch_inputs, to_model
 from .store import RepresentationStore
-from .utils.validation import check_bool, check_device, check_fraction, check_keep, check_positive_int, check_probe
+from .utils.validation import (
+    ZeroVarianceError,
+    check_bool,
+    check_device,
+    check_fraction,
+    check_keep,
+    check_positive_int,
+    check_probe,
+)
 
 __all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "check_probe", "probe_size", "shown_dynamics"]
 
@@ -609,9 +617,7 @@ class DynamicsTracker:
         probe is an error naming the layer, the step and the fix."""
         try:
             return svd_reduce(x, keep, keep_rule=keep_rule, max_directions=max_directions, name=name)
-        except ValueError as err:
-            if "zero variance" not in str(err):
-                raise
+        except ZeroVarianceError as err:
             raise ValueError(
                 f"{type(self).__name__}: layer {name!r} is constant over the probe at step {step}: {err} "
                 "Fix: use a probe of varied real inputs (e.g. svcca_torch.data.probe_set(dataset, 1024)), or "

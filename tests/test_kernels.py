@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import reference_impl as ref
 import svcca_torch as sv
-from svcca_torch import FewDatapointsWarning
+from svcca_torch import FewDatapointsWarning, ZeroVarianceError
 
 
 def correlated_pair(n=600, dx=12, dy=9, noise=0.7, seed=0):
@@ -339,7 +339,7 @@ def test_complex_input_is_rejected_by_reduce_and_matrix():
 def test_constant_float32_layer_is_zero_variance_for_every_kernel(kernel):
     c = torch.full((100, 10), 0.1)  # float32: its centred values are rounding residues
     other = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"`act.c` has zero variance: all 10 neurons are constant"):
+    with pytest.raises(ZeroVarianceError, match=r"`act.c` has zero variance: all 10 neurons are constant"):
         KERNELS[kernel](c, other, names=("act.c", "other"))
     with pytest.raises(ValueError, match=r"`x` has zero variance"):
         KERNELS[kernel](c, c)

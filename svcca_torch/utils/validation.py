@@ -182,11 +182,17 @@ def check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> str:
     return value
 
 
-def zero_variance_error(name: str, neurons: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> ValueError:
+class ZeroVarianceError(ValueError):
+    """A layer is constant over the datapoints, so it spans no direction to compare (a
+    ``ValueError``; callers that know more, e.g. the step of a capture, catch this type)."""
+
+
+def zero_variance_error(name: str, neurons: Optional[int] = None,
+                        dtype: Optional[torch.dtype] = None) -> ZeroVarianceError:
     """The error for a layer with no variance over the datapoints (nothing to compare)."""
     what = "every neuron is" if neurons is None else f"all {neurons} neurons are"
     prec = "" if dtype is None else f" (to within the rounding of their {str(dtype).replace('torch.', '')} values)"
-    return ValueError(
+    return ZeroVarianceError(
         f"`{name}` has zero variance: {what} constant over the datapoints{prec}, so it spans no "
         "direction to compare. Check that the layer is not dead on this probe set (e.g. an all-zero "
         "or constant probe, or a saturated activation)."
