@@ -197,7 +197,7 @@ def _nan_none(x: Any) -> Any:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .dynamics import learning_dynamics, similarity_to_previous
+    from .dynamics import learning_dynamics
     from .plotting import plot_convergence, plot_learning_dynamics
     from .store import RepresentationStore
 
@@ -237,9 +237,8 @@ def _report(args: argparse.Namespace) -> int:
             out = out / home.relative_to(run_dir)
         out.mkdir(parents=True, exist_ok=True)
         shown = None if args.all_matrices else [store.nearest(f) for f in args.fractions]
-        dyn = learning_dynamics(store, full=shown, device=args.device)
-        fin = dyn.curves()
-        prev = similarity_to_previous(store, device=args.device)
+        dyn = learning_dynamics(store, full=shown, device=args.device, previous=True)  # one pass over the store
+        fin, prev = dyn.curves(), dyn.to_previous()
         figs = {"learning_dynamics": out / "learning_dynamics.png", "convergence": out / "convergence.png"}
         plot_learning_dynamics(dyn, args.fractions).savefig(figs["learning_dynamics"], dpi=110)
         plot_convergence(fin).savefig(figs["convergence"], dpi=110)

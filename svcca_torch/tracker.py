@@ -885,17 +885,19 @@ class DynamicsTracker:
 
 
 def shown_dynamics(store: RepresentationStore, *, device: Optional[Union[str, torch.device]] = None,
-                   progress: bool = False, max_images: int = 10, previous: bool = False) -> LearningDynamics:
+                   progress: bool = False, max_images: int = 6, previous: bool = False) -> LearningDynamics:
     """The learning dynamics of a run with full matrices only where they are shown.
 
     One pass over ``store`` compares every capture with the final one layer by layer (the
     to-final curves) and, for the captures of the paper's grid (nearest 0/35/75/100%, known
     before any comparison), layers x layers. :func:`svcca_torch.board.full_checkpoints` then
-    picks from the curves the other heatmaps shown (where the curves change most; at most
-    ``max_images`` heatmaps in all), and only those are loaded again for a full matrix.
-    Off-diagonal entries of the other captures are NaN; ``.full`` lists the chosen ones.
-    ``previous=True`` also fills ``.previous`` (each layer against the capture before it) in
-    the first pass. Bases are compared on ``device`` (default CPU); the result is on the CPU.
+    picks from the curves the heatmaps shown (at most ``max_images``: step 0, the end, the
+    grid's 35% and 75% unless alike, then where the curves change most), and only those not
+    in the grid are loaded again for a full matrix: at most ``max_images + 2`` full matrices
+    in all. Off-diagonal entries of the other captures are NaN; ``.full`` lists the computed
+    ones. ``previous=True`` also fills ``.previous`` (each layer against the capture before
+    it) in the first pass. Bases are compared on ``device`` (default CPU); the result is on
+    the CPU.
     """
     from .board import full_checkpoints
     from .plotting import DEFAULT_FRACTIONS
