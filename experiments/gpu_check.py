@@ -172,26 +172,27 @@ def capture_on_device(dev: str, n_probe: int) -> None:
 
 
 def analysis_on_device(dev: str, captures: int = 40, layers: int = 30, n: int = 1024) -> None:
-    """The end-of-run analysis (4 full heatmaps, every to-final diagonal) on ``dev`` vs the CPU."""
+    """The end-of-run analysis a tracker runs (``shown_dynamics``: every to-final diagonal, the
+    grid's and the heatmaps' full matrices) on ``dev`` vs the CPU."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_analysis import GRID_FRACTIONS, _build_stores, _sync
+    from bench_analysis import _build_stores, _sync
 
-    from svcca_torch.dynamics import learning_dynamics
+    from svcca_torch.tracker import shown_dynamics
 
     with tempfile.TemporaryDirectory() as tmp:
         store = _build_stores(Path(tmp), captures, layers, n, 0.5, dev)["int12"]
-        shown = [store.nearest(f) for f in GRID_FRACTIONS]
         times, results = {}, {}
         for where in ("cpu", dev, "cpu", dev):  # the second round is the one timed (warm)
             _sync(where)
             t0 = time.perf_counter()
-            results[where] = learning_dynamics(store, full=shown, device=where)
+            results[where] = shown_dynamics(store, device=where)
             _sync(where)
             times[where] = time.perf_counter() - t0
         store.close()
     a, b = results["cpu"], results[dev]
+    check(f"end-of-run analysis on {dev} picks the cpu's heatmaps", a.full == b.full, f"{a.full} vs {b.full}")
     diff = max(float((a.to_final() - b.to_final()).abs().max()),
-               float((a.matrices[a.full] - b.matrices[b.full]).abs().max()))
+               float((a.matrices[a.full] - b.matrices[a.full]).abs().max()))
     check(f"end-of-run analysis on {dev} == cpu (1e-4)", diff < 1e-4, f"max diff {diff:.1e}")
     print(f"end-of-run analysis, {captures} captures x {layers} layers, {n} datapoints, {len(a.full)} full matrices: "
           f"cpu {times['cpu']:.2f} s ({torch.get_num_threads()} thread(s)), {dev} {times[dev]:.2f} s")
