@@ -182,16 +182,20 @@ def bench(args) -> Dict[str, Any]:
     runs: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as root:
         # the larger epoch: overhead at defaults only
-        for arm, make in (("none-large", None), ("defaults-large", defaults)):
-            runs.append(dict(_fit(args, args.repeats, args.seeds[0], args.large_epochs, make, root, arm), arm=arm))
+        if not args.freeze_only:
+            for arm, make in (("none-large", None), ("defaults-large", defaults)):
+                runs.append(dict(_fit(args, args.repeats, args.seeds[0], args.large_epochs, make, root, arm), arm=arm))
         for seed in args.seeds:  # arms interleaved within each seed
             arms = [("none", None), ("defaults", defaults), ("schedule", schedule), ("adaptive", adaptive)]
             if args.overhead_only:
                 arms = arms[:2]
+            elif args.freeze_only:
+                arms = [arms[0]] + arms[2:]
             elif seed == args.seeds[0]:
                 arms += [("adaptive-every-4-steps", every4), ("adaptive-every-epoch", every_epoch)]
             for arm, make in arms:
-                runs.append(dict(_fit(args, 1, seed, args.epochs, make, root, f"{arm}-s{seed}"), arm=arm))
+                runs.append(dict(_fit(args, args.epoch_repeats, seed, args.epochs, make, root, f"{arm}-s{seed}"),
+                                 arm=arm))
     return {"runs": runs}
 
 
@@ -201,12 +205,16 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
     for r in runs:
         by.setdefault(r["arm"], []).append(r)
     out: Dict[str, Any] = {}
-    out["overhead_large"] = by["defaults-large"][0]["wall_s"] / by["none-large"][0]["wall_s"] - 1
-    out["callback_share_large"] = by["defaults-large"][0]["callback_share"]
-    out["callback_share_digits"] = [r["callback_share"] for r in by["defaults"]]
-    base_seed = by["none"][0]["seed"]
-    out["overhead_digits"] = next(r["wall_s"] for r in by["defaults"] if r["seed"] == base_seed) / by["none"][0]["wall_s"] - 1
-    out["overhead_digits_mean"] = statistics.mean(d["wall_s"] / n["wall_s"] - 1 for d, n in zip(by["defaults"], by["none"]))
+    if "defaults-large" in by:
+        out["overhead_large"] = by["defaults-large"][0]["wall_s"] / by["none-large"][0]["wall_s"] - 1
+        out["callback_share_large"] = by["defaults-large"][0]["callback_share"]
+    if "defaults" in by:
+        out["callback_share_digits"] = [r["callback_share"] for r in by["defaults"]]
+        base_seed = by["none"][0]["seed"]
+        out["overhead_digits"] = (next(r["wall_s"] for r in by["defaults"] if r["seed"] == base_seed)
+                                  / by["none"][0]["wall_s"] - 1)
+        out["overhead_digits_mean"] = statistics.mean(d["wall_s"] / n["wall_s"] - 1
+                                                      for d, n in zip(by["defaults"], by["none"]))
     none_wall = statistics.mean(r["wall_s"] for r in by["none"])
     none_acc = statistics.mean(r["test_accuracy"] for r in by["none"])
     table = {}
@@ -217,6 +225,8 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
                       "wall_ratio": statistics.mean(r["wall_s"] / n["wall_s"] for r, n in zip(rs, by["none"])),
                       "accuracy": statistics.mean(accs), "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                       "accuracy_drop_points": 100 * (none_acc - statistics.mean(accs)),
+                      "train_ratio": [(r["wall_s"] - r.get("callback_s", 0.0)) / n["wall_s"]
+                                      for r, n in zip(rs, by["none"])],
                       "frozen": [len(r.get("frozen", [])) for r in rs],
                       "first_freeze_fraction": [r.get("first_freeze_fraction") for r in rs]}
     out["arms"] = table
@@ -319,6 +329,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "find_unused_parameters, in one process), ddp2 (2 Lightning DDP processes); default main")
     parser.add_argument("--ddp-steps", type=int, default=40, help="steps per DDP timing (default 40)")
     parser.add_argument("--rounds", type=int, default=1, help="ddp2: interleaved repetitions (default 1)")
+    parser.add_argument("--epoch-repeats", type=int, default=1,
+                        help="the main arms' epoch: the digits training split x this (default 1: 1,347 images)")
+    parser.add_argument("--freeze-only", action="store_true",
+                        help="only no callback, schedule and adaptive (no overhead or frequency sections)")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the overhead arms (no callback, callback at defaults); no freeze sections")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 256-image probe")
@@ -346,26 +360,32 @@ def main(argv: Optional[List[str]] = None) -> None:
         results.update(bench(args))
         s = results["summary"] = summarise(results)
         n_small = len(load_digits_dataset()[0])
-        print("\n1. callback at defaults (no freezing): time in its hooks / the rest of the run (same run), and "
-              "wall time vs the run without it (same seed; noisy on a shared machine):")
-        print(f"   {n_small:,}-image epoch x {args.epochs}: own time "
-              + ", ".join(f"{100 * v:.1f}%" for v in s["callback_share_digits"])
-              + f" (seeds); wall {100 * s['overhead_digits']:+.1f}% (seed {args.seeds[0]}), "
-              f"{100 * s['overhead_digits_mean']:+.1f}% (mean over seeds)")
-        print(f"   {args.repeats * n_small:,}-image epoch x {args.large_epochs}: own time "
-              f"{100 * s['callback_share_large']:.1f}%; wall {100 * s['overhead_large']:+.1f}%")
-        print(f"\n2. freeze training end to end ({n_small:,}-image epoch x {args.epochs}, {len(args.seeds)} seeds):")
-        print(f"   {'arm':<10} {'wall (s)':>9} {'x none':>7} {'test acc (%)':>14} {'drop (pts)':>11} "
+        n_epoch = args.epoch_repeats * n_small
+        if "callback_share_digits" in s:
+            print("\n1. callback at defaults (no freezing): time in its hooks / the rest of the run (same run), and "
+                  "wall time vs the run without it (same seed; noisy on a shared machine):")
+            print(f"   {n_epoch:,}-image epoch x {args.epochs}: own time "
+                  + ", ".join(f"{100 * v:.1f}%" for v in s["callback_share_digits"])
+                  + f" (seeds); wall {100 * s['overhead_digits']:+.1f}% (seed {args.seeds[0]}), "
+                  f"{100 * s['overhead_digits_mean']:+.1f}% (mean over seeds)")
+        if "callback_share_large" in s:
+            print(f"   {args.repeats * n_small:,}-image epoch x {args.large_epochs}: own time "
+                  f"{100 * s['callback_share_large']:.1f}%; wall {100 * s['overhead_large']:+.1f}%")
+        print(f"\n2. freeze training end to end ({n_epoch:,}-image epoch x {args.epochs}, {len(args.seeds)} seeds; "
+              "'train x none': wall minus the callback's own time, per seed):")
+        print(f"   {'arm':<10} {'wall (s)':>9} {'x none':>7} {'train x none':>20} {'test acc (%)':>14} {'drop (pts)':>11} "
               f"{'groups frozen':>14} {'first freeze at':>16}")
         for arm, r in s["arms"].items():
             ff = [f for f in r["first_freeze_fraction"] if f is not None]
             print(f"   {arm:<10} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} "
+                  f"{', '.join(f'{v:.2f}' for v in r['train_ratio']):>20} "
                   f"{100 * r['accuracy']:>8.2f} ± {100 * r['accuracy_std']:.2f} {r['accuracy_drop_points']:>11.2f} "
                   f"{str(r['frozen']):>14} {(', '.join(f'{100 * f:.0f}%' for f in ff) or '-'):>16}")
         print(f"\n   adaptive signal, seed {args.seeds[0]} (SVCCA similarity to one epoch earlier, per judged group):")
         for e in s["signal_seed0"]:
             print(f"   step {e['step']:>4}: " + ", ".join(f"{g} {v:.3f}" for g, v in e.items() if g != "step"))
-        print("\n3. adaptive freeze decisions vs capture frequency (seed %d, max_overhead=None):" % args.seeds[0])
+        if s["frequency"]:
+            print("\n3. adaptive freeze decisions vs capture frequency (seed %d, max_overhead=None):" % args.seeds[0])
         for arm, r in s["frequency"].items():
             ff = r["first_freeze_fraction"]
             print(f"   {arm:<24} captures {r['captures']:>4}, frozen {len(r['frozen'])} {r['frozen']}, "
