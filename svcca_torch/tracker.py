@@ -651,12 +651,21 @@ class DynamicsTracker:
 
     def _signal(self, step: int) -> Optional[Dict[str, Any]]:
         """Record the lowest two still-trained groups and compare them with the recording
-        one window earlier; feed the policy (on the writer, then broadcast)."""
+        one window earlier; feed the policy (on the writer, then broadcast).
+
+        When the lowest of them may freeze at the next window (its streak is one short of
+        ``patience``), the two groups above are recorded too (a look-ahead): they then have
+        a recording one window earlier the moment they become the lowest, instead of
+        spending a window on a first recording, and their streaks count from now."""
         assert self.policy is not None and self.freeze_window is not None
         with self._timed():
             frozen = set(self.policy.frozen)
             room = self.policy.max_frozen - len(frozen)
-            groups = [g for g in self.policy.groups if g not in frozen][: min(2, room)]
+            trained = [g for g in self.policy.groups if g not in frozen][:room]
+            groups = trained[:2]
+            streak = getattr(self.policy, "streak", {})
+            if groups and streak.get(groups[0], 0) >= self.policy.patience - 1:  # type: ignore[attr-defined]
+                groups = trained[:4]
             state = None
             out: Optional[Dict[str, Any]] = None
             if groups and self.is_writer:

@@ -348,3 +348,17 @@ def test_analysis_device_is_validated(tmp_path):
     _, probe = _data()
     with pytest.raises(ValueError, match="analysis_device"):
         DynamicsTracker(ConvNet(width=8, depth=4, hidden=32), probe, run_dir=tmp_path, analysis_device="gpu0")
+
+
+def test_signal_looks_ahead_so_the_next_groups_are_judged_right_after_a_freeze(tmp_path):
+    """Once the lowest group may freeze at the next window, the two groups above are
+    recorded too: after the freeze they are compared at the very next window (no window
+    spent on a first recording), so they can freeze one window after the groups below."""
+    common = dict(freeze="adaptive", freeze_window=5, freeze_threshold=1e-6, freeze_patience=2,
+                  max_overhead=None, final_analysis=False)
+    _, tracker = _train(common, tmp_path, epochs=3)
+    groups = tracker.policy.groups
+    assert [(e["step"], e["groups"]) for e in tracker.freeze_log] == [(10, groups[:2]), (20, groups[2:4])]
+    judged = {e["step"]: sorted(k for k in e if k != "step") for e in tracker.signal_log}
+    assert judged[5] == sorted(groups[:2])  # streak 0 at the decision: the lowest two only
+    assert judged[15] == sorted(groups[2:4])  # recorded at step 10 as the look-ahead
