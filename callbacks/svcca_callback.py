@@ -71,7 +71,8 @@ class SVCCACallback(Callback):
     groups are recorded (only their layers, on enough probe images for 10 datapoints per
     neuron) and compared with the same recording one window earlier; the lowest group
     freezes once that similarity has been ``>= freeze_threshold`` at ``freeze_patience``
-    consecutive windows. The signal is a property of training (steps), independent of how
+    consecutive windows (the two groups above are recorded too when it is one window from
+    freezing, so that they are judged right after). The signal is a property of training (steps), independent of how
     often heatmaps are captured. Schedule: group ``i`` freezes at a fraction of training
     growing linearly with depth. Frozen parameters get ``requires_grad=False`` and
     ``grad=None`` and their BatchNorm layers stay in eval mode, so they stay bit-identical.

@@ -160,7 +160,10 @@ def _fit(args, repeats: int, seed: int, epochs: int, make_cb, root: str, tag: st
                            "test_accuracy": _accuracy(model, test)}
     if cb is not None:
         events = cb.freeze_log
-        out.update(callback_s=spent[0], callback_share=spent[0] / (wall - spent[0]), captures=len(cb.captured_steps), captured_steps=list(cb.captured_steps),
+        # the fraction of one backward pass's FLOPs no longer spent, weighted by the steps it was in force
+        saved = sum((e["backward_flops_saved"] or 0.0) * ((events[i + 1]["step"] if i + 1 < len(events) else total)
+                                                          - e["step"]) for i, e in enumerate(events)) / max(1, total)
+        out.update(backward_saved=saved, callback_s=spent[0], callback_share=spent[0] / (wall - spent[0]), captures=len(cb.captured_steps), captured_steps=list(cb.captured_steps),
                    frozen=[g for e in events for g in e["groups"]],
                    first_freeze_fraction=events[0]["step"] / total if events else None,
                    freeze_events=[{"step": e["step"], "groups": e["groups"]} for e in events],
@@ -228,6 +231,7 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
                       "train_ratio": [(r["wall_s"] - r.get("callback_s", 0.0)) / n["wall_s"]
                                       for r, n in zip(rs, by["none"])],
                       "frozen": [len(r.get("frozen", [])) for r in rs],
+                      "backward_saved": [r.get("backward_saved", 0.0) for r in rs],
                       "first_freeze_fraction": [r.get("first_freeze_fraction") for r in rs]}
     out["arms"] = table
     out["none_wall_s"] = none_wall
@@ -374,13 +378,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"\n2. freeze training end to end ({n_epoch:,}-image epoch x {args.epochs}, {len(args.seeds)} seeds; "
               "'train x none': wall minus the callback's own time, per seed):")
         print(f"   {'arm':<10} {'wall (s)':>9} {'x none':>7} {'train x none':>20} {'test acc (%)':>14} {'drop (pts)':>11} "
-              f"{'groups frozen':>14} {'first freeze at':>16}")
+              f"{'groups frozen':>14} {'first freeze at':>16} {'backward FLOPs saved':>22}")
         for arm, r in s["arms"].items():
             ff = [f for f in r["first_freeze_fraction"] if f is not None]
             print(f"   {arm:<10} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} "
                   f"{', '.join(f'{v:.2f}' for v in r['train_ratio']):>20} "
                   f"{100 * r['accuracy']:>8.2f} ± {100 * r['accuracy_std']:.2f} {r['accuracy_drop_points']:>11.2f} "
-                  f"{str(r['frozen']):>14} {(', '.join(f'{100 * f:.0f}%' for f in ff) or '-'):>16}")
+                  f"{str(r['frozen']):>14} {(', '.join(f'{100 * f:.0f}%' for f in ff) or '-'):>16} "
+                  f"{', '.join(f'{100 * v:.0f}%' for v in r['backward_saved']):>22}")
         print(f"\n   adaptive signal, seed {args.seeds[0]} (SVCCA similarity to one epoch earlier, per judged group):")
         for e in s["signal_seed0"]:
             print(f"   step {e['step']:>4}: " + ", ".join(f"{g} {v:.3f}" for g, v in e.items() if g != "step"))

@@ -28,8 +28,10 @@ It owns four things:
   of them), each on enough probe images for ``signal_datapoints_per_neuron`` datapoints
   per neuron at its own pooling grid, and compares them with the same recording one
   window earlier. A group freezes once that similarity has been ``>= freeze_threshold``
-  at ``freeze_patience`` consecutive grid points (and every group below it is frozen). How often heatmap captures
-  are taken therefore never changes what freezes.
+  at ``freeze_patience`` consecutive grid points (and every group below it is frozen).
+  When the lowest may freeze at the next grid point, the two groups above are recorded
+  too, so that they are judged right after it freezes. How often heatmap captures are
+  taken therefore never changes what freezes.
 * the **freezing** (:mod:`svcca_torch.freeze`): frozen parameters get
   ``requires_grad=False`` and ``grad=None`` and their BatchNorm layers stay in eval mode,
   so they stay bit-identical.
