@@ -350,6 +350,16 @@ def test_analysis_device_is_validated(tmp_path):
         DynamicsTracker(ConvNet(width=8, depth=4, hidden=32), probe, run_dir=tmp_path, analysis_device="gpu0")
 
 
+@pytest.mark.parametrize("kwargs, name", [(dict(final_heatmaps=1), "`final_heatmaps`"),
+                                          (dict(final_heatmaps=2.5), "`final_heatmaps`"),
+                                          (dict(figures="no"), "`figures`"),
+                                          (dict(final_analysis=1), "`final_analysis`")])
+def test_end_of_run_options_are_validated(tmp_path, kwargs, name):
+    _, probe = _data()
+    with pytest.raises(ValueError, match=name):
+        DynamicsTracker(ConvNet(width=8, depth=4, hidden=32), probe, run_dir=tmp_path, **kwargs)
+
+
 def test_signal_looks_ahead_so_the_next_groups_are_judged_right_after_a_freeze(tmp_path):
     """Once the lowest group may freeze at the next window, the two groups above are
     recorded too: after the freeze they are compared at the very next window (no window
