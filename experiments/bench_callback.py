@@ -45,6 +45,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from svcca_torch.callbacks import SVCCACallback
 from svcca_torch.data import load_digits_dataset, probe_set
+from svcca_torch.experiments.common import backward_saved
 
 
 def _resnet18() -> nn.Module:
@@ -160,10 +161,7 @@ def _fit(args, repeats: int, seed: int, epochs: int, make_cb, root: str, tag: st
                            "test_accuracy": _accuracy(model, test)}
     if cb is not None:
         events = cb.freeze_log
-        # the fraction of one backward pass's FLOPs no longer spent, weighted by the steps it was in force
-        saved = sum((e["backward_flops_saved"] or 0.0) * ((events[i + 1]["step"] if i + 1 < len(events) else total)
-                                                          - e["step"]) for i, e in enumerate(events)) / max(1, total)
-        out.update(backward_saved=saved, callback_s=spent[0], callback_share=spent[0] / (wall - spent[0]), captures=len(cb.captured_steps), captured_steps=list(cb.captured_steps),
+        out.update(backward_saved=backward_saved(events, total), callback_s=spent[0], callback_share=spent[0] / (wall - spent[0]), captures=len(cb.captured_steps), captured_steps=list(cb.captured_steps),
                    frozen=[g for e in events for g in e["groups"]],
                    first_freeze_fraction=events[0]["step"] / total if events else None,
                    freeze_events=[{"step": e["step"], "groups": e["groups"]} for e in events],

@@ -145,6 +145,14 @@ def _paired(xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis]) -> torch.Ten
     return mean_canonical_correlations([x.basis.mT @ y.basis.to(x.basis.dtype) for x, y in zip(xs, ys)])
 
 
+def _to_previous_row(row: torch.Tensor, names: Sequence[str], before: Mapping[str, ReducedBasis],
+                     cur: Mapping[str, ReducedBasis]) -> None:
+    """Fill ``row`` (one per name) with each layer's similarity to its previous basis, where both exist."""
+    both = [j for j, n in enumerate(names) if n in cur and n in before]
+    if both:
+        row[both] = _paired([before[names[j]] for j in both], [cur[names[j]] for j in both])
+
+
 def _cross(
     xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis], names: Sequence[str], square: bool = False
 ) -> torch.Tensor:
@@ -240,9 +248,7 @@ def learning_dynamics(
     for c, ck in enumerate(tqdm(cks, desc="learning dynamics", disable=not progress, leave=False)):
         cur = fin if ck.step == ref.step else _load(store, ck, names, device)
         if prev_out is not None:
-            again = [j for j, n in enumerate(names) if n in cur and n in before]
-            if again:
-                prev_out[c, again] = _paired([before[names[j]] for j in again], [cur[names[j]] for j in again])
+            _to_previous_row(prev_out[c], names, before, cur)
             before = cur
         cols = [j for j, n in enumerate(names) if n in cur]
         if not (rows and cols):
@@ -298,9 +304,7 @@ def similarity_to_previous(
     prev: Dict[str, ReducedBasis] = {}
     for c, ck in enumerate(cks):
         cur = _load(store, ck, names, device)
-        both = [j for j, n in enumerate(names) if n in cur and n in prev]
-        if both:
-            values[c, both] = _paired([prev[names[j]] for j in both], [cur[names[j]] for j in both])
+        _to_previous_row(values[c], names, prev, cur)
         prev = cur
     return LayerCurves(names, [c.step for c in cks], [store.fraction_of(c) for c in cks], values)
 

@@ -58,6 +58,7 @@ from torch import nn
 
 from .dynamics import LayerCurves, LearningDynamics, learning_dynamics, paired_similarity
 from .freeze import (
+    AdaptiveFreezePolicy,
     FreezePolicy,
     LayerGroup,
     backward_flops,
@@ -665,8 +666,9 @@ class DynamicsTracker:
             room = self.policy.max_frozen - len(frozen)
             trained = [g for g in self.policy.groups if g not in frozen][:room]
             groups = trained[:2]
-            streak = getattr(self.policy, "streak", {})
-            if groups and streak.get(groups[0], 0) >= self.policy.patience - 1:  # type: ignore[attr-defined]
+            policy = self.policy
+            assert isinstance(policy, AdaptiveFreezePolicy)
+            if groups and policy.streak[groups[0]] >= policy.patience - 1:
                 groups = trained[:4]
             state = None
             out: Optional[Dict[str, Any]] = None
@@ -913,7 +915,7 @@ def shown_dynamics(store: RepresentationStore, *, device: Optional[Union[str, to
     from .board import full_checkpoints
     from .plotting import DEFAULT_FRACTIONS
 
-    grid = sorted({store.nearest(f).step for f in DEFAULT_FRACTIONS}) if len(store) else []
+    grid = sorted({store.nearest(f).step for f in DEFAULT_FRACTIONS})
     dyn = learning_dynamics(store, full=grid, progress=progress, device=device, previous=previous)
     full = full_checkpoints(dyn.curves(), grid=DEFAULT_FRACTIONS, max_images=max_images)
     extra = [c for c in full if c not in (dyn.full or [])]

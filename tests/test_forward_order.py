@@ -8,19 +8,7 @@ from torch import nn
 
 from svcca_torch.freeze import ScheduleFreezePolicy, default_layer_groups
 from svcca_torch.recorder import ActivationRecorder, LayerOrderWarning, forward_order, select_layers
-
-
-class Scrambled(nn.Module):
-    """Registered head, hidden, body; called body -> hidden -> head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = nn.Linear(8, 3)
-        self.hidden = nn.Linear(8, 8)
-        self.body = nn.Linear(5, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.hidden(torch.relu(self.body(x)))))
+from _modules import Scrambled
 
 
 class Recurrent(nn.Module):

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from svcca_torch.models import ConvNet, resnet_small
 from svcca_torch.functional.conv import conv_datapoint_indices
 from svcca_torch.recorder import ActivationRecorder, default_layers, direction_limits, select_layers
+from _modules import Scrambled, Twice
 
 
 def _hook_count(model: nn.Module) -> int:
@@ -208,14 +209,6 @@ def test_hooks_removed_and_modes_restored_when_forward_raises() -> None:
 
 
 def test_shared_module_is_an_error() -> None:
-    class Twice(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(3, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.lin(self.lin(x))
-
     net = Twice()
     with pytest.raises(ValueError, match="'lin'.*more than once"):
         ActivationRecorder(net).record(torch.randn(5, 3))
@@ -263,22 +256,6 @@ def test_dict_batches_use_the_input_key_not_the_first_key() -> None:
 
 
 # ---------------------------------------------------------------- forward order, subsets, rows
-
-
-class Scrambled(nn.Module):
-    """Registered head, hidden, body; called body -> hidden -> head; counts head calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = nn.Linear(8, 3)
-        self.hidden = nn.Linear(8, 8)
-        self.body = nn.Linear(5, 8)
-        self.head_calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.hidden(torch.relu(self.body(x)))
-        self.head_calls += 1
-        return self.head(torch.relu(h))
 
 
 def test_layers_put_in_forward_order_by_the_first_record() -> None:
@@ -334,14 +311,6 @@ def test_early_stop_survives_a_forward_that_catches_exceptions() -> None:
 
 
 def test_shared_module_found_before_early_stop_can_hide_it() -> None:
-    class Twice(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(3, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.lin(self.lin(x))
-
     with pytest.raises(ValueError, match="'lin'.*more than once"):
         ActivationRecorder(Twice(), example_input=torch.randn(4, 3))
 

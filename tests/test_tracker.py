@@ -201,7 +201,7 @@ def test_probe_checksum_covers_every_batch(tmp_path):
 
 
 # ---------------------------------------------------------------------------- forward order, store, bad layers
-from test_forward_order import Scrambled as _Scrambled  # noqa: E402  (issue 8, section 1)
+from _modules import Scrambled as _Scrambled  # noqa: E402  (issue 8, section 1)
 
 
 def test_freeze_groups_follow_the_forward_pass_not_registration(tmp_path):

@@ -1,0 +1,32 @@
+"""Small modules shared by the recorder, forward-order and tracker tests."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Scrambled(nn.Module):
+    """Registered head, hidden, body; called body -> hidden -> head; counts head calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.hidden = nn.Linear(8, 8)
+        self.body = nn.Linear(5, 8)
+        self.head_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(torch.relu(self.body(x)))
+        self.head_calls += 1
+        return self.head(torch.relu(h))
+
+
+class Twice(nn.Module):
+    """One module called twice in a forward (its outputs cannot be told apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.lin(x))
