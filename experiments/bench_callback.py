@@ -172,6 +172,12 @@ def _fit(args, repeats: int, seed: int, epochs: int, make_cb, root: str, tag: st
     return out
 
 
+def _adaptive_at(threshold: float):
+    """Adaptive freeze training at another ``freeze_threshold`` (the trade-off's other points)."""
+    return lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, freeze_threshold=threshold,
+                                          progress=False)
+
+
 def bench(args) -> Dict[str, Any]:
     defaults = lambda probe, d: SVCCACallback(probe, run_dir=d, progress=False)  # noqa: E731
     schedule = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training="schedule", progress=False)  # noqa: E731
@@ -192,6 +198,8 @@ def bench(args) -> Dict[str, Any]:
                 arms = arms[:2]
             elif args.freeze_only:
                 arms = [arms[0]] + arms[2:]
+            if not args.overhead_only:
+                arms += [(f"adaptive-{t:g}", _adaptive_at(t)) for t in args.thresholds]
             elif seed == args.seeds[0]:
                 arms += [("adaptive-every-4-steps", every4), ("adaptive-every-epoch", every_epoch)]
             for arm, make in arms:
@@ -219,7 +227,8 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
     none_wall = statistics.mean(r["wall_s"] for r in by["none"])
     none_acc = statistics.mean(r["test_accuracy"] for r in by["none"])
     table = {}
-    for arm in [a for a in ("none", "defaults", "schedule", "adaptive") if a in by]:
+    for arm in [a for a in ("none", "defaults", "schedule", "adaptive") if a in by] + sorted(
+            a for a in by if a.startswith("adaptive-") and a[9:10].isdigit()):
         rs = by[arm]
         accs = [r["test_accuracy"] for r in rs]
         table[arm] = {"wall_s": statistics.mean(r["wall_s"] for r in rs),
@@ -337,6 +346,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="only no callback, schedule and adaptive (no overhead or frequency sections)")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the overhead arms (no callback, callback at defaults); no freeze sections")
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[],
+                        help="extra adaptive arms at these freeze_threshold values (default: none; the default "
+                        "arm uses 0.95), e.g. --thresholds 0.9 0.85 for the speed/accuracy trade-off")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 256-image probe")
     parser.add_argument("--out", type=str, default="runs/bench_callback")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
@@ -375,11 +387,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                   f"{100 * s['callback_share_large']:.1f}%; wall {100 * s['overhead_large']:+.1f}%")
         print(f"\n2. freeze training end to end ({n_epoch:,}-image epoch x {args.epochs}, {len(args.seeds)} seeds; "
               "'train x none': wall minus the callback's own time, per seed):")
-        print(f"   {'arm':<10} {'wall (s)':>9} {'x none':>7} {'train x none':>20} {'test acc (%)':>14} {'drop (pts)':>11} "
+        print(f"   {'arm':<14} {'wall (s)':>9} {'x none':>7} {'train x none':>20} {'test acc (%)':>14} {'drop (pts)':>11} "
               f"{'groups frozen':>14} {'first freeze at':>16} {'backward FLOPs saved':>22}")
         for arm, r in s["arms"].items():
             ff = [f for f in r["first_freeze_fraction"] if f is not None]
-            print(f"   {arm:<10} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} "
+            print(f"   {arm:<14} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} "
                   f"{', '.join(f'{v:.2f}' for v in r['train_ratio']):>20} "
                   f"{100 * r['accuracy']:>8.2f} ± {100 * r['accuracy_std']:.2f} {r['accuracy_drop_points']:>11.2f} "
                   f"{str(r['frozen']):>14} {(', '.join(f'{100 * f:.0f}%' for f in ff) or '-'):>16} "
