@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from .dynamics import LayerCurves, LearningDynamics, learning_dynamics, paired_similarity
+from ._prefix import PrefixReuse, Recording, call_order, outermost
 from .freeze import (
     AdaptiveFreezePolicy,
     FreezePolicy,
@@ -327,6 +328,8 @@ class DynamicsTracker:
         self._ref: Optional[Dict[str, Any]] = None  # the last signal recording: {"step", "bases", "rows"}
         # per signal layer: (neurons, pooled cells per image at its own grid), from one tiny recording
         self._signal_shapes: Dict[str, Tuple[int, int]] = {}
+        # the frozen prefix's output on the probe, reused by signal recordings (runtime only)
+        self._reuse = PrefixReuse()
         self._set_up = False
         self._started = False
         # time accounting (seconds): own time nests, only the outermost section counts
@@ -674,10 +677,8 @@ class DynamicsTracker:
             out: Optional[Dict[str, Any]] = None
             if groups and self.is_writer:
                 layers, images, n_images = self._signal_plan(groups)
-                acts = self._record(layers, n_images)
+                acts, index = self._record_signal(layers, n_images)  # index: row -> probe image, per layer
                 if acts is not None:
-                    assert self.recorder is not None
-                    index = self.recorder.layer_datapoint_index  # row -> probe image, per layer
                     # the paper's SVD step (directions explaining 99% of the variance): the signal
                     # judges the directions that carry the layer, not its low-variance tail
                     bases: Dict[str, ReducedBasis] = {}
@@ -705,6 +706,24 @@ class DynamicsTracker:
             if state is not None:
                 self.policy.load_state_dict(state)
             return out
+
+    def _record_signal(self, layers: List[str], n_images: int) -> Recording:
+        """A freeze-signal recording (per-layer rows) of ``layers`` on the first ``n_images``
+        probe images, reusing the frozen prefix's output on the probe where that is exact
+        (:class:`svcca_torch._prefix.PrefixReuse`: checked once per prefix on the first batch)."""
+        assert self.recorder is not None and self.policy is not None
+        rec = self.recorder
+
+        def record(n: int) -> Recording:
+            acts = self._record(layers, n)
+            return acts, ({k: v for k, v in rec.layer_datapoint_index.items()} if acts is not None else {})
+
+        by_name = {g.name: g for g in self.groups}
+        frozen = outermost({m: mod for g in self.policy.frozen for m, mod in
+                            zip(by_name[g].module_names, by_name[g].modules)})
+        example = lambda mods: call_order(self.model, mods, to_model(self._probe.head(_FLOPS_EXAMPLES),  # noqa: E731
+                                                                     self.model))
+        return self._reuse.run(frozen, layers, n_images, record, example, self._model_device())
 
     def _trusted(self, basis: ReducedBasis, name: str) -> bool:
         ok = basis.n_datapoints >= self.signal_ratio * basis.k
@@ -874,6 +893,7 @@ class DynamicsTracker:
         self.baseline_backward_flops = state.get("baseline_backward_flops")
 
     def _restore(self, step: int) -> None:
+        self._reuse = PrefixReuse()  # kept outputs came from weights this start may replace
         state, self._restored = self._restored, None
         if state is None:
             return

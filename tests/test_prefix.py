@@ -1,0 +1,109 @@
+"""Freeze-signal recordings reuse the frozen prefix's output on the probe (issue 10)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import svcca_torch._prefix as prefix
+from svcca_torch.data import load_digits_dataset, probe_set
+from svcca_torch.models import ConvBNReLU, ConvNet
+from svcca_torch.tracker import DynamicsTracker
+
+# every group settles at once: the signal freezes bottom-up, one window after another
+SIGNAL = dict(freeze="adaptive", freeze_window=5, freeze_threshold=1e-6, freeze_patience=2,
+              max_overhead=None, final_analysis=False)
+
+
+def _train(model: nn.Module, run_dir, steps: int = 30):
+    train, _ = load_digits_dataset()
+    x, y = train.tensors
+    probe = probe_set(train, 300, seed=0)
+    before = probe.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    tracker = DynamicsTracker(model, probe, run_dir=run_dir, **SIGNAL)
+    tracker.start()
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        model.train()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        tracker.maybe_capture(step)
+    tracker.finish(steps)
+    assert torch.equal(probe, before), "the probe must not be changed in place"
+    return tracker
+
+
+def _same_signal(a: DynamicsTracker, b: DynamicsTracker) -> None:
+    assert [(e["step"], e["groups"]) for e in a.freeze_log] == [(e["step"], e["groups"]) for e in b.freeze_log]
+    assert [sorted(e) for e in a.signal_log] == [sorted(e) for e in b.signal_log]
+    for e, f in zip(a.signal_log, b.signal_log):
+        for k in e:
+            assert abs(e[k] - f[k]) <= 1e-6, (e["step"], k, e[k], f[k])  # float32 recordings, equal inputs
+
+
+def test_signal_reuses_the_frozen_prefix_with_the_same_similarities(tmp_path, monkeypatch):
+    """After a freeze, a signal recording runs only the modules above the frozen prefix
+    (the frozen blocks' own computation is skipped), and every similarity and freeze is what
+    a full recording gives."""
+    real = {"n": 0}
+    forward = ConvBNReLU.forward
+
+    def counted(self, x):
+        real["n"] += 1
+        return forward(self, x)
+
+    monkeypatch.setattr(ConvBNReLU, "forward", counted)
+    torch.manual_seed(0)
+    reused = _train(ConvNet(width=8, depth=4, hidden=32), tmp_path / "reused")
+    runs_reused = real["n"]
+    real["n"] = 0
+    monkeypatch.setattr(prefix, "PREFIX_BYTES", 0)  # nothing may be kept: every recording runs in full
+    torch.manual_seed(0)
+    full = _train(ConvNet(width=8, depth=4, hidden=32), tmp_path / "full")
+    assert len(reused.freeze_log) >= 2, "the run should freeze groups one window after another"
+    _same_signal(reused, full)
+    assert reused._reuse.hits > 0 and not reused._reuse.disabled
+    assert full._reuse.hits == 0
+    assert runs_reused < real["n"]
+
+
+class _Skip(nn.Module):
+    """block3 reads block1's output directly (a skip past block2): block2's output alone
+    does not determine what follows, so the prefix {block1, block2} cannot be reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = ConvBNReLU(1, 8)
+        self.block2 = ConvBNReLU(8, 8)
+        self.block3 = ConvBNReLU(8, 8)
+        self.block4 = ConvBNReLU(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = self.block1(x)
+        h3 = self.block3(self.block2(h1) + h1)
+        return self.fc(self.block4(h3).mean((2, 3)))
+
+
+def test_a_prefix_that_does_not_determine_what_follows_is_not_reused(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    checked = _train(_Skip(), tmp_path / "checked")
+    monkeypatch.setattr(prefix, "PREFIX_BYTES", 0)
+    torch.manual_seed(0)
+    full = _train(_Skip(), tmp_path / "full")
+    frozen = [g for e in checked.freeze_log for g in e["groups"]]
+    assert "block2.conv" in frozen, "the run should freeze block1 and block2 while judging block3"
+    assert checked._reuse.disabled  # the first-batch check saw the difference
+    _same_signal(checked, full)
+
+
+def test_call_order_and_outermost():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    mods = dict(model.named_modules())
+    assert list(prefix.outermost({n: mods[n] for n in ("0", "2", "2.1")})) == ["0", "2"]
+    assert prefix.call_order(model, {n: mods[n] for n in ("2", "0")}, torch.randn(2, 3)) == ["0", "2"]
+    shared = nn.Sequential(mods["0"], nn.Linear(4, 3), mods["0"])  # called twice: no order
+    assert prefix.call_order(shared, {"0": mods["0"]}, torch.randn(2, 3)) is None
+    assert model.training  # modes restored
