@@ -112,6 +112,44 @@ def recorder_and_callback(dev: str) -> None:
               f"{time.perf_counter() - t0:.1f} s")
 
 
+def signal_prefix_on_device(dev: str) -> None:
+    """The freeze signal's kept frozen prefix (host memory, copied to the device per batch)
+    gives the similarities of full recordings on the device."""
+    import svcca_torch._prefix as prefix
+    from svcca_torch.data import load_digits_dataset, probe_set
+    from svcca_torch.models import ConvNet
+    from svcca_torch.tracker import DynamicsTracker
+
+    train, _ = load_digits_dataset()
+    x, y = (t.to(dev) for t in train.tensors)
+    probe = probe_set(train, 300, seed=0).to(dev)
+    logs = []
+    for max_bytes in (prefix.PREFIX_BYTES, 0):
+        torch.manual_seed(0)
+        model = ConvNet(width=8, depth=4, hidden=32).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        with tempfile.TemporaryDirectory() as tmp:
+            tr = DynamicsTracker(model, probe, run_dir=tmp, freeze="adaptive", freeze_window=5, freeze_threshold=1e-6,
+                                 max_overhead=None, final_analysis=False)
+            tr._reuse.max_bytes = max_bytes
+            tr.start()
+            g = torch.Generator().manual_seed(0)
+            for step in range(1, 31):
+                idx = torch.randint(0, len(x), (64,), generator=g).to(dev)
+                model.train()
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+                tr.maybe_capture(step)
+            tr.finish(30)
+        logs.append((tr.signal_log, tr._reuse.hits, tr.freeze_log))
+    (kept, hits, frozen), (full, _, frozen_full) = logs
+    worst = max((abs(e[k] - f[k]) for e, f in zip(kept, full) for k in e if k != "step"), default=0.0)
+    same = [(e["step"], e["groups"]) for e in frozen] == [(e["step"], e["groups"]) for e in frozen_full]
+    check("freeze signal reuses the frozen prefix on the device", hits > 0 and same and worst <= 1e-4,
+          f"{hits} reuses, max similarity difference {worst:.1e}")
+
+
 def capture_on_device(dev: str, n_probe: int) -> None:
     """Time a capture on ``dev`` and on the CPU, same model and probe; check agreement."""
     import torchvision
@@ -210,6 +248,7 @@ def main() -> None:
         print(torch.cuda.get_device_name(0))
     kernels(args.device)
     recorder_and_callback(args.device)
+    signal_prefix_on_device(args.device)
     capture_on_device(args.device, args.probe)
     c, l = (int(v) for v in args.analysis.split("x"))
     analysis_on_device(args.device, c, l)

@@ -14,7 +14,8 @@ the boundary's output: a chain, as in ResNets and ``nn.Sequential`` models. It i
 each (prefix, recorded layers) pair on the first probe batch against the normal recording,
 and any difference or error turns the reuse off for the rest of the run (recordings then run
 in full, as before). Activations are ``(datapoints, neurons)`` or ``(N, C, H, W)``; the kept
-output is whatever the boundary module returns, on the model's device.
+output is whatever tensor the boundary module returns, kept in host memory (a GPU's memory is
+not held between recordings) and copied to the model's device batch by batch.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-#: Most bytes of kept boundary output (on the model's device); a larger prefix output is not kept.
+#: Most bytes of kept boundary output (in host memory); a larger prefix output is not kept.
 PREFIX_BYTES = 256 << 20
 
 Recording = Tuple[Optional[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]  # (rows per layer, row -> image)
@@ -85,7 +86,9 @@ class PrefixReuse:
         def kept(*args: Any, **kwargs: Any) -> torch.Tensor:
             i = calls[0]
             calls[0] += 1
-            return outputs[i].clone()  # the next module may work in place
+            x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            out = outputs[i].to(x.device if x is not None else outputs[i].device)
+            return out.clone() if out is outputs[i] else out  # the next module may work in place
 
         def skipped(*args: Any, **kwargs: Any) -> torch.Tensor:
             x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
@@ -117,7 +120,7 @@ class PrefixReuse:
             record: runs a recording of the first ``n`` probe images: ``(rows per layer,
                 row -> probe image per layer)``.
             order: :func:`call_order` of the frozen modules on a probe example.
-            device: the model's device (the kept output lives there).
+            device: the model's device (part of the key: a model moved elsewhere keeps its output again).
         """
         if not frozen or self.disabled:
             return record(n_images)
@@ -138,7 +141,7 @@ class PrefixReuse:
         def keep(module: nn.Module, args: Any, out: Any) -> None:
             if isinstance(out, torch.Tensor) and size[0] + out.numel() * out.element_size() <= self.max_bytes:
                 size[0] += out.numel() * out.element_size()
-                kept.append(out.detach().clone())
+                kept.append(out.detach().to("cpu", copy=True))  # host memory: a GPU's is not held between recordings
             else:
                 size[0] = self.max_bytes + 1  # not a tensor, or too large: keep nothing
 
