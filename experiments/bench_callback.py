@@ -348,7 +348,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="only the overhead arms (no callback, callback at defaults); no freeze sections")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[],
                         help="extra adaptive arms at these freeze_threshold values (default: none; the default "
-                        "arm uses 0.95), e.g. --thresholds 0.9 0.85 for the speed/accuracy trade-off")
+                        "arm uses the default, 0.9), e.g. --thresholds 0.95 0.85 for the speed/accuracy trade-off")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 256-image probe")
     parser.add_argument("--out", type=str, default="runs/bench_callback")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)

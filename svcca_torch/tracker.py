@@ -262,7 +262,7 @@ class DynamicsTracker:
         freeze: Union[bool, str] = False,
         freeze_groups: Optional[Groups] = None,
         freeze_window: Optional[int] = None,
-        freeze_threshold: float = 0.95,
+        freeze_threshold: float = 0.9,
         freeze_patience: int = 2,
         signal_datapoints_per_neuron: int = 10,
         max_frozen_fraction: float = 0.75,
