@@ -11,16 +11,16 @@ in place by the next module).
 
 That is exact when everything after the boundary depends on the frozen modules only through
 the boundary's output: a chain, as in ResNets and ``nn.Sequential`` models. It is checked for
-each (prefix, recorded layers) pair on the first probe batch against the normal recording,
-and any difference or error turns the reuse off for the rest of the run (recordings then run
-in full, as before). Activations are ``(datapoints, neurons)`` or ``(N, C, H, W)``; the kept
+each (kept prefix, recorded layers) pair on the first few probe images against a full
+recording of them, and any difference or error turns the reuse off for the rest of the run
+(recordings then run in full, as before). Activations are ``(datapoints, neurons)`` or ``(N, C, H, W)``; the kept
 output is whatever tensor the boundary module returns, kept in host memory (a GPU's memory is
 not held between recordings) and copied to the model's device batch by batch.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -57,48 +57,73 @@ def call_order(model: nn.Module, modules: Dict[str, nn.Module], example: Any) ->
     return calls if sorted(calls) == sorted(modules) else None
 
 
+class _Kept(NamedTuple):
+    frozen: Tuple[str, ...]  # the frozen modules (outermost) whose boundary output this is
+    first: str  # the first of them to run
+    boundary: str  # the last
+    outputs: List[torch.Tensor]  # one per probe batch, in host memory
+    n_images: int
+    device: str
+
+
 class PrefixReuse:
     """The kept boundary output and the checks that allow reusing it (see the module docstring).
 
+    The output kept for a frozen prefix stays valid as more groups freeze above it (frozen
+    modules never change), so the first recording after a freeze starts from it and keeps
+    the new boundary's output on the way: no recording after the first freeze runs the
+    whole prefix again. Before a kept output serves a set of recorded layers, a recording
+    of the first few probe images with it is compared with one without it.
+
     Attributes:
-        hits: recordings that reused the kept output.
+        hits: recordings that started from a kept output.
         disabled: True once a check failed; every later recording runs in full.
     """
 
+    #: probe images of a check (from the first batch)
+    CHECK_IMAGES = 8
+
     def __init__(self, max_bytes: Optional[int] = None) -> None:
         self.max_bytes = PREFIX_BYTES if max_bytes is None else max_bytes
-        self.key: Optional[Tuple[Any, ...]] = None
-        self.boundary: Optional[str] = None
-        self.outputs: List[torch.Tensor] = []
-        self.n_images = 0
+        self.kept: Optional[_Kept] = None
         self.checked: set = set()
+        self.orders: Dict[Tuple[str, ...], Optional[List[str]]] = {}
         self.hits = 0
         self.disabled = False
 
-    def clear(self) -> None:
-        self.key, self.boundary, self.outputs, self.n_images = None, None, [], 0
-
     @contextlib.contextmanager
-    def _stubbed(self, frozen: Dict[str, nn.Module]) -> Iterator[None]:
-        calls = [0]
-        outputs, boundary = self.outputs, self.boundary
+    def _stubbed(self, kept: _Kept, modules: Dict[str, nn.Module]) -> Iterator[None]:
+        """Replace the kept prefix's forwards: per batch, decided at its first module, either
+        from the kept output (a batch it covers) or the real computation (a later batch)."""
+        state = {"batch": -1, "real": False}
 
-        def kept(*args: Any, **kwargs: Any) -> torch.Tensor:
-            i = calls[0]
-            calls[0] += 1
-            x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-            out = outputs[i].to(x.device if x is not None else outputs[i].device)
-            return out.clone() if out is outputs[i] else out  # the next module may work in place
+        def first_tensor(args: Any, kwargs: Any) -> Optional[torch.Tensor]:
+            return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
 
-        def skipped(*args: Any, **kwargs: Any) -> torch.Tensor:
-            x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-            if x is None:
-                raise RuntimeError("a frozen module was called without a tensor input")
-            return torch.zeros_like(x)
+        def stub(name: str, module: nn.Module) -> Callable[..., Any]:
+            real = type(module).forward.__get__(module, type(module))
 
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                x = first_tensor(args, kwargs)
+                if name == kept.first:
+                    state["batch"] += 1
+                    b = state["batch"]
+                    state["real"] = not (x is not None and x.ndim and b < len(kept.outputs)
+                                         and kept.outputs[b].shape[0] >= x.shape[0])
+                if state["real"]:
+                    return real(*args, **kwargs)
+                if x is None:
+                    raise RuntimeError("a frozen module was called without a tensor input")
+                if name == kept.boundary:  # a check runs the first images only: slice
+                    return kept.outputs[state["batch"]][: x.shape[0]].to(x.device, copy=True)
+                return torch.zeros_like(x)  # never the input: the next module may work in place
+
+            return forward
+
+        frozen = {n: modules[n] for n in kept.frozen}
         saved = {n: m.__dict__.get("forward") for n, m in frozen.items()}
         for n, m in frozen.items():
-            m.forward = kept if n == boundary else skipped  # type: ignore[method-assign]
+            m.forward = stub(n, m)  # type: ignore[method-assign]
         try:
             yield
         finally:
@@ -111,7 +136,7 @@ class PrefixReuse:
     def run(self, frozen: Dict[str, nn.Module], layers: Sequence[str], n_images: int,
             record: Callable[[int], Recording], order: Callable[[Dict[str, nn.Module]], Optional[List[str]]],
             device: Any = None) -> Recording:
-        """``record(n_images)``, reusing the frozen prefix's kept output when it may.
+        """``record(n_images)``, starting from the frozen prefix's kept output when it may.
 
         Args:
             frozen: the frozen modules, outermost only (:func:`outermost`); ``{}`` for none.
@@ -120,62 +145,74 @@ class PrefixReuse:
             record: runs a recording of the first ``n`` probe images: ``(rows per layer,
                 row -> probe image per layer)``.
             order: :func:`call_order` of the frozen modules on a probe example.
-            device: the model's device (part of the key: a model moved elsewhere keeps its output again).
+            device: the model's device (a model moved elsewhere keeps its output again).
         """
         if not frozen or self.disabled:
             return record(n_images)
-        key = (tuple(frozen), str(device))
-        if self.key == key and self.n_images >= n_images and (key, tuple(layers)) in self.checked:
+        names = tuple(frozen)
+        if names not in self.orders:
+            self.orders[names] = order(frozen)
+        calls = self.orders[names]
+        if calls is None:  # a frozen module not called exactly once: record in full
+            return record(n_images)
+        kept = self.kept
+        if kept is not None and not (kept.device == str(device) and set(kept.frozen) <= set(names)):
+            kept = self.kept = None
+        if kept is not None and not self._check(kept, frozen, layers, record):
+            return record(n_images)
+        if kept is not None and kept.frozen == names and kept.n_images >= n_images:
             self.hits += 1
-            with self._stubbed(frozen):
+            with self._stubbed(kept, frozen):
                 return record(n_images)
-        if self.key != key:
-            self.clear()
-            names = order(frozen)
-            if names is None:
-                return record(n_images)
-            self.key, self.boundary = key, names[-1]
-        kept: List[torch.Tensor] = []
+        # start from the kept output where there is one (an older prefix, or fewer images: the
+        # batches it does not cover run in full), and keep this prefix's boundary output
+        new = calls[-1]
+        outputs: List[torch.Tensor] = []
         size = [0]
 
         def keep(module: nn.Module, args: Any, out: Any) -> None:
             if isinstance(out, torch.Tensor) and size[0] + out.numel() * out.element_size() <= self.max_bytes:
                 size[0] += out.numel() * out.element_size()
-                kept.append(out.detach().to("cpu", copy=True))  # host memory: a GPU's is not held between recordings
+                outputs.append(out.detach().to("cpu", copy=True))  # host memory: a GPU's is not held
             else:
                 size[0] = self.max_bytes + 1  # not a tensor, or too large: keep nothing
 
-        assert self.boundary is not None
-        handle = frozen[self.boundary].register_forward_hook(keep)
+        handle = frozen[new].register_forward_hook(keep)
         try:
-            result = record(n_images)
+            if kept is not None:
+                self.hits += 1
+                with self._stubbed(kept, frozen):
+                    result = record(n_images)
+            else:
+                result = record(n_images)
         finally:
             handle.remove()
-        if size[0] > self.max_bytes or sum(int(t.shape[0]) for t in kept) != n_images:
-            self.clear()  # too large, or the boundary ran other than once per batch
-            return result
-        self.outputs, self.n_images = kept, n_images
-        if (key, tuple(layers)) not in self.checked:
-            self._check(frozen, layers, result, record, key)
+        if size[0] <= self.max_bytes and sum(int(t.shape[0]) for t in outputs) == n_images:
+            self.kept = _Kept(names, calls[0], new, outputs, n_images, str(device))
         return result
 
-    def _check(self, frozen: Dict[str, nn.Module], layers: Sequence[str], full: Recording,
-               record: Callable[[int], Recording], key: Tuple[Any, ...]) -> None:
-        """The first batch recorded with the reuse must match the full recording."""
-        acts, index = full
-        m = int(self.outputs[0].shape[0])
+    def _check(self, kept: _Kept, frozen: Dict[str, nn.Module], layers: Sequence[str],
+               record: Callable[[int], Recording]) -> bool:
+        """Whether recording ``layers`` from ``kept`` gives what a full recording gives, on
+        the first few probe images (once per kept prefix and layer set); a difference turns
+        the reuse off for the run."""
+        key = (kept.frozen, tuple(layers))
+        if key in self.checked:
+            return True
+        m = min(self.CHECK_IMAGES, int(kept.outputs[0].shape[0]))
+        full, _ = record(m)
         try:
-            with self._stubbed(frozen):
+            with self._stubbed(kept, frozen):
                 short, _ = record(m)
-        except Exception:
+        except Exception:  # the reuse is an optimisation: any failure means recording in full
             short = None
-        ok = acts is not None and short is not None and all(
-            n in short and n in acts and _same(short[n], acts[n][(index[n] < m).to(acts[n].device)]) for n in layers)
+        ok = full is not None and short is not None and all(
+            n in short and n in full and _same(short[n], full[n]) for n in layers)
         if ok:
-            self.checked.add((key, tuple(layers)))
+            self.checked.add(key)
         else:
-            self.disabled = True
-            self.clear()
+            self.disabled, self.kept = True, None
+        return ok
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
