@@ -100,8 +100,11 @@ class PrefixReuse:
         def first_tensor(args: Any, kwargs: Any) -> Optional[torch.Tensor]:
             return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
 
+        frozen = {n: modules[n] for n in kept.frozen}
+        saved = {n: m.__dict__.get("forward") for n, m in frozen.items()}
+
         def stub(name: str, module: nn.Module) -> Callable[..., Any]:
-            real = type(module).forward.__get__(module, type(module))
+            real = saved[name] or type(module).forward.__get__(module, type(module))
 
             def forward(*args: Any, **kwargs: Any) -> Any:
                 x = first_tensor(args, kwargs)
@@ -120,8 +123,6 @@ class PrefixReuse:
 
             return forward
 
-        frozen = {n: modules[n] for n in kept.frozen}
-        saved = {n: m.__dict__.get("forward") for n, m in frozen.items()}
         for n, m in frozen.items():
             m.forward = stub(n, m)  # type: ignore[method-assign]
         try:
