@@ -198,10 +198,10 @@ def bench(args) -> Dict[str, Any]:
                 arms = arms[:2]
             elif args.freeze_only:
                 arms = [arms[0]] + arms[2:]
-            if not args.overhead_only:
-                arms += [(f"adaptive-{t:g}", _adaptive_at(t)) for t in args.thresholds]
             elif seed == args.seeds[0]:
                 arms += [("adaptive-every-4-steps", every4), ("adaptive-every-epoch", every_epoch)]
+            if not args.overhead_only:
+                arms += [(f"adaptive-{t:g}", _adaptive_at(t)) for t in args.thresholds]
             for arm, make in arms:
                 runs.append(dict(_fit(args, args.epoch_repeats, seed, args.epochs, make, root, f"{arm}-s{seed}"),
                                  arm=arm))
