@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captures-per-epoch", type=int, default=2, help="SVCCA captures per epoch")
     p.add_argument("--threshold", type=float, default=0.95,
                    help="similarity to the final state counted as converged")
-    p.add_argument("--freeze-threshold", type=float, default=0.98, help="adaptive policy's similarity threshold")
+    p.add_argument("--freeze-threshold", type=float, default=None,
+                   help="adaptive policy's similarity threshold (default: SVCCACallback's, 0.9)")
     p.add_argument("--freeze-patience", type=int, default=2, help="adaptive policy's patience (captures)")
     return p
 
@@ -104,9 +105,10 @@ def run_model(args: argparse.Namespace, model: str, data: Any, run_dir: Path, lo
     every = max(1, steps_per_epoch(len(data.train), args.batch_size) // max(1, args.captures_per_epoch))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=model, default_hp_metric=False)
     freeze = False if args.freeze == "none" else args.freeze
+    threshold = {} if args.freeze_threshold is None else {"freeze_threshold": args.freeze_threshold}
     cb = SVCCACallback(data.probe, args.layers, every_n_train_steps=every, run_dir=run_dir / model, name="svcca",
-                       freeze_training=freeze, freeze_threshold=args.freeze_threshold,
-                       freeze_patience=args.freeze_patience, max_overhead=None, progress=False)
+                       freeze_training=freeze, freeze_patience=args.freeze_patience, max_overhead=None,
+                       progress=False, **threshold)
     log(f"[{model}] training {args.epochs} epochs on {data.name} ({len(data.train)} images), "
         f"SVCCA capture every {every} steps on {len(data.probe)} probe images"
         + (f", freeze training: {args.freeze}" if freeze else ""))
