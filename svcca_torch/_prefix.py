@@ -25,6 +25,9 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 import torch
 from torch import nn
 
+from .freeze import _contains
+from .recorder import _trace
+
 #: Most bytes of kept boundary output (in host memory); a larger prefix output is not kept.
 PREFIX_BYTES = 256 << 20
 
@@ -33,28 +36,18 @@ Recording = Tuple[Optional[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]  #
 
 def outermost(modules: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
     """The modules not inside another of ``modules`` (names as in ``model.named_modules()``)."""
-    return {n: m for n, m in modules.items()
-            if not any(o != n and (o == "" or n.startswith(o + ".")) for o in modules)}
+    return {n: m for n, m in modules.items() if not any(o != n and _contains(o, n) for o in modules)}
 
 
 def call_order(model: nn.Module, modules: Dict[str, nn.Module], example: Any) -> Optional[List[str]]:
     """Names of ``modules`` in the order a forward of ``example`` (eval mode, no grad) calls
-    them; None when the forward fails or one of them is not called exactly once."""
-    calls: List[str] = []
-    handles = [m.register_forward_hook(lambda mod, args, out, name=n: calls.append(name)) for n, m in modules.items()]
-    modes = [(m, m.training) for m in model.modules()]
+    them (the recorder's trace); None when the forward fails or one of them is not called
+    exactly once."""
     try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
+        order, calls, _ = _trace(model, list(modules), example, None, stop_early=False)
     except Exception:  # the reuse is an optimisation: any failure means recording in full
         return None
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
-    return calls if sorted(calls) == sorted(modules) else None
+    return order if all(c == 1 for c in calls.values()) else None
 
 
 class _Kept(NamedTuple):
@@ -217,6 +210,7 @@ class PrefixReuse:
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to rounding (the same kernels on the same inputs give equal results; a GPU's
-    algorithm choice may differ in the last bits)."""
-    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max().clamp_min(1e-30))))
+    """Equal within 1e-4 of the layer's scale: float32 rounding where the kept output was
+    computed in a larger batch than the check's (a GPU may pick another algorithm for it)
+    stays far below, a prefix that does not determine what follows is far above."""
+    return a.shape == b.shape and bool((a - b).abs().max() <= 1e-4 * b.abs().max().clamp_min(1e-30))

@@ -717,7 +717,7 @@ class DynamicsTracker:
 
         def record(n: int) -> Recording:
             acts = self._record(layers, n)
-            return acts, ({k: v for k, v in rec.layer_datapoint_index.items()} if acts is not None else {})
+            return acts, (dict(rec.layer_datapoint_index) if acts is not None else {})
 
         by_name = {g.name: g for g in self.groups}
         frozen = outermost({m: mod for g in self.policy.frozen for m, mod in

@@ -40,7 +40,8 @@ def _same_signal(a: DynamicsTracker, b: DynamicsTracker) -> None:
     assert [sorted(e) for e in a.signal_log] == [sorted(e) for e in b.signal_log]
     for e, f in zip(a.signal_log, b.signal_log):
         for k in e:
-            assert abs(e[k] - f[k]) <= 1e-6, (e["step"], k, e[k], f[k])  # float32 recordings, equal inputs
+            # float32 recordings (~1e-6 on a similarity), the kept output possibly from another batch size
+            assert abs(e[k] - f[k]) <= 1e-5, (e["step"], k, e[k], f[k])
 
 
 def test_signal_reuses_the_frozen_prefix_with_the_same_similarities(tmp_path, monkeypatch):
