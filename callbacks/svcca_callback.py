@@ -76,7 +76,8 @@ class SVCCACallback(Callback):
     often heatmaps are captured. Schedule: group ``i`` freezes at a fraction of training
     growing linearly with depth. Frozen parameters get ``requires_grad=False`` and
     ``grad=None`` and their BatchNorm layers stay in eval mode, so they stay bit-identical.
-    Logged: ``<name>/freeze/frozen_groups``, ``<name>/freeze/frozen_parameters``,
+    The frozen prefix's output is kept per training input (``frozen_cache``), so an epoch
+    over data seen before skips the frozen forward as well as its backward. Logged: ``<name>/freeze/frozen_groups``, ``<name>/freeze/frozen_parameters``,
     ``<name>/freeze/backward_flops_saved`` and ``<name>/freeze_signal/<group>``.
 
     Distributed (Lightning's DDP strategies): with a tensor probe every rank records a slice
@@ -120,6 +121,9 @@ class SVCCACallback(Callback):
         freeze_threshold, freeze_patience: the adaptive policy's settings.
         max_frozen_fraction: the most groups frozen, as a fraction of all groups.
         schedule_start, schedule_end: the schedule policy's first and last freezing points.
+        frozen_cache: keep the frozen prefix's output per training input, so that batches seen
+            before skip the frozen forward (exact; off by itself when inputs never repeat, as
+            under random augmentation): ``True`` (up to 1 GiB host memory), bytes, or ``False``.
         final_analysis: compute and log the learning-dynamics matrices and figures at the end.
         final_heatmaps: captures with a full layers x layers heatmap at the end (the paper's
             grid included; the others where the to-final curves change most). Each costs
@@ -151,6 +155,7 @@ class SVCCACallback(Callback):
         max_frozen_fraction: float = 0.75,
         schedule_start: float = 0.25,
         schedule_end: float = 0.75,
+        frozen_cache: Union[bool, int] = True,
         final_analysis: bool = True,
         final_heatmaps: int = 6,
         progress: bool = True,
@@ -184,7 +189,8 @@ class SVCCACallback(Callback):
             max_datapoints=max_datapoints, batch_size=batch_size, max_overhead=max_overhead,
             freeze=freeze_training, freeze_groups=freeze_groups, freeze_threshold=freeze_threshold,
             freeze_patience=freeze_patience, max_frozen_fraction=max_frozen_fraction,
-            schedule_start=schedule_start, schedule_end=schedule_end, final_analysis=final_analysis,
+            schedule_start=schedule_start, schedule_end=schedule_end, frozen_cache=frozen_cache,
+            final_analysis=final_analysis,
             final_heatmaps=final_heatmaps, progress=progress, analysis_device=analysis_device)
         DynamicsTracker(torch.nn.Identity(), self.probe, **{**self._tracker_kwargs, "layers": None})
         self.tracker: Optional[DynamicsTracker] = None
@@ -390,6 +396,10 @@ class SVCCACallback(Callback):
                 for board in self._boards:
                     board.log_capture(step, sims, previous=earlier, current=tracker.last_capture, final=True)
             self._log_final(trainer, analysis)
+            cache = tracker.frozen_cache_stats
+            if cache is not None:
+                rank_zero_info(f"{type(self).__name__}: frozen-output cache served {cache['served']} of "
+                               f"{cache['lookups']} samples" + (f"; off: {cache['off']}" if cache["off"] else "."))
             rank_zero_info(f"{type(self).__name__}: figures and svcca_summary.json in {self.tracker.run_dir}")
         trainer.strategy.barrier("svcca_final_analysis")
 

@@ -165,7 +165,8 @@ def _fit(args, repeats: int, seed: int, epochs: int, make_cb, root: str, tag: st
                    frozen=[g for e in events for g in e["groups"]],
                    first_freeze_fraction=events[0]["step"] / total if events else None,
                    freeze_events=[{"step": e["step"], "groups": e["groups"]} for e in events],
-                   tracker_overhead=cb.tracker.overhead, signal=[dict(e) for e in cb.tracker.signal_log])
+                   tracker_overhead=cb.tracker.overhead, signal=[dict(e) for e in cb.tracker.signal_log],
+                   frozen_cache=cb.tracker.frozen_cache_stats)
     print(f"  {tag:<28} seed {seed}: {wall:7.1f} s, test accuracy {100 * out['test_accuracy']:.2f}%"
           + (f", callback {spent[0]:.1f} s ({100 * out['callback_share']:.1f}% of training), captures "
              f"{out['captures']}, frozen {len(out['frozen'])}" if cb is not None else ""), flush=True)
@@ -182,6 +183,8 @@ def bench(args) -> Dict[str, Any]:
     defaults = lambda probe, d: SVCCACallback(probe, run_dir=d, progress=False)  # noqa: E731
     schedule = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training="schedule", progress=False)  # noqa: E731
     adaptive = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, progress=False)  # noqa: E731
+    no_cache = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, frozen_cache=False,  # noqa: E731
+                                              progress=False)
     every4 = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, every_n_train_steps=4,  # noqa: E731
                                             max_overhead=None, final_analysis=False, progress=False)
     every_epoch = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, every_n_epochs=1,  # noqa: E731
@@ -202,6 +205,8 @@ def bench(args) -> Dict[str, Any]:
                 arms += [("adaptive-every-4-steps", every4), ("adaptive-every-epoch", every_epoch)]
             if not args.overhead_only:
                 arms += [(f"adaptive-{t:g}", _adaptive_at(t)) for t in args.thresholds]
+                if args.no_cache_arm:
+                    arms.append(("adaptive-no-cache", no_cache))
             for arm, make in arms:
                 runs.append(dict(_fit(args, args.epoch_repeats, seed, args.epochs, make, root, f"{arm}-s{seed}"),
                                  arm=arm))
@@ -227,7 +232,7 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
     none_wall = statistics.mean(r["wall_s"] for r in by["none"])
     none_acc = statistics.mean(r["test_accuracy"] for r in by["none"])
     table = {}
-    for arm in [a for a in ("none", "defaults", "schedule", "adaptive") if a in by] + sorted(
+    for arm in [a for a in ("none", "defaults", "schedule", "adaptive", "adaptive-no-cache") if a in by] + sorted(
             a for a in by if a.startswith("adaptive-") and a[9:10].isdigit()):
         rs = by[arm]
         accs = [r["test_accuracy"] for r in rs]
@@ -239,7 +244,8 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
                                       for r, n in zip(rs, by["none"])],
                       "frozen": [len(r.get("frozen", [])) for r in rs],
                       "backward_saved": [r.get("backward_saved", 0.0) for r in rs],
-                      "first_freeze_fraction": [r.get("first_freeze_fraction") for r in rs]}
+                      "first_freeze_fraction": [r.get("first_freeze_fraction") for r in rs],
+                      "cache_served": [(r.get("frozen_cache") or {}).get("served") for r in rs]}
     out["arms"] = table
     out["none_wall_s"] = none_wall
     out["signal_seed0"] = by["adaptive"][0].get("signal", []) if "adaptive" in by else []
@@ -349,6 +355,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--thresholds", type=float, nargs="*", default=[],
                         help="extra adaptive arms at these freeze_threshold values (default: none; the default "
                         "arm uses the default, 0.9), e.g. --thresholds 0.95 0.85 for the speed/accuracy trade-off")
+    parser.add_argument("--no-cache-arm", action="store_true",
+                        help="also run the adaptive arm with frozen_cache=False (what the frozen-output cache saves)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 256-image probe")
     parser.add_argument("--out", type=str, default="runs/bench_callback")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
@@ -387,15 +395,19 @@ def main(argv: Optional[List[str]] = None) -> None:
                   f"{100 * s['callback_share_large']:.1f}%; wall {100 * s['overhead_large']:+.1f}%")
         print(f"\n2. freeze training end to end ({n_epoch:,}-image epoch x {args.epochs}, {len(args.seeds)} seeds; "
               "'train x none': wall minus the callback's own time, per seed):")
-        print(f"   {'arm':<14} {'wall (s)':>9} {'x none':>7} {'train x none':>20} {'test acc (%)':>14} {'drop (pts)':>11} "
+        print(f"   {'arm':<17} {'wall (s)':>9} {'x none':>7} {'train x none':>20} {'test acc (%)':>14} {'drop (pts)':>11} "
               f"{'groups frozen':>14} {'first freeze at':>16} {'backward FLOPs saved':>22}")
         for arm, r in s["arms"].items():
             ff = [f for f in r["first_freeze_fraction"] if f is not None]
-            print(f"   {arm:<14} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} "
+            print(f"   {arm:<17} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} "
                   f"{', '.join(f'{v:.2f}' for v in r['train_ratio']):>20} "
                   f"{100 * r['accuracy']:>8.2f} ± {100 * r['accuracy_std']:.2f} {r['accuracy_drop_points']:>11.2f} "
                   f"{str(r['frozen']):>14} {(', '.join(f'{100 * f:.0f}%' for f in ff) or '-'):>16} "
                   f"{', '.join(f'{100 * v:.0f}%' for v in r['backward_saved']):>22}")
+        served = {arm: r["cache_served"] for arm, r in s["arms"].items() if any(v for v in r["cache_served"])}
+        if served:
+            print("   frozen-output cache, training samples whose frozen forward was skipped: "
+                  + "; ".join(f"{arm} {v}" for arm, v in served.items()))
         print(f"\n   adaptive signal, seed {args.seeds[0]} (SVCCA similarity to one epoch earlier, per judged group):")
         for e in s["signal_seed0"]:
             print(f"   step {e['step']:>4}: " + ", ".join(f"{g} {v:.3f}" for g, v in e.items() if g != "step"))

@@ -34,7 +34,9 @@ It owns four things:
   taken therefore never changes what freezes.
 * the **freezing** (:mod:`svcca_torch.freeze`): frozen parameters get
   ``requires_grad=False`` and ``grad=None`` and their BatchNorm layers stay in eval mode,
-  so they stay bit-identical.
+  so they stay bit-identical. With ``frozen_cache`` (default on) the frozen prefix's output
+  is kept per training input, so a batch seen before skips the frozen forward too
+  (:mod:`svcca_torch._cache`: exact, checked, off by itself under random augmentation).
 * the **final analysis**: learning-dynamics matrices, figures and ``svcca_summary.json``.
 
 Activations are ``(datapoints, neurons)`` (batch-first), or ``(N, C, H, W)`` for conv
@@ -57,6 +59,7 @@ import torch
 from torch import nn
 
 from .dynamics import LayerCurves, LearningDynamics, learning_dynamics, paired_similarity
+from ._cache import CACHE_BYTES, FrozenOutputCache
 from ._prefix import PrefixReuse, Recording, call_order, outermost
 from .freeze import (
     AdaptiveFreezePolicy,
@@ -76,6 +79,7 @@ from .utils.validation import (
     ZeroVarianceError,
     check_bool,
     check_device,
+    check_flag_or_bytes,
     check_fraction,
     check_keep,
     check_positive_int,
@@ -219,6 +223,10 @@ class DynamicsTracker:
             is ``>= freeze_threshold`` at ``freeze_patience`` consecutive windows.
         signal_datapoints_per_neuron: datapoints per neuron the signal records (10).
         max_frozen_fraction, schedule_start, schedule_end: see :mod:`svcca_torch.freeze`.
+        frozen_cache: keep the frozen prefix's output per training input and skip the frozen
+            forward for batches seen before (:mod:`svcca_torch._cache`; exact, and off by
+            itself when inputs never repeat, as under random augmentation): ``True`` (up to
+            1 GiB of host memory), a number of bytes, or ``False``.
         total_steps: training length, when known (the schedule policy needs it).
         final_analysis: compute the learning-dynamics matrices and figures in :meth:`finish`.
         final_heatmaps: how many captures get a full layers x layers matrix (a heatmap) at the
@@ -269,6 +277,7 @@ class DynamicsTracker:
         max_frozen_fraction: float = 0.75,
         schedule_start: float = 0.25,
         schedule_end: float = 0.75,
+        frozen_cache: Union[bool, int] = True,
         total_steps: Optional[int] = None,
         final_analysis: bool = True,
         final_heatmaps: int = 6,
@@ -310,6 +319,7 @@ class DynamicsTracker:
             self.policy_kwargs.update(
                 start=check_fraction(schedule_start, "schedule_start", low_inclusive=True, high_inclusive=True),
                 end=check_fraction(schedule_end, "schedule_end", low_inclusive=True, high_inclusive=True))
+        self.frozen_cache = check_flag_or_bytes(frozen_cache, "frozen_cache", CACHE_BYTES)
         self.total_steps = None if total_steps is None else check_positive_int(total_steps, "total_steps")
         self.final_analysis = check_bool(final_analysis, "final_analysis")
         self.final_heatmaps = check_positive_int(final_heatmaps, "final_heatmaps", minimum=2)
@@ -331,6 +341,8 @@ class DynamicsTracker:
         self._signal_shapes: Dict[str, Tuple[int, int]] = {}
         # the frozen prefix's output on the probe, reused by signal recordings (runtime only)
         self._reuse = PrefixReuse()
+        # the frozen prefix's output per training input (runtime only)
+        self._cache: Optional[FrozenOutputCache] = None
         self._set_up = False
         self._started = False
         # time accounting (seconds): own time nests, only the outermost section counts
@@ -344,6 +356,7 @@ class DynamicsTracker:
         self._capture_cost: Optional[float] = None
         self._analysis_cost = 0.0
         self._warned: set = set()
+        self.frozen_cache_stats: Optional[Dict[str, Any]] = None  # the frozen-output cache's, at the end
         # checkpointed state
         self.captured_steps: List[int] = []
         self.to_previous: List[Dict[str, Any]] = []
@@ -426,7 +439,8 @@ class DynamicsTracker:
             self._t_outer = t0
         self._depth += 1
         try:
-            yield
+            with self._cache.paused() if self._cache is not None else contextlib.nullcontext():
+                yield
         finally:
             self._depth -= 1
             if self._depth == 0:
@@ -494,6 +508,8 @@ class DynamicsTracker:
             raise RuntimeError(f"{type(self).__name__}.maybe_capture: call start() once before the first step.")
         with self._timed():
             events = TrackerEvents(step)
+            if epoch is not None and self._cache is not None:
+                self._cache.note_epoch(epoch)
             if self.freeze == "schedule":
                 fraction = progress if progress is not None else (
                     min(1.0, step / self.total_steps) if self.total_steps else None)
@@ -748,6 +764,7 @@ class DynamicsTracker:
             return None
         for n in newly:
             freeze_group(by_name[n])
+        self._update_cache()
         if silent:
             return None
         frozen_params = sum(by_name[n].num_parameters() for n in self.policy.frozen)
@@ -758,6 +775,25 @@ class DynamicsTracker:
                  "frozen_parameters": frozen_params, "backward_flops_saved": saved}
         self.freeze_log.append(entry)
         return entry
+
+    def _update_cache(self) -> None:
+        """Let the frozen-output cache serve the frozen modules (after a freeze)."""
+        if self.frozen_cache is None or self.policy is None:
+            return
+        if self._cache is None:
+            self._cache = FrozenOutputCache(self.model, self.frozen_cache)
+        by_name = {g.name: g for g in self.groups}
+        frozen = outermost({m: mod for g in self.policy.frozen for m, mod in
+                            zip(by_name[g].module_names, by_name[g].modules)})
+        example = to_model(self._probe.head(FrozenOutputCache.CHECK_IMAGES), self.model)
+        self._cache.update(frozen, call_order(self.model, frozen, example), example)
+
+    def _close_cache(self) -> None:
+        if self._cache is not None:
+            if self._cache.lookups or self._cache.off:
+                self.frozen_cache_stats = self._cache.stats()
+            self._cache.close()
+            self._cache = None
 
     def _backward_flops(self, all_trainable: bool = False) -> int:
         x = to_model(self._probe.head(1), self.model)  # FLOPs are linear in the batch: one input (eval mode)
@@ -783,6 +819,7 @@ class DynamicsTracker:
         """Capture the final state (if not captured yet) and, on the writer, run the final
         analysis and write ``svcca_summary.json`` (and figures) in ``run_dir``."""
         with self._timed():
+            self._close_cache()  # training is over: the frozen modules' forwards are restored
             try:
                 if step not in self.captured_steps:
                     self.capture(step, epoch)
@@ -819,6 +856,7 @@ class DynamicsTracker:
             "probe_checksum": self.probe_checksum,
             "store": str(self.store.folder),
             "overhead": self.overhead,
+            "frozen_cache": self.frozen_cache_stats,
             "freeze": {"policy": self.freeze or None, "window": self.freeze_window,
                        "groups": [{"name": g.name, "modules": g.module_names} for g in self.groups],
                        "events": self.freeze_log, "signal": self.signal_log,
@@ -895,6 +933,7 @@ class DynamicsTracker:
 
     def _restore(self, step: int) -> None:
         self._reuse = PrefixReuse()  # kept outputs came from weights this start may replace
+        self._close_cache()
         state, self._restored = self._restored, None
         if state is None:
             return

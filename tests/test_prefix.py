@@ -9,6 +9,8 @@ from svcca_torch.data import load_digits_dataset, probe_set
 from svcca_torch.models import ConvBNReLU, ConvNet
 from svcca_torch.tracker import DynamicsTracker
 
+from _modules import Skip
+
 # every group settles at once: the signal freezes bottom-up, one window after another
 SIGNAL = dict(freeze="adaptive", freeze_window=5, freeze_threshold=1e-6, freeze_patience=2,
               max_overhead=None, final_analysis=False)
@@ -72,30 +74,12 @@ def test_signal_reuses_the_frozen_prefix_with_the_same_similarities(tmp_path, mo
     assert runs_reused < real["n"]
 
 
-class _Skip(nn.Module):
-    """block3 reads block1's output directly (a skip past block2): block2's output alone
-    does not determine what follows, so the prefix {block1, block2} cannot be reused."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.block1 = ConvBNReLU(1, 8)
-        self.block2 = ConvBNReLU(8, 8)
-        self.block3 = ConvBNReLU(8, 8)
-        self.block4 = ConvBNReLU(8, 8)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1 = self.block1(x)
-        h3 = self.block3(self.block2(h1) + h1)
-        return self.fc(self.block4(h3).mean((2, 3)))
-
-
 def test_a_prefix_that_does_not_determine_what_follows_is_not_reused(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    checked = _train(_Skip(), tmp_path / "checked")
+    checked = _train(Skip(), tmp_path / "checked")
     monkeypatch.setattr(prefix, "PREFIX_BYTES", 0)
     torch.manual_seed(0)
-    full = _train(_Skip(), tmp_path / "full")
+    full = _train(Skip(), tmp_path / "full")
     frozen = [g for e in checked.freeze_log for g in e["groups"]]
     assert "block2.conv" in frozen, "the run should freeze block1 and block2 while judging block3"
     assert checked._reuse.disabled  # the first-batch check saw the difference

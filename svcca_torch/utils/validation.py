@@ -309,6 +309,17 @@ def check_optional_positive_int(value: Any, name: str) -> Optional[int]:
     return int(value)
 
 
+def check_flag_or_bytes(value: Any, name: str, default: int) -> Optional[int]:
+    """``value`` is True (``default`` bytes), False (off) or a byte count >= 1; the byte
+    count, or None for off."""
+    if isinstance(value, (bool, np.bool_)):
+        return default if value else None
+    if not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be True (up to {default} bytes), False (off) or a number of bytes >= 1, "
+                         f"got {value!r}.")
+    return int(value)
+
+
 def check_device(device: Any, name: str = "device") -> Optional[torch.device]:
     """``None`` or a ``torch.device`` (a string such as ``"cpu"``/``"cuda:0"`` is parsed)."""
     if device is None:

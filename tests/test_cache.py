@@ -1,0 +1,176 @@
+"""The frozen prefix's output kept per training input (svcca_torch._cache, issue 10)."""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import pytest
+import torch
+from torch import nn
+
+from svcca_torch._cache import FrozenOutputCache
+from svcca_torch.data import load_digits_dataset, probe_set
+from svcca_torch.models import ConvBNReLU, ConvNet
+from svcca_torch.tracker import DynamicsTracker
+
+from _modules import Skip
+
+# every group settles at once: the signal freezes bottom-up, one window (epoch) after another
+SIGNAL = dict(freeze="adaptive", freeze_threshold=1e-6, freeze_patience=2, max_overhead=None,
+              final_analysis=False)
+
+
+def _batches(n_train: int = 640, batch: int = 64):
+    train, _ = load_digits_dataset()
+    x, y = train.tensors
+    return x[:n_train], y[:n_train], probe_set(train, 300, seed=0)
+
+
+def _fit(model: nn.Module, run_dir, epochs: int = 6, augment: Optional[Callable] = None, seed: int = 0,
+         **kwargs):
+    """Epochs over the same 640 digits (reshuffled each epoch); the losses of every step."""
+    x, y, probe = _batches()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    tracker = DynamicsTracker(model, probe, run_dir=run_dir, freeze_window=5, **{**SIGNAL, **kwargs})
+    tracker.start()
+    g = torch.Generator().manual_seed(seed)
+    losses: List[float] = []
+    step = 0
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            xb = x[idx] if augment is None else augment(x[idx], g)
+            model.train()
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xb), y[idx])
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            tracker.maybe_capture(step, epoch=epoch)
+    cache = tracker._cache
+    tracker.finish(step)
+    return tracker, losses, cache
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Images each ConvBNReLU block really computes."""
+    real = {"n": 0}
+    forward = ConvBNReLU.forward
+
+    def count(self, x):
+        real["n"] += x.shape[0]
+        return forward(self, x)
+
+    monkeypatch.setattr(ConvBNReLU, "forward", count)
+    return real
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ConvNet(width=8, depth=6, hidden=32)
+
+
+def test_cached_training_matches_training_without_the_cache(tmp_path, counted):
+    """Same freezes, same losses (float32: the kept rows were computed in other batches) and
+    same weights, with the frozen blocks computing far fewer images."""
+    cached, losses, cache = _fit(_model(), tmp_path / "cached")
+    served_images = counted["n"]
+    counted["n"] = 0
+    plain, plain_losses, _ = _fit(_model(), tmp_path / "plain", frozen_cache=False)
+    assert len(plain.freeze_log) >= 3, "the run should freeze groups one epoch after another"
+    assert [e["groups"] for e in cached.freeze_log] == [e["groups"] for e in plain.freeze_log]
+    assert cache is not None and cache.off is None and cache.served > 0
+    assert cached.frozen_cache_stats["served"] == cache.served and plain.frozen_cache_stats is None
+    assert served_images < 0.8 * counted["n"]
+    # a float32 step is exact to ~1e-6 relative; 60 SGD steps amplify that a little
+    assert torch.allclose(torch.tensor(losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-5)
+    for p, q in zip(cached.model.parameters(), plain.model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
+    # training is over: the frozen modules' own forwards are back
+    assert not any("forward" in m.__dict__ for m in cached.model.modules())
+
+
+def test_random_augmentation_turns_the_cache_off_and_changes_nothing(tmp_path):
+    noise = lambda xb, g: xb + 0.01 * torch.randn(xb.shape, generator=g)  # noqa: E731
+    cached, losses, cache = _fit(_model(), tmp_path / "cached", augment=noise)
+    plain, plain_losses, _ = _fit(_model(), tmp_path / "plain", augment=noise, frozen_cache=False)
+    stats = cached.frozen_cache_stats
+    assert stats["served"] == 0 and "random augmentation" in stats["off"]
+    assert losses == plain_losses  # nothing was served: bit-identical training
+
+
+def test_a_skip_past_the_prefix_turns_the_cache_off(tmp_path):
+    torch.manual_seed(0)
+    tracker, _, _ = _fit(Skip(), tmp_path / "skip", epochs=4)
+    assert tracker.freeze_log, "the run should freeze block1"
+    stats = tracker.frozen_cache_stats
+    assert stats["served"] == 0 and "skip connection" in stats["off"]
+
+
+class _Dropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = nn.Sequential(ConvBNReLU(1, 8), nn.Dropout(0.2))
+        self.block2 = ConvBNReLU(8, 8)
+        self.block3 = ConvBNReLU(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block3(self.block2(self.block1(x))).mean((2, 3)))
+
+
+def test_randomness_in_the_prefix_turns_the_cache_off_and_changes_nothing(tmp_path):
+    torch.manual_seed(0)
+    cached, losses, _ = _fit(_Dropout(), tmp_path / "cached", freeze_groups=[["block1"], ["block2"], ["block3"],
+                                                                               ["fc"]])
+    torch.manual_seed(0)
+    plain, plain_losses, _ = _fit(_Dropout(), tmp_path / "plain", frozen_cache=False,
+                                  freeze_groups=[["block1"], ["block2"], ["block3"], ["fc"]])
+    assert cached.freeze_log
+    stats = cached.frozen_cache_stats
+    assert stats["served"] == 0 and "randomness" in stats["off"]
+    assert losses == plain_losses  # the check batch ran for real: bit-identical training, dropout included
+
+
+def test_memory_cap_suspends_the_cache(tmp_path):
+    tracker, _, cache = _fit(_model(), tmp_path / "small", epochs=4, frozen_cache=1000)
+    assert cache is not None and cache.served == 0 and "more than 1000 bytes" in cache.suspended
+
+
+def test_keys_follow_the_bits_of_each_sample():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3))
+    cache = FrozenOutputCache(model)
+    x = torch.randn(5, 1, 8, 8)
+    keys = cache._keys(x)
+    assert len(set(keys)) == 5
+    assert cache._keys(x[[3, 1]]) == [keys[3], keys[1]]  # per sample, whatever the batch
+    y = x.clone()
+    y[2, 0, 4, 4] = torch.nextafter(y[2, 0, 4, 4], torch.tensor(10.0))  # one ulp
+    assert cache._keys(y) == keys[:2] + [cache._keys(y)[2]] + keys[3:] and cache._keys(y)[2] != keys[2]
+    assert cache._keys(x.double())[0] != keys[0]  # the dtype is part of the key
+    model.eval()
+    assert cache._keys(x)[0] != keys[0]  # so is the train/eval flag
+
+
+def test_a_changed_frozen_weight_turns_the_cache_off(tmp_path):
+    model = _model()
+    x, y, probe = _batches()
+    tracker = DynamicsTracker(model, probe, run_dir=tmp_path, freeze_window=1, **SIGNAL)
+    tracker.start()
+    tracker.maybe_capture(1)
+    tracker.maybe_capture(2)
+    assert tracker.policy.frozen and tracker._cache is not None
+    model.train()
+    for _ in range(3):  # kept, checked against a real forward, served
+        model(x[:64])
+    assert tracker._cache.served == 64
+    with torch.no_grad():
+        next(p for p in model.parameters() if not p.requires_grad).add_(1.0)
+    model(x[:64])
+    assert tracker._cache.served == 64 and "changed" in tracker._cache.off
+    tracker.finish(2)
+
+
+def test_frozen_cache_argument_is_checked():
+    with pytest.raises(ValueError, match="`frozen_cache` must be True"):
+        DynamicsTracker(nn.Linear(2, 2), torch.randn(4, 2), frozen_cache="yes")
