@@ -5,7 +5,8 @@
 
 Checks that every kernel keeps CUDA tensors on the GPU and agrees with the CPU, that the
 recorder captures a CUDA model, and that a short Lightning fit with SVCCACallback and
-freeze training runs on the GPU. Then a capture on the device against the CPU on the same
+freeze training runs on the GPU, that the freeze signal's kept prefix and the frozen-output
+cache give what running in full gives. Then a capture on the device against the CPU on the same
 model and probe (torchvision ``resnet18(num_classes=10)``, ImageNet stem, ``--probe``
 32x32 images): both timed, results checked to agree within 1e-4 (relative to each layer's
 scale, TF32 off for the comparison), the result's device, and the peak device memory of a
@@ -150,6 +151,47 @@ def signal_prefix_on_device(dev: str) -> None:
           f"{hits} reuses, max similarity difference {worst:.1e}")
 
 
+def frozen_cache_on_device(dev: str) -> None:
+    """Training with the frozen-output cache (keys hashed on the device, kept rows in host
+    memory, copied back per batch) gives the losses of training without it."""
+    from svcca_torch.data import load_digits_dataset, probe_set
+    from svcca_torch.models import ConvNet
+    from svcca_torch.tracker import DynamicsTracker
+
+    train, _ = load_digits_dataset()
+    x, y = (t[:640].to(dev) for t in train.tensors)
+    probe = probe_set(train, 300, seed=0).to(dev)
+    runs = []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        model = ConvNet(width=8, depth=6, hidden=32).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        losses = []
+        with tempfile.TemporaryDirectory() as tmp:
+            tr = DynamicsTracker(model, probe, run_dir=tmp, freeze="adaptive", freeze_window=5, freeze_threshold=1e-6,
+                                 max_overhead=None, final_analysis=False, frozen_cache=cache)
+            tr.start()
+            g = torch.Generator().manual_seed(0)
+            step = 0
+            for epoch in range(6):
+                for idx in torch.randperm(len(x), generator=g).split(64):
+                    idx = idx.to(dev)
+                    model.train()
+                    opt.zero_grad()
+                    loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                    loss.backward()
+                    opt.step()
+                    losses.append(float(loss.detach()))
+                    step += 1
+                    tr.maybe_capture(step, epoch=epoch)
+            tr.finish(step)
+        runs.append((torch.tensor(losses), tr.frozen_cache_stats or {}))
+    (cached, stats), (plain, _) = runs
+    worst = float(((cached - plain).abs() / plain.abs()).max())
+    check("frozen-output cache on the device", stats.get("served", 0) > 0 and stats.get("off") is None
+          and worst <= 1e-4, f"{stats.get('served')} samples served, max relative loss difference {worst:.1e}")
+
+
 def capture_on_device(dev: str, n_probe: int) -> None:
     """Time a capture on ``dev`` and on the CPU, same model and probe; check agreement."""
     import torchvision
@@ -249,6 +291,7 @@ def main() -> None:
     kernels(args.device)
     recorder_and_callback(args.device)
     signal_prefix_on_device(args.device)
+    frozen_cache_on_device(args.device)
     capture_on_device(args.device, args.probe)
     c, l = (int(v) for v in args.analysis.split("x"))
     analysis_on_device(args.device, c, l)

@@ -70,7 +70,7 @@ class _Plan:
     next: int = 0  # the call-order position expected next
     serve: int = -1  # position that returns ``rows`` (-1: none, everything runs)
     rows: Optional[torch.Tensor] = None
-    keys: Optional[List[Key]] = None  # samples whose current-boundary output is to be kept
+    keys: Optional[List[Key]] = None  # the samples, whose outputs at the boundaries that run are kept
     verify: Optional[_Level] = None  # level whose rows the real output is compared with
 
 
@@ -248,8 +248,10 @@ class FrozenOutputCache:
             out = real(*args, **kwargs)
             if plan.verify is not None and pos == plan.verify.position:
                 self._verify(plan, out)
-            if plan.keys is not None and pos == len(self.order) - 1:
-                self._keep(plan.keys, out)
+            if plan.keys is not None:
+                level = next((lv for lv in self.levels if lv.position == pos), None)
+                if level is not None:
+                    self._keep(level, plan.keys, out)
             if pos == len(self.order) - 1:
                 self._plan = None
             return out
@@ -273,7 +275,7 @@ class FrozenOutputCache:
         current = self.levels[-1]
         for lv in reversed(self.levels):
             if all(k in lv.rows for k in keys):
-                store = None if lv is current else keys
+                store = None if lv is current else keys  # keep them at the boundaries above it
                 if not lv.verified:  # the first batch a level could serve runs for real and is compared
                     return _Plan(keys=store, verify=lv, rows=torch.stack([lv.rows[k] for k in keys]))
                 self.served += len(keys)
@@ -312,18 +314,19 @@ class FrozenOutputCache:
             self.turn_off(f"the output of {lv.boundary!r} differs between two forwards of the same inputs "
                           "(dropout or other randomness in the frozen prefix)")
 
-    def _keep(self, keys: List[Key], out: Any) -> None:
-        if not self.levels:
-            return
-        level = self.levels[-1]
+    def _keep(self, level: _Level, keys: List[Key], out: Any) -> None:
+        """Keep ``out`` (the output of ``level``'s boundary) for the samples it lacks. Every
+        level that runs gets them, not only the newest: after a freeze in mid-epoch the older
+        levels complete within the epoch and serve the next, while the newest fills."""
         if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != len(keys):
             self.turn_off(f"{level.boundary!r} does not return one tensor with a row per input")
             return
         new = [i for i, k in enumerate(keys) if k not in level.rows]
         if not new:
             return
-        rows = out.detach()[new].to("cpu", copy=True)
-        size = rows.numel() * rows.element_size()
+        size = out[0].numel() * out.element_size() * len(new)
+        if level is not self.levels[-1] and self.nbytes + size > self.max_bytes:
+            return  # an older level is a convenience: never at the newest's expense
         while self.nbytes + size > self.max_bytes and len(self.levels) > 1:
             self.levels.pop(0)  # the oldest level first
         if self.nbytes + size > self.max_bytes:
@@ -332,13 +335,16 @@ class FrozenOutputCache:
             self.suspended = (f"the kept outputs of {level.boundary!r} need more than {self.max_bytes} bytes "
                               "(raise the cache's size)")
             return
+        rows = out.detach()[new].to("cpu", copy=True)
         for i, row in zip(new, rows):
             level.rows[keys[i]] = row
         level.nbytes += size
-        if self.model.training:
+        if self.model.training and level is self.levels[-1]:
             self._kept_train += len(new)
         # an older level all of whose inputs the newest keeps can never serve again
-        self.levels = [lv for lv in self.levels[:-1] if not all(k in level.rows for k in lv.rows)] + [level]
+        newest = self.levels[-1]
+        self.levels = [lv for lv in self.levels[:-1]
+                       if len(lv.rows) > len(newest.rows) or not all(k in newest.rows for k in lv.rows)] + [newest]
 
     # ------------------------------------------------------------------ structural check
     def _check_structure(self, example: Any) -> bool:

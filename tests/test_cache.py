@@ -70,13 +70,19 @@ def _model(seed: int = 0) -> nn.Module:
     return ConvNet(width=8, depth=6, hidden=32)
 
 
-def test_cached_training_matches_training_without_the_cache(tmp_path, counted):
+# adaptive: freezes at window ends; schedule: in mid-epoch (older kept levels serve while the newest fills)
+POLICIES = {"adaptive": {}, "schedule": dict(freeze="schedule", total_steps=60, schedule_start=0.15,
+                                             schedule_end=0.5)}
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_cached_training_matches_training_without_the_cache(tmp_path, counted, policy):
     """Same freezes, same losses (float32: the kept rows were computed in other batches) and
     same weights, with the frozen blocks computing far fewer images."""
-    cached, losses, cache = _fit(_model(), tmp_path / "cached")
+    cached, losses, cache = _fit(_model(), tmp_path / "cached", **POLICIES[policy])
     served_images = counted["n"]
     counted["n"] = 0
-    plain, plain_losses, _ = _fit(_model(), tmp_path / "plain", frozen_cache=False)
+    plain, plain_losses, _ = _fit(_model(), tmp_path / "plain", frozen_cache=False, **POLICIES[policy])
     assert len(plain.freeze_log) >= 3, "the run should freeze groups one epoch after another"
     assert [e["groups"] for e in cached.freeze_log] == [e["groups"] for e in plain.freeze_log]
     assert cache is not None and cache.off is None and cache.served > 0

@@ -180,6 +180,10 @@ def test_freeze_training_freezes_bottom_up_and_keeps_weights(tmp_path, policy):
     assert frozen and frozen == names[: len(frozen)]  # contiguous from the bottom
     assert names[-1] not in frozen and len(frozen) <= int(0.75 * len(names))
     snap.assert_unchanged()
+    # epochs over the same 640 digits: the frozen prefix's forward was skipped for batches seen before
+    cache = cb.tracker.frozen_cache_stats
+    assert cache["served"] > 0 and cache["off"] is None
+    assert not any("forward" in m.__dict__ for m in model.modules())  # restored when training ended
     for g in cb.groups:
         assert is_frozen(g) == (g.name in frozen)
         for m in g.modules:
