@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from ._prefix import _same
 from .recorder import _modes_and_hooks_restored
 
 #: Most bytes of kept boundary outputs (host memory) by default.
@@ -82,16 +83,6 @@ def _tensors(out: Any) -> List[torch.Tensor]:
     if isinstance(out, (list, tuple)):
         return [t for o in out for t in _tensors(o)]
     return []
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal within 1e-4 of the tensor's scale (float32 rounding across batch sizes and
-    algorithms stays far below; a prefix that does not determine what follows is far above)."""
-    if a.shape != b.shape:
-        return False
-    if not a.is_floating_point():
-        return bool(torch.equal(a, b))
-    return bool((a.double() - b.double()).abs().max() <= 1e-4 * b.double().abs().max().clamp_min(1e-30))
 
 
 class FrozenOutputCache:

@@ -213,4 +213,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal within 1e-4 of the layer's scale: float32 rounding where the kept output was
     computed in a larger batch than the check's (a GPU may pick another algorithm for it)
     stays far below, a prefix that does not determine what follows is far above."""
-    return a.shape == b.shape and bool((a - b).abs().max() <= 1e-4 * b.abs().max().clamp_min(1e-30))
+    if a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    a, b = a.double(), b.double()
+    return bool((a - b).abs().max() <= 1e-4 * b.abs().max().clamp_min(1e-30))
