@@ -180,3 +180,34 @@ def test_a_changed_frozen_weight_turns_the_cache_off(tmp_path):
 def test_frozen_cache_argument_is_checked():
     with pytest.raises(ValueError, match="`frozen_cache` must be True"):
         DynamicsTracker(nn.Linear(2, 2), torch.randn(4, 2), frozen_cache="yes")
+
+
+def test_lightning_with_validation_under_inference_mode(tmp_path):
+    """Validation forwards between epochs (eval mode, ``torch.inference_mode``, keyed apart from
+    training ones) leave training under the cache with the weights of training without it."""
+    import pytorch_lightning as pl
+
+    from svcca_torch.callbacks import SVCCACallback
+
+    from _lightning_helpers import DigitsModule, digits_loaders, trainer
+
+    class WithValidation(DigitsModule):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    weights = []
+    for cache in (True, False):
+        loader, probe = digits_loaders()  # a new loader: the same shuffling in both runs
+        val = torch.utils.data.DataLoader(loader.dataset, batch_size=128)
+        pl.seed_everything(0)
+        model = WithValidation()
+        cb = SVCCACallback(probe, freeze_training=True, freeze_threshold=1e-6, freeze_patience=1,
+                           frozen_cache=cache, final_analysis=False, progress=False, run_dir=tmp_path / str(cache))
+        trainer(tmp_path, max_epochs=5, callbacks=[cb]).fit(model, loader, val)
+        weights.append([p.detach().clone() for p in model.parameters()])
+        if cache:
+            stats = cb.tracker.frozen_cache_stats
+            assert stats["served"] > 0 and stats["off"] is None
+    for p, q in zip(*weights):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
