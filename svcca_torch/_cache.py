@@ -15,14 +15,15 @@ to run (the *boundary*) and skips the prefix when a whole batch is kept:
 - **Serving.** The frozen modules' ``forward`` is replaced (instance attribute, while the cache
   is on) by a dispatcher that decides per forward, at the first frozen module: every sample
   kept at the boundary -> the boundary returns the kept rows and the frozen modules before it
-  return zeros of their input's shape (never the input: the next module may work in place);
+  return zeros shaped like their output (never their input: the next module may work in place);
   every sample kept at an older boundary (more groups froze since) -> serve from there, run
   the newly frozen modules and keep the new boundary's output; otherwise the real forward,
   keeping the boundary's output of the new samples. A kept output stays valid as more groups
   freeze, so no pass after the first over the data runs the whole prefix again.
 - **Checks** (a failure turns the cache off for the run; training is then exactly as without
-  it): once per frozen prefix, on a few probe images in eval mode, the model's output with the
-  prefix served equals the real one (a skip connection past the prefix breaks this); the first
+  it): once per frozen prefix, on a few probe images in eval mode, no module that runs inside
+  the prefix, or around it with parameters of its own, is trainable, and the model's output
+  with the prefix served equals the real one (a skip connection past the prefix breaks this); the first
   batch each kept level could serve runs for real and its boundary output must equal the kept
   rows (dropout or other randomness in the prefix breaks this); before each forward, the
   frozen parameters must still be frozen and unchanged (their in-place version counters).
@@ -116,9 +117,11 @@ class FrozenOutputCache:
         self._saved: Dict[str, Any] = {}
         self._params: List[torch.Tensor] = []
         self._versions: List[int] = []
-        self._weights: Dict[Tuple[int, str], torch.Tensor] = {}
+        self._weights: Dict[Tuple[Any, ...], torch.Tensor] = {}
         self._plan: Optional[_Plan] = None
         self._forced: Optional[_Plan] = None
+        self._between: List[nn.Module] = []  # modules that run inside the prefix, outside the frozen ones
+        self._shapes: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}  # frozen module -> output (shape[1:], dtype)
         self._pause = 0
         # the augmentation rule: training samples looked up / found this epoch, kept before it
         self._epoch: Optional[int] = None
@@ -192,11 +195,12 @@ class FrozenOutputCache:
         self._install(frozen, order)
         if not self.levels or self.levels[-1].boundary != order[-1]:
             self.levels.append(_Level(order[-1], len(order) - 1))
-        if example is not None and not self._check_structure(example):
-            self.turn_off(f"the model's output depends on the frozen prefix other than through {order[-1]!r}'s "
-                          "output (e.g. a skip connection past it)")
+        why = self._check_structure(example) if example is not None else None
+        if why is not None:
+            self.turn_off(why)
             return
-        self._params = [t for m in frozen.values() for t in (*m.parameters(), *m.buffers())]
+        # what the prefix's output depends on: watched before every forward
+        self._params = [t for m in (*frozen.values(), *self._between) for t in (*m.parameters(), *m.buffers())]
         self._versions = [t._version for t in self._params]
 
     def _install(self, frozen: Dict[str, nn.Module], order: List[str]) -> None:
@@ -230,12 +234,17 @@ class FrozenOutputCache:
                 self._plan = None
                 return real(*args, **kwargs)
             plan.next += 1
-            if pos < plan.serve:
+            if pos < plan.serve:  # zeros shaped like its output: whatever runs between frozen modules accepts them
                 x = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+                if name in self._shapes:
+                    shape, dtype = self._shapes[name]
+                    return torch.zeros((x.shape[0], *shape), dtype=dtype, device=x.device)
                 return torch.zeros_like(x)
             if pos == plan.serve:
                 assert plan.rows is not None
                 x = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+                if pos == len(self.order) - 1:
+                    self._plan = None
                 return plan.rows.to(x.device)
             out = real(*args, **kwargs)
             if plan.verify is not None and pos == plan.verify.position:
@@ -339,32 +348,56 @@ class FrozenOutputCache:
                        if len(lv.rows) > len(newest.rows) or not all(k in newest.rows for k in lv.rows)] + [newest]
 
     # ------------------------------------------------------------------ structural check
-    def _check_structure(self, example: Any) -> bool:
-        """On ``example`` (eval mode, no grad): the model's output with the current boundary
-        serving its own output equals the real output."""
+    def _check_structure(self, example: Any) -> Optional[str]:
+        """On ``example`` (eval mode, no grad): why the prefix cannot be served, or None. It
+        cannot when a module that runs inside it, or one around it (its own parameters), is
+        trainable, or when the model's output with the boundary serving its own output differs
+        from the real output."""
         boundary = self.levels[-1]
+        frozen = list(self._modules)
+        inside = lambda n: any(n == f or n.startswith(f + ".") for f in frozen)  # noqa: E731
+        done: List[str] = []
         kept: Dict[str, Any] = {}
         outs: List[Any] = []
 
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if "out" not in kept:
-                kept["out"] = out.detach().clone() if isinstance(out, torch.Tensor) else None
+        def make(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, out: Any) -> None:
+                done.append(name)
+                if name in self._modules and isinstance(out, torch.Tensor) and out.ndim:
+                    self._shapes.setdefault(name, (tuple(out.shape[1:]), out.dtype))
+                if name == boundary.boundary and "out" not in kept:
+                    kept["out"] = out.detach().clone() if isinstance(out, torch.Tensor) else None
+            return hook
 
+        modules = dict(self.model.named_modules())
         try:
             with self.paused():
-                self._run_eval(example, {boundary.boundary: hook}, outs)
+                self._run_eval(example, {n: make(n) for n in modules}, outs)
             rows = kept.get("out")
             if rows is None:
-                return False
+                return f"{boundary.boundary!r} does not return one tensor"
+            first, last = done.index(self.order[0]), done.index(boundary.boundary)
+            # modules that finish between the first frozen module and the boundary, outside them
+            between = [n for n in dict.fromkeys(done[first + 1:last]) if not inside(n)]
+            around = [n for n in modules if (n == "" or any(f.startswith(n + ".") for f in frozen)) and not inside(n)]
+            trainable = [n for n in between if any(p.requires_grad for p in modules[n].parameters())]
+            trainable += [n or "the model" for n in around
+                          if any(p.requires_grad for p in modules[n].parameters(recurse=False))]
+            if trainable:
+                return f"{trainable[0]!r} runs inside or around the frozen prefix and is not frozen"
+            self._between = [modules[n] for n in between]
             self._forced = _Plan(serve=boundary.position, rows=rows)
             try:
                 self._run_eval(example, {}, outs)
             finally:
                 self._forced = None
-        except Exception:  # the cache is an optimisation: any failure means running in full
-            return False
+        except Exception as e:  # the cache is an optimisation: any failure means running in full
+            return f"checking it failed ({type(e).__name__}: {e})"
         full, short = _tensors(outs[0]), _tensors(outs[1])
-        return bool(full) and len(full) == len(short) and all(_same(s, f) for s, f in zip(short, full))
+        if not (full and len(full) == len(short) and all(_same(s, f) for s, f in zip(short, full))):
+            return (f"the model's output depends on the frozen prefix other than through {boundary.boundary!r}'s "
+                    "output (e.g. a skip connection past it)")
+        return None
 
     def _run_eval(self, example: Any, hooks: Dict[str, Callable], outs: List[Any]) -> None:
         _modes_and_hooks_restored(self.model, hooks, lambda: outs.append(self.model(example)))

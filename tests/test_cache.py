@@ -211,3 +211,30 @@ def test_lightning_with_validation_under_inference_mode(tmp_path):
             assert stats["served"] > 0 and stats["off"] is None
     for p, q in zip(*weights):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+
+
+class _TrainableInside(nn.Module):
+    """``mid`` is in no freeze group: it keeps training between the frozen block1 and block2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = ConvBNReLU(1, 8)
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.block2 = ConvBNReLU(8, 8)
+        self.block3 = ConvBNReLU(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block3(self.block2(self.mid(self.block1(x)))).mean((2, 3)))
+
+
+def test_a_trainable_module_inside_the_prefix_turns_the_cache_off(tmp_path):
+    groups = [["block1"], ["block2"], ["block3"], ["fc"]]
+    torch.manual_seed(0)
+    cached, losses, _ = _fit(_TrainableInside(), tmp_path / "cached", freeze_groups=groups)
+    torch.manual_seed(0)
+    plain, plain_losses, _ = _fit(_TrainableInside(), tmp_path / "plain", freeze_groups=groups, frozen_cache=False)
+    assert [g for e in cached.freeze_log for g in e["groups"]][:2] == ["block1", "block2"]
+    stats = cached.frozen_cache_stats
+    assert "'mid' runs inside or around the frozen prefix" in stats["off"]
+    assert losses == plain_losses
