@@ -33,7 +33,8 @@ to run (the *boundary*) and skips the prefix when a whole batch is kept:
 Activations are ``(datapoints, neurons)`` or ``(N, C, H, W)``; the kept rows are whatever
 tensor the boundary returns, one row per sample, in host memory (a GPU's memory is not held).
 The cache never serves a forward whose input requires grad, and it is paused while the
-tracker records the probe (:meth:`FrozenOutputCache.paused`).
+tracker records the probe (:meth:`FrozenOutputCache.paused`). Forward hooks on the modules
+inside the frozen ones do not run for a served batch (those on the frozen modules do).
 """
 from __future__ import annotations
 
