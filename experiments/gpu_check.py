@@ -162,6 +162,11 @@ def frozen_cache_on_device(dev: str) -> None:
     x, y = (t[:640].to(dev) for t in train.tensors)
     probe = probe_set(train, 300, seed=0).to(dev)
     runs = []
+    # deterministic float32 kernels: two runs may then differ only by what the cache serves
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     for cache in (True, False):
         torch.manual_seed(0)
         model = ConvNet(width=8, depth=6, hidden=32).to(dev)
@@ -186,6 +191,8 @@ def frozen_cache_on_device(dev: str) -> None:
                     tr.maybe_capture(step, epoch=epoch)
             tr.finish(step)
         runs.append((torch.tensor(losses), tr.frozen_cache_stats or {}))
+    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = flags
     (cached, stats), (plain, _) = runs
     worst = float(((cached - plain).abs() / plain.abs()).max())
     check("frozen-output cache on the device", stats.get("served", 0) > 0 and stats.get("off") is None
