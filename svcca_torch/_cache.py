@@ -290,8 +290,10 @@ class FrozenOutputCache:
             flat = torch.view_as_real(flat).reshape(x.shape[0], -1)
         if flat.dtype == torch.bool:
             flat = flat.view(torch.uint8)
-        elif flat.is_floating_point():
-            flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        elif flat.is_floating_point() or flat.element_size() == 8:
+            # words of at most 32 bits: two different inputs then differ by a multiple of at most
+            # 2^31 in some word, which a random 64-bit weight maps to 0 with probability <= 2^-33
+            flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int32}[flat.element_size()])
         d = flat.shape[1]
         # the sample's shape, dtype and the train/eval flag choose the weights (a part of the key)
         sig = (tuple(x.shape[1:]), str(x.dtype), self.model.training, str(flat.device))

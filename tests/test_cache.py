@@ -158,6 +158,19 @@ def test_keys_follow_the_bits_of_each_sample():
     assert cache._keys(x)[0] != keys[0]  # so is the train/eval flag
 
 
+def test_keys_of_float64_and_int64_inputs_use_32_bit_words():
+    """A sign flip changes a float64 word by 2^63: hashed as one 64-bit word, half of the
+    random weights would map it to 0 (a pair of lanes colliding for 1 in 4 such pairs)."""
+    cache = FrozenOutputCache(nn.Linear(2, 2))
+    x = torch.randn(256, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    keys, flipped = cache._keys(x), cache._keys(-x)
+    assert len(set(keys) | set(flipped)) == 512
+    ids = torch.randint(0, 1000, (256, 16), generator=torch.Generator().manual_seed(1))
+    other = ids.clone()
+    other[:, 0] ^= 1 << 62  # a difference in the upper word only
+    assert not set(cache._keys(ids)) & set(cache._keys(other))
+
+
 def test_a_changed_frozen_weight_turns_the_cache_off(tmp_path):
     model = _model()
     x, y, probe = _batches()
