@@ -398,10 +398,14 @@ class SVCCACallback(Callback):
             self._log_final(trainer, analysis)
             cache = tracker.frozen_cache_stats
             if cache is not None:
-                rank_zero_info(f"{type(self).__name__}: frozen-output cache: the frozen forward was skipped for "
-                               f"{cache['served']:,} of {cache['lookups']:,} samples after the first freeze"
-                               + (f"; turned off: {cache['off']}." if cache["off"] else
-                                  f" ({cache['bytes'] / 2 ** 20:.1f} MiB kept)."))
+                note = (f"frozen-output cache: the frozen forward was skipped for {cache['served']:,} of "
+                        f"{cache['lookups']:,} samples after the first freeze"
+                        + (f"; turned off: {cache['off']}." if cache["off"] else
+                           f" ({cache['bytes'] / 2 ** 20:.1f} MiB kept)."))
+                rank_zero_info(f"{type(self).__name__}: {note}")
+                with tracker.accounted():
+                    for board in self._boards:
+                        board.log_freeze_note(step, note)
             rank_zero_info(f"{type(self).__name__}: figures and svcca_summary.json in {self.tracker.run_dir}")
         trainer.strategy.barrier("svcca_final_analysis")
 

@@ -510,6 +510,12 @@ class BoardLogger:
                                  f"step {step}: froze {', '.join(newly_frozen)} ({frozen_groups}{of} groups frozen{saved})",
                                  step)
 
+    def log_freeze_note(self, step: int, text: str) -> None:
+        """A line of the freeze-events text at ``step`` (e.g. what the frozen-output cache skipped)."""
+        step = int(step)
+        self._write_header(step)
+        self.writer.add_text(self.tag("freeze", "events"), f"step {step}: {text}", step)
+
     def log_final(self, dynamics: LearningDynamics, save_dir: Optional[Union[str, Path]] = None
                   ) -> Dict[str, List[int]]:
         """Log the end-of-training views from the learning-dynamics matrices.

@@ -83,6 +83,7 @@ def run(tmp_path_factory):
         prev = bases
     dyn = learning_dynamics(store)
     written = board.log_final(dyn)
+    board.log_freeze_note(steps[-1], "frozen-output cache: the frozen forward was skipped for 10 of 12 samples")
     writer.close()
     return {"acc": _accumulate(root / "tb"), "mid": mid_training, "board": board, "steps": steps, "dyn": dyn,
             "written": written}
@@ -121,6 +122,14 @@ def test_to_final_heatmaps_start_at_step_0_and_end_at_the_final_state(run):
     assert float((dyn.matrices[late] - dyn.matrices[-1]).abs().max()) <= 0.01
     assert [e.step for e in acc.Tensors("svcca/dynamics/grid")] == [steps[-1]]
     assert [e.step for e in acc.Tensors("svcca/dynamics/to_final_curves")] == [steps[-1]]
+
+
+def test_freeze_events_text_lists_freezes_then_the_cache_note(run):
+    acc, steps = run["acc"], run["steps"]
+    events = [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors("svcca/freeze/events/text_summary")]
+    assert [s for s, _ in events] == [steps[10], steps[-1]]
+    assert events[0][1].startswith(f"step {steps[10]}: froze x (1 of {len(LAYERS)} groups frozen")
+    assert events[1][1] == f"step {steps[-1]}: frozen-output cache: the frozen forward was skipped for 10 of 12 samples"
 
 
 def test_live_images_appear_while_training_runs(run):
