@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frozen-fraction", type=float, default=0.75, help="most layer groups frozen")
     p.add_argument("--schedule-start", type=float, default=0.25, help="schedule: fraction at which the lowest group freezes")
     p.add_argument("--schedule-end", type=float, default=0.75, help="schedule: fraction at which the highest freezable group freezes")
+    p.add_argument("--frozen-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip the frozen prefix's forward for training inputs seen before (exact; off by itself "
+                        "under random augmentation); --no-frozen-cache to time freezing without it")
     return p
 
 
@@ -69,7 +72,7 @@ def train_one(args: argparse.Namespace, data: Any, seed: int, policy: str, run_d
             freeze_training=policy, freeze_window=args.freeze_window, freeze_threshold=args.freeze_threshold,
             freeze_patience=args.freeze_patience,
             max_frozen_fraction=args.max_frozen_fraction, schedule_start=args.schedule_start,
-            schedule_end=args.schedule_end, final_analysis=False, progress=False,
+            schedule_end=args.schedule_end, frozen_cache=args.frozen_cache, final_analysis=False, progress=False,
         )
         callbacks.append(cb)
     module, trainer, wall = train_plain(args, data, seed, callbacks=callbacks)
@@ -82,6 +85,7 @@ def train_one(args: argparse.Namespace, data: Any, seed: int, policy: str, run_d
         "steps": trainer.global_step,
         "backward_compute_saved": backward_saved(events, trainer.global_step),
         "frozen_groups": [g for e in events for g in e["groups"]],
+        "frozen_cache": cb.tracker.frozen_cache_stats if cb is not None and cb.tracker is not None else None,
         "groups": [g.name for g in cb.groups] if cb is not None else [],
         "freeze_events": events,
     }

@@ -109,6 +109,9 @@ def test_freeze_training_smoke_table(tmp_path):
     saved = _saved_json(res)
     assert saved["seeds"] == [0, 1]
     assert len(saved["runs"]) == 6
+    for r in saved["runs"]:  # what the frozen-output cache did (None: nothing frozen before the last step)
+        cache = r["frozen_cache"]
+        assert cache is None if r["policy"] == "none" else (cache is None or 0 <= cache["served"] <= cache["lookups"])
     table = saved["table"]
     assert list(table) == ["none", "schedule", "adaptive"]
     assert table["none"]["backward_compute_saved_mean"] == 0.0
