@@ -188,6 +188,8 @@ class FrozenOutputCache:
         if order is None or set(order) != set(frozen):
             self.turn_off("a frozen module is not called exactly once per forward")
             return
+        if self._changed():  # since the last forward: the kept outputs may be stale
+            return
         self.suspended = None
         # levels whose boundary is still a frozen module to run stay valid (frozen modules never change)
         self.levels = [lv for lv in self.levels if lv.boundary in order]
@@ -266,8 +268,7 @@ class FrozenOutputCache:
         x = args[0] if len(args) == 1 and not kwargs else None
         if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] == 0 or x.requires_grad:
             return None
-        if any(t.requires_grad or t._version != v for t, v in zip(self._params, self._versions)):
-            self.turn_off("a frozen parameter or buffer was unfrozen or changed")
+        if self._changed():
             return None
         keys = self._keys(x)
         self.lookups += len(keys)
@@ -283,6 +284,13 @@ class FrozenOutputCache:
                 self.served += len(keys)
                 return _Plan(serve=lv.position, rows=torch.stack([lv.rows[k] for k in keys]), keys=store)
         return _Plan(keys=keys)
+
+    def _changed(self) -> bool:
+        """Whether what the kept outputs depend on was unfrozen or changed in place (then off)."""
+        if any(t.requires_grad or t._version != v for t, v in zip(self._params, self._versions)):
+            self.turn_off("a frozen parameter or buffer was unfrozen or changed")
+            return True
+        return False
 
     def _keys(self, x: torch.Tensor) -> List[Key]:
         flat = x.detach().reshape(x.shape[0], -1).contiguous()

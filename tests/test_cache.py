@@ -190,6 +190,29 @@ def test_a_changed_frozen_weight_turns_the_cache_off(tmp_path):
     tracker.finish(2)
 
 
+def test_a_frozen_weight_changed_before_the_next_freeze_turns_the_cache_off(tmp_path):
+    """Kept outputs of an older boundary would be served after the next freeze: a change made
+    between the last forward and that freeze must be seen too."""
+    model = _model()
+    x, y, probe = _batches()
+    tracker = DynamicsTracker(model, probe, run_dir=tmp_path, freeze_window=1, **SIGNAL)
+    tracker.start()
+    tracker.maybe_capture(1)
+    tracker.maybe_capture(2)
+    cache = tracker._cache
+    assert cache is not None and cache.order
+    model.train()
+    model(x[:64])  # kept
+    with torch.no_grad():
+        next(p for p in model.parameters() if not p.requires_grad).mul_(2.0)
+    first = tracker.groups[len(tracker.policy.frozen)]
+    tracker.policy.frozen.append(first.name)  # the next freeze, as the policy would decide it
+    with tracker._timed():  # as maybe_capture runs it: the cache is paused
+        tracker._apply_frozen(3)
+    assert "changed" in cache.off and not cache.levels
+    tracker.finish(3)
+
+
 def test_frozen_cache_argument_is_checked():
     with pytest.raises(ValueError, match="`frozen_cache` must be True"):
         DynamicsTracker(nn.Linear(2, 2), torch.randn(4, 2), frozen_cache="yes")
