@@ -334,7 +334,7 @@ class FrozenOutputCache:
             self.turn_off(f"{level.boundary!r} does not return one tensor with a row per input")
             return
         new = [i for i, k in enumerate(keys) if k not in level.rows]
-        if not new:
+        if not new or self.suspended is not None:
             return
         size = out[0].numel() * out.element_size() * len(new)
         if level is not self.levels[-1] and self.nbytes + size > self.max_bytes:
