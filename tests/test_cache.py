@@ -171,15 +171,21 @@ def test_keys_of_float64_and_int64_inputs_use_32_bit_words():
     assert not set(cache._keys(ids)) & set(cache._keys(other))
 
 
-def test_a_changed_frozen_weight_turns_the_cache_off(tmp_path):
+def _frozen_after_two_steps(tmp_path):
+    """(model, training inputs, tracker) with the lowest groups frozen and the cache on."""
     model = _model()
-    x, y, probe = _batches()
+    x, _, probe = _batches()
     tracker = DynamicsTracker(model, probe, run_dir=tmp_path, freeze_window=1, **SIGNAL)
     tracker.start()
     tracker.maybe_capture(1)
     tracker.maybe_capture(2)
-    assert tracker.policy.frozen and tracker._cache is not None
+    assert tracker.policy.frozen and tracker._cache is not None and tracker._cache.order
     model.train()
+    return model, x, tracker
+
+
+def test_a_changed_frozen_weight_turns_the_cache_off(tmp_path):
+    model, x, tracker = _frozen_after_two_steps(tmp_path)
     for _ in range(3):  # kept, checked against a real forward, served
         model(x[:64])
     assert tracker._cache.served == 64
@@ -193,15 +199,8 @@ def test_a_changed_frozen_weight_turns_the_cache_off(tmp_path):
 def test_a_frozen_weight_changed_before_the_next_freeze_turns_the_cache_off(tmp_path):
     """Kept outputs of an older boundary would be served after the next freeze: a change made
     between the last forward and that freeze must be seen too."""
-    model = _model()
-    x, y, probe = _batches()
-    tracker = DynamicsTracker(model, probe, run_dir=tmp_path, freeze_window=1, **SIGNAL)
-    tracker.start()
-    tracker.maybe_capture(1)
-    tracker.maybe_capture(2)
+    model, x, tracker = _frozen_after_two_steps(tmp_path)
     cache = tracker._cache
-    assert cache is not None and cache.order
-    model.train()
     model(x[:64])  # kept
     with torch.no_grad():
         next(p for p in model.parameters() if not p.requires_grad).mul_(2.0)
