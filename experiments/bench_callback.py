@@ -102,11 +102,14 @@ def _rgb(ds: TensorDataset) -> TensorDataset:
 
 def _data(repeats: int, batch_size: int, n_probe: int, seed: int = 0):
     """(train loader, test set, probe): digits at 32x32, 3 channels; the training split
-    repeated ``repeats`` times per epoch; the data order fixed by ``seed``."""
+    repeated ``repeats`` times per epoch, repeat ``r`` offset by ``r * 1e-6`` so that its
+    inputs differ bit for bit (a larger dataset to the frozen-output cache, which would
+    otherwise serve a repeat within its first epoch; the images are the same to 1e-6); the
+    data order fixed by ``seed``."""
     train, test = load_digits_dataset(size=32)
     train, test = _rgb(train), _rgb(test)
     x, y = train.tensors
-    data = TensorDataset(x.repeat(repeats, 1, 1, 1), y.repeat(repeats))
+    data = TensorDataset(torch.cat([x + 1e-6 * r for r in range(repeats)]), y.repeat(repeats))
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     return loader, test, probe_set(train, min(n_probe, len(train)), seed=0)
 
