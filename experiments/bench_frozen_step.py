@@ -40,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     import torchvision
 
     from svcca_torch._cache import FrozenOutputCache
-    from svcca_torch._prefix import call_order, outermost
+    from svcca_torch._prefix import outermost
     from svcca_torch.data import load_digits_dataset
     from svcca_torch.freeze import default_layer_groups, freeze_group
 
@@ -62,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if arm == "frozen+cache":
             frozen = outermost({n: m for g in groups[: args.frozen] for n, m in zip(g.module_names, g.modules)})
             cache = caches[arm] = FrozenOutputCache(model)
-            cache.update(frozen, call_order(model, frozen, x[:2]), x[:8])
+            cache.update(frozen, x[:8])
             print(f"{args.frozen} of {len(groups)} groups frozen: {', '.join(g.name for g in groups[:args.frozen])}; "
                   f"boundary {cache.order[-1]}")
     opts = {arm: torch.optim.SGD([q for q in m.parameters() if q.requires_grad], lr=0.01, momentum=0.9)

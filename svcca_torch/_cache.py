@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from ._prefix import _same
+from ._prefix import _same, input_tensor, real_forward, restore_forward
 from .recorder import _modes_and_hooks_restored
 
 #: Most bytes of kept boundary outputs (host memory) by default.
@@ -160,10 +160,7 @@ class FrozenOutputCache:
     def close(self) -> None:
         """Restore the frozen modules' forwards and free the kept outputs (idempotent)."""
         for name, module in self._modules.items():
-            if self._saved.get(name) is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = self._saved[name]  # type: ignore[method-assign]
+            restore_forward(module, self._saved.get(name))
         self._modules, self._saved, self.levels, self.order, self._position = {}, {}, [], [], {}
         self._plan = None
 
@@ -178,27 +175,13 @@ class FrozenOutputCache:
                           "the cache serves inputs that repeat exactly")
         self._epoch, self._epoch_seen, self._kept_before = epoch, [0, 0], self._kept_train
 
-    def update(self, frozen: Dict[str, nn.Module], order: Optional[List[str]], example: Optional[Any]) -> None:
-        """Start serving the frozen modules ``frozen`` (outermost only, the call order
-        ``order`` of one forward, each called once; None: not a chain the cache can serve)
-        after a freeze; ``example`` is a few probe inputs on the model's device for the
-        structural check."""
-        if self.off is not None or not frozen:
+    def update(self, frozen: Dict[str, nn.Module], example: Any) -> None:
+        """Start serving the frozen modules ``frozen`` (outermost only) after a freeze;
+        ``example`` is a few probe inputs on the model's device, for one traced forward (the
+        frozen modules' call order, each called once) and the structural check."""
+        if self.off is not None or not frozen or self._changed():  # changed since the last forward: stale
             return
-        if order is None or set(order) != set(frozen):
-            self.turn_off("a frozen module is not called exactly once per forward")
-            return
-        if self._changed():  # since the last forward: the kept outputs may be stale
-            return
-        self.suspended = None
-        # levels whose boundary is still a frozen module to run stay valid (frozen modules never change)
-        self.levels = [lv for lv in self.levels if lv.boundary in order]
-        for lv in self.levels:
-            lv.position = order.index(lv.boundary)
-        self._install(frozen, order)
-        if not self.levels or self.levels[-1].boundary != order[-1]:
-            self.levels.append(_Level(order[-1], len(order) - 1))
-        why = self._check_structure(example) if example is not None else None
+        why = self._check_structure(frozen, example)
         if why is not None:
             self.turn_off(why)
             return
@@ -206,14 +189,20 @@ class FrozenOutputCache:
         self._params = [t for m in (*frozen.values(), *self._between) for t in (*m.parameters(), *m.buffers())]
         self._versions = [t._version for t in self._params]
 
+    def _serve(self, frozen: Dict[str, nn.Module], order: List[str]) -> None:
+        """Install the dispatchers for ``order`` and a level at its last module; kept levels whose
+        boundary is still a frozen module to run stay valid (frozen modules never change)."""
+        self.suspended = None
+        self.levels = [lv for lv in self.levels if lv.boundary in order]
+        for lv in self.levels:
+            lv.position = order.index(lv.boundary)
+        self._install(frozen, order)
+        if not self.levels or self.levels[-1].boundary != order[-1]:
+            self.levels.append(_Level(order[-1], len(order) - 1))
+
     def _install(self, frozen: Dict[str, nn.Module], order: List[str]) -> None:
         for name in [n for n in self._modules if n not in frozen]:  # only when a containing module froze
-            module = self._modules.pop(name)
-            saved = self._saved.pop(name)
-            if saved is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = saved  # type: ignore[method-assign]
+            restore_forward(self._modules.pop(name), self._saved.pop(name))
         self.order = list(order)
         self._position = {n: i for i, n in enumerate(order)}
         for name in order:
@@ -225,8 +214,7 @@ class FrozenOutputCache:
 
     # ------------------------------------------------------------------ per forward
     def _dispatcher(self, name: str, module: nn.Module) -> Callable[..., Any]:
-        saved = self._saved[name]
-        real = saved or type(module).forward.__get__(module, type(module))
+        real = real_forward(module, self._saved[name])
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             pos = self._position.get(name, -1)
@@ -237,15 +225,15 @@ class FrozenOutputCache:
                 self._plan = None
                 return real(*args, **kwargs)
             plan.next += 1
+            if pos <= plan.serve:
+                x = input_tensor(args, kwargs)
+                assert x is not None and plan.rows is not None
             if pos < plan.serve:  # zeros shaped like its output: whatever runs between frozen modules accepts them
-                x = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
                 if name in self._shapes:
                     shape, dtype = self._shapes[name]
                     return torch.zeros((x.shape[0], *shape), dtype=dtype, device=x.device)
                 return torch.zeros_like(x)
             if pos == plan.serve:
-                assert plan.rows is not None
-                x = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
                 if pos == len(self.order) - 1:
                     self._plan = None
                 return plan.rows.to(x.device)
@@ -359,13 +347,13 @@ class FrozenOutputCache:
                        if len(lv.rows) > len(newest.rows) or not all(k in newest.rows for k in lv.rows)] + [newest]
 
     # ------------------------------------------------------------------ structural check
-    def _check_structure(self, example: Any) -> Optional[str]:
-        """On ``example`` (eval mode, no grad): why the prefix cannot be served, or None. It
-        cannot when a module that runs inside it, or one around it (its own parameters), is
-        trainable, or when the model's output with the boundary serving its own output differs
-        from the real output."""
-        boundary = self.levels[-1]
-        frozen = list(self._modules)
+    def _check_structure(self, frozen: Dict[str, nn.Module], example: Any) -> Optional[str]:
+        """On ``example`` (eval mode, no grad), one traced forward gives the frozen modules'
+        call order (and serving starts on it), a second with the prefix served checks it: why
+        the prefix cannot be served, or None. It cannot when a frozen module is not called
+        exactly once, when a module that runs inside the prefix, or one around it (its own
+        parameters), is trainable, or when the model's output with the boundary serving its own
+        output differs from the real output."""
         inside = lambda n: any(n == f or n.startswith(f + ".") for f in frozen)  # noqa: E731
         done: List[str] = []
         kept: Dict[str, Any] = {}
@@ -374,20 +362,24 @@ class FrozenOutputCache:
         def make(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, out: Any) -> None:
                 done.append(name)
-                if name in self._modules and isinstance(out, torch.Tensor) and out.ndim:
+                if name in frozen and isinstance(out, torch.Tensor) and out.ndim:
                     self._shapes.setdefault(name, (tuple(out.shape[1:]), out.dtype))
-                if name == boundary.boundary and "out" not in kept:
-                    kept["out"] = out.detach().clone() if isinstance(out, torch.Tensor) else None
+                    kept.setdefault(name, out.detach().clone())
             return hook
 
         modules = dict(self.model.named_modules())
         try:
-            with self.paused():
+            with self.paused():  # the dispatchers of an earlier freeze run for real
                 self._run_eval(example, {n: make(n) for n in modules}, outs)
-            rows = kept.get("out")
+            order = [n for n in done if n in frozen]
+            if sorted(order) != sorted(frozen):
+                return "a frozen module is not called exactly once per forward"
+            self._serve(frozen, order)
+            boundary = self.levels[-1]
+            rows = kept.get(boundary.boundary)
             if rows is None:
                 return f"{boundary.boundary!r} does not return one tensor"
-            first, last = done.index(self.order[0]), done.index(boundary.boundary)
+            first, last = done.index(order[0]), done.index(boundary.boundary)
             # modules that finish between the first frozen module and the boundary, outside them
             between = [n for n in dict.fromkeys(done[first + 1:last]) if not inside(n)]
             around = [n for n in modules if (n == "" or any(f.startswith(n + ".") for f in frozen)) and not inside(n)]

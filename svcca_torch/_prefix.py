@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .freeze import _contains
-from .recorder import _trace
+from .recorder import _trace, first_tensor
 
 #: Most bytes of kept boundary output (in host memory); a larger prefix output is not kept.
 PREFIX_BYTES = 256 << 20
@@ -48,6 +48,25 @@ def call_order(model: nn.Module, modules: Dict[str, nn.Module], example: Any) ->
     except Exception:  # the reuse is an optimisation: any failure means recording in full
         return None
     return order if all(c == 1 for c in calls.values()) else None
+
+
+def input_tensor(args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """The first tensor a module was called with (positional, then keyword), else None."""
+    return first_tensor((*args, *kwargs.values()))
+
+
+def real_forward(module: nn.Module, saved: Optional[Callable[..., Any]]) -> Callable[..., Any]:
+    """What ``module.forward`` did before it was replaced: ``saved`` (an instance attribute
+    it had), else its class's."""
+    return saved or type(module).forward.__get__(module, type(module))
+
+
+def restore_forward(module: nn.Module, saved: Optional[Callable[..., Any]]) -> None:
+    """Undo a replaced ``forward``: back to ``saved`` (an instance attribute it had) or the class's."""
+    if saved is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = saved  # type: ignore[method-assign]
 
 
 class _Kept(NamedTuple):
@@ -89,18 +108,14 @@ class PrefixReuse:
         """Replace the kept prefix's forwards: per batch, decided at its first module, either
         from the kept output (a batch it covers) or the real computation (a later batch)."""
         state = {"batch": -1, "real": False}
-
-        def first_tensor(args: Any, kwargs: Any) -> Optional[torch.Tensor]:
-            return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-
         frozen = {n: modules[n] for n in kept.frozen}
         saved = {n: m.__dict__.get("forward") for n, m in frozen.items()}
 
         def stub(name: str, module: nn.Module) -> Callable[..., Any]:
-            real = saved[name] or type(module).forward.__get__(module, type(module))
+            real = real_forward(module, saved[name])
 
             def forward(*args: Any, **kwargs: Any) -> Any:
-                x = first_tensor(args, kwargs)
+                x = input_tensor(args, kwargs)
                 if name == kept.first:
                     state["batch"] += 1
                     b = state["batch"]
@@ -122,10 +137,7 @@ class PrefixReuse:
             yield
         finally:
             for n, m in frozen.items():
-                if saved[n] is None:
-                    del m.forward
-                else:
-                    m.forward = saved[n]  # type: ignore[method-assign]
+                restore_forward(m, saved[n])
 
     def run(self, frozen: Dict[str, nn.Module], layers: Sequence[str], n_images: int,
             record: Callable[[int], Recording], order: Callable[[Dict[str, nn.Module]], Optional[List[str]]],

@@ -735,9 +735,7 @@ class DynamicsTracker:
             acts = self._record(layers, n)
             return acts, (dict(rec.layer_datapoint_index) if acts is not None else {})
 
-        by_name = {g.name: g for g in self.groups}
-        frozen = outermost({m: mod for g in self.policy.frozen for m, mod in
-                            zip(by_name[g].module_names, by_name[g].modules)})
+        frozen = self._frozen_modules()
         example = lambda mods: call_order(self.model, mods, to_model(self._probe.head(_FLOPS_EXAMPLES),  # noqa: E731
                                                                      self.model))
         return self._reuse.run(frozen, layers, n_images, record, example, self._model_device())
@@ -782,11 +780,15 @@ class DynamicsTracker:
             return
         if self._cache is None:
             self._cache = FrozenOutputCache(self.model, self.frozen_cache)
+        self._cache.update(self._frozen_modules(),
+                           to_model(self._probe.head(FrozenOutputCache.CHECK_IMAGES), self.model))
+
+    def _frozen_modules(self) -> Dict[str, nn.Module]:
+        """The frozen groups' modules, outermost only (name -> module)."""
+        assert self.policy is not None
         by_name = {g.name: g for g in self.groups}
-        frozen = outermost({m: mod for g in self.policy.frozen for m, mod in
-                            zip(by_name[g].module_names, by_name[g].modules)})
-        example = to_model(self._probe.head(FrozenOutputCache.CHECK_IMAGES), self.model)
-        self._cache.update(frozen, call_order(self.model, frozen, example), example)
+        return outermost({m: mod for g in self.policy.frozen for m, mod in
+                          zip(by_name[g].module_names, by_name[g].modules)})
 
     def _close_cache(self) -> None:
         if self._cache is not None:
