@@ -389,7 +389,7 @@ class SVCCACallback(Callback):
             if tracker.captured_steps != before:  # the end-of-training capture
                 self._log_events(trainer, TrackerEvents(step, capture={"step": step, "to_previous": sims}), previous,
                                  final=True)
-            elif self._boards and sims and tracker.store is not None:
+            elif self._boards and sims and self._final_live_images() and tracker.store is not None:
                 # the last capture was logged already: only its final live images are new
                 done = [c for c in tracker.store.checkpoints if c.step < step]
                 earlier = tracker.store.load_checkpoint(done[-1]) if done else None
@@ -490,9 +490,18 @@ class SVCCACallback(Callback):
         assert self.tracker is not None
         step, sims = capture["step"], capture["to_previous"]
         self._log_metrics(trainer, {f"{self.name}/to_previous/{k}": float(v) for k, v in sims.items()}, step)
+        images = not final or self._final_live_images()
         for board in self._boards:
             # the current bases are the tracker's last capture (references, nothing copied)
-            board.log_capture(step, sims, previous=previous, current=self.tracker.last_capture, final=final)
+            board.log_capture(step, sims, previous=previous, current=self.tracker.last_capture, final=final,
+                              images=images)
+
+    def _final_live_images(self) -> bool:
+        """Whether the end-of-training capture gets live images: not when it is the only
+        capture compared with a previous one (captured at the start and the end only) and the
+        final analysis runs, whose first to-final heatmap and curve points show that comparison."""
+        assert self.tracker is not None
+        return len(self.tracker.to_previous) > 1 or not self.tracker.final_analysis
 
     def _log_signal(self, trainer: "pl.Trainer", signal: Dict[str, Any]) -> None:
         """The adaptive freeze signal: each judged group's similarity to one window earlier."""

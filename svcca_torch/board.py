@@ -416,6 +416,7 @@ class BoardLogger:
         current: Optional[Bases] = None,
         matrix: Optional[torch.Tensor] = None,
         final: bool = False,
+        images: bool = True,
     ) -> bool:
         """Log one capture: per-layer scalars always, the live images when due.
 
@@ -432,6 +433,9 @@ class BoardLogger:
             matrix: that heatmap precomputed instead, ``(layers, layers)`` with
                 ``matrix[i, j]`` = layer ``i`` at the previous capture vs layer ``j`` now.
             final: this is the last capture of training (always drawn).
+            images: ``False``: the scalars only, no live images (e.g. for the end-of-training
+                capture of a run captured only at its start and end: its one comparison is
+                the first checkpoint's to-final heatmap and curve points of :meth:`log_final`).
 
         Returns:
             whether live images were written at this capture.
@@ -456,7 +460,7 @@ class BoardLogger:
             for n in self.layers:
                 if n in sims and math.isfinite(sims[n]):
                     self.writer.add_scalar(self.layer_tag("to_previous", n), sims[n], step)
-        if not sims or not self._live_due(f, final):
+        if not images or not sims or not self._live_due(f, final):
             return False
         when = f"step {step}" if f is None else f"step {step} ({100 * f:.0f}%)"
         if matrix is None and previous is not None and current is not None:
@@ -524,7 +528,8 @@ class BoardLogger:
         ``<name>/dynamics/to_final_matrix`` heatmaps (:func:`select_checkpoints` among the
         checkpoints with a full matrix), the paper's grid and the depth-coloured convergence
         curves at the final step, and the last live curves if the final capture was not
-        logged with ``final=True``.
+        logged with ``final=True`` and more than one capture was compared with a previous
+        one (a single comparison is the first point of the to-final curves).
 
         Args:
             dynamics: from :func:`svcca_torch.dynamics.learning_dynamics` over the run's store;
@@ -579,7 +584,11 @@ class BoardLogger:
             written[self.tag("dynamics", "to_final_curves")] = [final_step]
         live = self.tag("live", "to_previous_curves")
         last = self._history[-1] if self._history else None
-        if last is not None and last["to_previous"] and self.images_written.get(live, [None])[-1] != last["step"]:
+        # one comparison only (captures at the start and the end): one point per layer, the
+        # first point of the to-final curves drawn above
+        compared = sum(1 for h in self._history if h["to_previous"])
+        if (last is not None and last["to_previous"] and compared > 1
+                and self.images_written.get(live, [None])[-1] != last["step"]):
             lc, known = self._live_curves()
             if self._add_image(live, lambda: plot_convergence(
                     lc, x="fraction" if known else "step", ylabel="SVCCA similarity",

@@ -140,7 +140,9 @@ def plot_learning_dynamics(
         dynamics: a :class:`LearningDynamics` or a :class:`RepresentationStore` (computed
             for the needed checkpoints only).
         fractions: fractions of training to show; each panel uses the stored checkpoint
-            nearest to it (its actual fraction and step are in the title).
+            nearest to it (its actual fraction and step are in the title); a checkpoint
+            nearest to several of them is shown once (a run with captures at its start and
+            end only gets two panels, not the same two twice).
         cmap: a matplotlib colormap name.
         panel_size: inches per panel.
         ncols: panels per row (default: all in one row, as in the paper; 2 gives the 2x2
@@ -159,7 +161,7 @@ def plot_learning_dynamics(
         raise ValueError(f"`dynamics` must be a LearningDynamics or a RepresentationStore, got {type(dynamics).__name__}.")
     if ncols is not None:
         ncols = check_positive_int(ncols, "ncols")
-    picks = [dynamics.nearest(f) for f in fractions]
+    picks = list(dict.fromkeys(dynamics.nearest(f) for f in fractions))
     ncols = len(picks) if ncols is None else min(ncols, len(picks))
     nrows = -(-len(picks) // ncols)
     names = short_layer_names(dynamics.layers) if short_names else list(dynamics.layers)

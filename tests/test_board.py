@@ -327,3 +327,33 @@ def test_select_checkpoints_works_on_curves():
     assert select_checkpoints(curves, [0, 0.25, 0.5, 0.75, 1.0]) == [0, 1, 3, 4]  # 2 is alike 1
     with pytest.raises(ValueError, match="checkpoints, layers"):
         select_checkpoints(torch.zeros(3), [0, 0.5, 1])
+
+
+@pytest.mark.parametrize("captures", [2, 3])
+def test_scalars_only_capture_and_the_end_views(tmp_path, captures):
+    """``images=False`` logs a capture's scalars without live images; ``log_final`` then
+    draws the last live curves only if more than one capture was compared with a previous
+    one (a single comparison is the first point of the to-final curves)."""
+    g = torch.Generator().manual_seed(0)
+    store = RepresentationStore(tmp_path / "store")
+    final = {n: torch.randn(120, 4, generator=g) for n in ("a", "b")}
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    board = BoardLogger(writer, "s", ["a", "b"], total_steps=100)
+    steps = [0, 50, 100] if captures == 3 else [0, 100]
+    for k, step in enumerate(steps):
+        acts = {n: x + (1 - step / 100) * torch.randn(x.shape, generator=g) for n, x in final.items()}
+        store.add(acts, step=step, fraction=step / 100)
+        sims = {"a": 0.5, "b": 0.7} if k else {}
+        last = k == len(steps) - 1
+        drawn = board.log_capture(step, sims, matrix=torch.eye(2, dtype=torch.float64), final=last, images=not last)
+        assert not (last and drawn)
+    written = board.log_final(learning_dynamics(store))
+    writer.close()
+    acc = _accumulate(tmp_path / "tb")
+    assert [e.step for e in acc.Tensors("s/to_previous/00_a")] == steps[1:]
+    if captures == 3:
+        assert [e.step for e in acc.Tensors("s/live/to_previous_curves")] == [50, 100]
+        assert written["s/live/to_previous_curves"] == [100]
+    else:
+        assert "s/live/to_previous_curves" not in _by_plugin(acc)["images"]
+        assert "s/live/to_previous_curves" not in written

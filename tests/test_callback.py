@@ -163,6 +163,25 @@ def test_every_n_train_steps_schedule(tmp_path):
     assert cb.captured_steps == [0, 4, 8, 10]  # plus the end of training
 
 
+def test_start_and_end_captures_draw_no_repeated_views(tmp_path):
+    """Captured at step 0 and the end only (a short run at the default budget): the one
+    comparison is the step-0 to-final heatmap; no live images repeat it, and the grid shows
+    the two checkpoints once each."""
+    loader, probe = digits_loaders()
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    cb = SVCCACallback(probe, every_n_epochs=5, max_overhead=None, progress=False)
+    trainer(tmp_path, logger=logger, max_epochs=2, callbacks=[cb]).fit(DigitsModule(), loader)
+    assert cb.captured_steps == [0, 20]
+    acc = _events(logger.log_dir)
+    images = _plugin_tags(acc, "images")
+    assert not [t for t in images if "/live/" in t]
+    assert [e.step for e in acc.Tensors("svcca/dynamics/to_final_matrix")] == [0, 20]
+    assert {"svcca/dynamics/grid", "svcca/dynamics/to_final_curves"} <= set(images)
+    assert [e.step for e in acc.Tensors("svcca/to_previous/00_block1")] == [20]  # the scalars stay
+    grid = imread(Path(logger.log_dir) / "svcca" / "learning_dynamics.png")
+    assert grid.shape[0] < 0.7 * grid.shape[1]  # one row of two panels, not a 2x2 grid of both twice
+
+
 @pytest.mark.parametrize("policy", ["adaptive", "schedule"])
 def test_freeze_training_freezes_bottom_up_and_keeps_weights(tmp_path, policy):
     pl.seed_everything(0)

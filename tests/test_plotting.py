@@ -62,6 +62,14 @@ def test_learning_dynamics_grid_custom_fractions(store) -> None:
         plot_learning_dynamics(store, fractions=(1.5,))
 
 
+def test_learning_dynamics_grid_shows_each_checkpoint_once(store) -> None:
+    # a run captured at its start and end only: 0/35% are nearest step 0, 75/100% the end
+    dyn = learning_dynamics(store, [0, 40])
+    panels = _heatmaps(plot_learning_dynamics(dyn))
+    assert [ax.get_title() for ax in panels] == ["0% (step 0)", "100% (step 40)"]
+    np.testing.assert_allclose(np.asarray(panels[0].images[0].get_array()), dyn.matrices[0].T.numpy())
+
+
 def test_convergence_curves_coloured_by_depth(store, tmp_path) -> None:
     fig = plot_convergence(store)
     ax = fig.axes[0]
