@@ -176,10 +176,10 @@ def _fit(args, repeats: int, seed: int, epochs: int, make_cb, root: str, tag: st
     return out
 
 
-def _adaptive_at(threshold: float):
-    """Adaptive freeze training at another ``freeze_threshold`` (the trade-off's other points)."""
-    return lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, freeze_threshold=threshold,
-                                          progress=False)
+def _adaptive_at(**policy: Any):
+    """Adaptive freeze training at another ``freeze_threshold`` or ``freeze_patience`` (the
+    trade-off's other points)."""
+    return lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, progress=False, **policy)
 
 
 def bench(args) -> Dict[str, Any]:
@@ -207,7 +207,8 @@ def bench(args) -> Dict[str, Any]:
             elif seed == args.seeds[0]:
                 arms += [("adaptive-every-4-steps", every4), ("adaptive-every-epoch", every_epoch)]
             if not args.overhead_only:
-                arms += [(f"adaptive-{t:g}", _adaptive_at(t)) for t in args.thresholds]
+                arms += [(f"adaptive-{t:g}", _adaptive_at(freeze_threshold=t)) for t in args.thresholds]
+                arms += [(f"adaptive-patience-{k}", _adaptive_at(freeze_patience=k)) for k in args.patience]
                 if args.no_cache_arm:
                     arms.append(("adaptive-no-cache", no_cache))
             for arm, make in arms:
@@ -236,7 +237,7 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
     none_acc = statistics.mean(r["test_accuracy"] for r in by["none"])
     table = {}
     for arm in [a for a in ("none", "defaults", "schedule", "adaptive", "adaptive-no-cache") if a in by] + sorted(
-            a for a in by if a.startswith("adaptive-") and a[9:10].isdigit()):
+            a for a in by if a.startswith("adaptive-") and (a[9:10].isdigit() or a.startswith("adaptive-patience-"))):
         rs = by[arm]
         accs = [r["test_accuracy"] for r in rs]
         table[arm] = {"wall_s": statistics.mean(r["wall_s"] for r in rs),
@@ -358,6 +359,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--thresholds", type=float, nargs="*", default=[],
                         help="extra adaptive arms at these freeze_threshold values (default: none; the default "
                         "arm uses the default, 0.9), e.g. --thresholds 0.95 0.85 for the speed/accuracy trade-off")
+    parser.add_argument("--patience", type=int, nargs="*", default=[],
+                        help="extra adaptive arms at these freeze_patience values (default: none; the default arm "
+                        "uses the default, 2), e.g. --patience 1")
     parser.add_argument("--no-cache-arm", action="store_true",
                         help="also run the adaptive arm with frozen_cache=False (what the frozen-output cache saves)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 256-image probe")
@@ -398,11 +402,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                   f"{100 * s['callback_share_large']:.1f}%; wall {100 * s['overhead_large']:+.1f}%")
         print(f"\n2. freeze training end to end ({n_epoch:,}-image epoch x {args.epochs}, {len(args.seeds)} seeds; "
               "'train x none': wall minus the callback's own time, per seed):")
-        print(f"   {'arm':<17} {'wall (s)':>9} {'x none':>7} {'train x none':>20} {'test acc (%)':>14} {'drop (pts)':>11} "
+        print(f"   {'arm':<19} {'wall (s)':>9} {'x none':>7} {'train x none':>20} {'test acc (%)':>14} {'drop (pts)':>11} "
               f"{'groups frozen':>14} {'first freeze at':>16} {'backward FLOPs saved':>22}")
         for arm, r in s["arms"].items():
             ff = [f for f in r["first_freeze_fraction"] if f is not None]
-            print(f"   {arm:<17} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} "
+            print(f"   {arm:<19} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} "
                   f"{', '.join(f'{v:.2f}' for v in r['train_ratio']):>20} "
                   f"{100 * r['accuracy']:>8.2f} ± {100 * r['accuracy_std']:.2f} {r['accuracy_drop_points']:>11.2f} "
                   f"{str(r['frozen']):>14} {(', '.join(f'{100 * f:.0f}%' for f in ff) or '-'):>16} "
