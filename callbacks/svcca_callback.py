@@ -151,7 +151,7 @@ class SVCCACallback(Callback):
         freeze_groups: Optional[Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]]] = None,
         freeze_window: Optional[int] = None,
         freeze_threshold: float = 0.9,
-        freeze_patience: int = 2,
+        freeze_patience: int = 1,
         max_frozen_fraction: float = 0.75,
         schedule_start: float = 0.25,
         schedule_end: float = 0.75,

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-window", type=int, default=None,
                    help="adaptive: steps between the two recordings its signal compares (default one epoch)")
     p.add_argument("--freeze-threshold", type=float, default=0.9, help="adaptive: similarity to one window earlier")
-    p.add_argument("--freeze-patience", type=int, default=2, help="adaptive: consecutive settled windows")
+    p.add_argument("--freeze-patience", type=int, default=1, help="adaptive: consecutive settled windows")
     p.add_argument("--max-frozen-fraction", type=float, default=0.75, help="most layer groups frozen")
     p.add_argument("--schedule-start", type=float, default=0.25, help="schedule: fraction at which the lowest group freezes")
     p.add_argument("--schedule-end", type=float, default=0.75, help="schedule: fraction at which the highest freezable group freezes")

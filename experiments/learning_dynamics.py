@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="similarity to the final state counted as converged")
     p.add_argument("--freeze-threshold", type=float, default=None,
                    help="adaptive policy's similarity threshold (default: SVCCACallback's, 0.9)")
-    p.add_argument("--freeze-patience", type=int, default=2, help="adaptive policy's patience (captures)")
+    p.add_argument("--freeze-patience", type=int, default=1, help="adaptive policy's patience (windows)")
     return p
 
 

@@ -291,7 +291,7 @@ class AdaptiveFreezePolicy(FreezePolicy):
 
     kind = "adaptive"
 
-    def __init__(self, groups: Sequence[str], threshold: float = 0.9, patience: int = 2,
+    def __init__(self, groups: Sequence[str], threshold: float = 0.9, patience: int = 1,
                  max_frozen_fraction: float = 0.75) -> None:
         super().__init__(groups, max_frozen_fraction)
         self.threshold = check_fraction(threshold, "threshold", high_inclusive=True)

@@ -272,7 +272,7 @@ class DynamicsTracker:
         freeze_groups: Optional[Groups] = None,
         freeze_window: Optional[int] = None,
         freeze_threshold: float = 0.9,
-        freeze_patience: int = 2,
+        freeze_patience: int = 1,
         signal_datapoints_per_neuron: int = 10,
         max_frozen_fraction: float = 0.75,
         schedule_start: float = 0.25,

@@ -109,8 +109,9 @@ def test_signal_records_only_the_groups_it_judges(tmp_path, monkeypatch):
     loader, probe = _data()
     torch.manual_seed(0)
     model = ConvNet(width=8, depth=4, hidden=32)
+    # patience 2: no group is one window from freezing at the start, so no look-ahead groups
     tracker = DynamicsTracker(model, probe, run_dir=tmp_path, freeze="adaptive", freeze_window=5,
-                              max_overhead=None, final_analysis=False)
+                              freeze_patience=2, max_overhead=None, final_analysis=False)
     tracker.setup()
     calls = []
     record = tracker.recorder.record
