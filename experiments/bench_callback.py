@@ -361,7 +361,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         "arm uses the default, 0.9), e.g. --thresholds 0.95 0.85 for the speed/accuracy trade-off")
     parser.add_argument("--patience", type=int, nargs="*", default=[],
                         help="extra adaptive arms at these freeze_patience values (default: none; the default arm "
-                        "uses the default, 2), e.g. --patience 1")
+                        "uses the default, 1), e.g. --patience 2 for the previous default")
     parser.add_argument("--no-cache-arm", action="store_true",
                         help="also run the adaptive arm with frozen_cache=False (what the frozen-output cache saves)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 256-image probe")
