@@ -130,8 +130,10 @@ def signal_prefix_on_device(dev: str) -> None:
         model = ConvNet(width=8, depth=4, hidden=32).to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         with tempfile.TemporaryDirectory() as tmp:
+            # patience 2: one group at a time, so later recordings start from a frozen prefix (at
+            # patience 1 every group settles at the first window and freezes at once)
             tr = DynamicsTracker(model, probe, run_dir=tmp, freeze="adaptive", freeze_window=5, freeze_threshold=1e-6,
-                                 max_overhead=None, final_analysis=False)
+                                 freeze_patience=2, max_overhead=None, final_analysis=False)
             tr._reuse.max_bytes = max_bytes
             tr.start()
             g = torch.Generator().manual_seed(0)
@@ -167,32 +169,34 @@ def frozen_cache_on_device(dev: str) -> None:
              torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    for cache in (True, False):
-        torch.manual_seed(0)
-        model = ConvNet(width=8, depth=6, hidden=32).to(dev)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        losses = []
-        with tempfile.TemporaryDirectory() as tmp:
-            tr = DynamicsTracker(model, probe, run_dir=tmp, freeze="adaptive", freeze_window=5, freeze_threshold=1e-6,
-                                 max_overhead=None, final_analysis=False, frozen_cache=cache)
-            tr.start()
-            g = torch.Generator().manual_seed(0)
-            step = 0
-            for epoch in range(6):
-                for idx in torch.randperm(len(x), generator=g).split(64):
-                    idx = idx.to(dev)
-                    model.train()
-                    opt.zero_grad()
-                    loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-                    loss.backward()
-                    opt.step()
-                    losses.append(float(loss.detach()))
-                    step += 1
-                    tr.maybe_capture(step, epoch=epoch)
-            tr.finish(step)
-        runs.append((torch.tensor(losses), tr.frozen_cache_stats or {}))
-    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
-     torch.backends.cuda.matmul.allow_tf32) = flags
+    try:
+        for cache in (True, False):
+            torch.manual_seed(0)
+            model = ConvNet(width=8, depth=6, hidden=32).to(dev)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            losses = []
+            with tempfile.TemporaryDirectory() as tmp:
+                tr = DynamicsTracker(model, probe, run_dir=tmp, freeze="adaptive", freeze_window=5, freeze_threshold=1e-6,
+                                     max_overhead=None, final_analysis=False, frozen_cache=cache)
+                tr.start()
+                g = torch.Generator().manual_seed(0)
+                step = 0
+                for epoch in range(6):
+                    for idx in torch.randperm(len(x), generator=g).split(64):
+                        idx = idx.to(dev)
+                        model.train()
+                        opt.zero_grad()
+                        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                        loss.backward()
+                        opt.step()
+                        losses.append(float(loss.detach()))
+                        step += 1
+                        tr.maybe_capture(step, epoch=epoch)
+                tr.finish(step)
+            runs.append((torch.tensor(losses), tr.frozen_cache_stats or {}))
+    finally:  # the later checks run with the flags as they were
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = flags
     (cached, stats), (plain, _) = runs
     worst = float(((cached - plain).abs() / plain.abs()).max())
     check("frozen-output cache on the device", stats.get("served", 0) > 0 and stats.get("off") is None

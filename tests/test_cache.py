@@ -12,7 +12,7 @@ from svcca_torch.data import load_digits_dataset, probe_set
 from svcca_torch.models import ConvBNReLU, ConvNet
 from svcca_torch.tracker import DynamicsTracker
 
-from _modules import Skip
+from _modules import Skip, Twice
 
 # every group settles at once: the signal freezes bottom-up, one window (epoch) after another
 SIGNAL = dict(freeze="adaptive", freeze_threshold=1e-6, freeze_patience=2, max_overhead=None,
@@ -276,18 +276,9 @@ def test_a_trainable_module_inside_the_prefix_turns_the_cache_off(tmp_path):
 
 
 def test_a_frozen_module_called_twice_turns_the_cache_off():
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.b(self.a(self.a(x)))
-
-    model = Shared()
-    model.a.requires_grad_(False)
+    model = Twice()
+    model.lin.requires_grad_(False)
     cache = FrozenOutputCache(model)
-    cache.update({"a": model.a}, torch.randn(8, 4))
+    cache.update({"lin": model.lin}, torch.randn(8, 3))
     assert cache.off == "a frozen module is not called exactly once per forward"
-    assert "forward" not in model.a.__dict__ and model.training  # nothing left installed, modes restored
+    assert "forward" not in model.lin.__dict__ and model.training  # nothing left installed, modes restored
