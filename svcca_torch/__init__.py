@@ -20,7 +20,7 @@ from .functional import (
     svcca,
     svd_reduce,
 )
-from .utils.validation import FewDatapointsWarning, ZeroVarianceError
+from .utils.validation import FewDatapointsWarning, NonFiniteError, ZeroVarianceError
 from .metrics import CCA, PWCCA, SVCCA, LinearCKA
 from .recorder import ActivationRecorder, LayerOrderWarning, direction_limits, forward_order
 from .store import Checkpoint, RepresentationStore, StoreCorruptError, StoreLockedError
@@ -49,7 +49,7 @@ from .freeze import (
     freeze_group,
     unfreeze_group,
 )
-from .tracker import DynamicsTracker
+from .tracker import CaptureError, DynamicsTracker
 from .board import BoardLogger
 from .data import load_cifar10, load_digits_dataset, probe_set
 from .models import ConvNet, ResNet, resnet18_cifar, resnet_small

@@ -76,7 +76,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from .functional.conv import RESIZE_MODES, conv_datapoint_indices, conv_to_datapoints, resize_map
+from .functional.conv import RESIZE_MODES, _fold, conv_datapoint_indices, resize_map
 from .utils.validation import MIN_DATAPOINTS_PER_DIRECTION, check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -724,6 +724,16 @@ class ActivationRecorder:
             torch.cuda.synchronize(d)
         self.last_seconds = time.perf_counter() - t0
 
+    def _fold_map(self, t: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """:func:`svcca_torch.conv_to_datapoints` of a pooled float32 map ``(N, C, h, w)``
+        without its input check: the map is valid by construction, and a NaN/Inf in it is
+        reported by whatever compares the layer, which knows its name (a tracker: the step
+        too), instead of here as an anonymous ``x``."""
+        if size is not None:
+            t = resize_map(t, size, self.resize)
+        n, _, h, w = t.shape
+        return _fold(t, conv_datapoint_indices(n, (h, w), max_datapoints=self.max_datapoints, seed=self.seed))
+
     def _assemble(self, maps: Dict[str, torch.Tensor], rows: str,
                   out_device: Optional[Union[str, torch.device]]) -> Dict[str, torch.Tensor]:
         """Fold the pooled maps into ``(datapoints, neurons)``; consumes ``maps``."""
@@ -747,8 +757,7 @@ class ActivationRecorder:
             for n in list(maps):
                 t = maps.pop(n)
                 if t.ndim == 4:
-                    t = conv_to_datapoints(t, size=(h, w), resize=self.resize, max_datapoints=self.max_datapoints,
-                                           seed=self.seed)
+                    t = self._fold_map(t, (h, w))
                 else:
                     t = t[index.to(t.device)]
                 out[n] = t.to(target).contiguous() if target is not None else t.contiguous()
@@ -758,7 +767,7 @@ class ActivationRecorder:
             h, w = (int(t.shape[2]), int(t.shape[3])) if t.ndim == 4 else (1, 1)
             kept = conv_datapoint_indices(n_images, (h, w), max_datapoints=self.max_datapoints, seed=self.seed)
             if t.ndim == 4:
-                t = conv_to_datapoints(t, max_datapoints=self.max_datapoints, seed=self.seed)
+                t = self._fold_map(t)
             elif kept is not None:
                 t = t[kept.to(t.device)]
             if kept is None:

@@ -76,6 +76,7 @@ from .functional.svcca import ReducedBasis, svd_reduce
 from .recorder import ActivationRecorder, direction_limits, batch_inputs, to_model
 from .store import RepresentationStore
 from .utils.validation import (
+    NonFiniteError,
     ZeroVarianceError,
     check_bool,
     check_device,
@@ -86,7 +87,8 @@ from .utils.validation import (
     check_probe,
 )
 
-__all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "check_probe", "probe_size", "shown_dynamics"]
+__all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "CaptureError", "check_probe", "probe_size",
+           "shown_dynamics"]
 
 FREEZE_CHOICES = ("adaptive", "schedule")
 #: SVD truncation of the freeze signal's recordings (fraction of variance kept, as in the paper)
@@ -166,6 +168,23 @@ class _Probe:
 
 
 # ----------------------------------------------------------------------------------- results
+class CaptureError(ValueError):
+    """A recorded layer cannot be reduced: constant over the probe (zero variance) or not
+    finite (NaN/Inf). The message names the layer, the step, the kind of recording
+    (``"start"``, ``"capture"``, ``"freeze signal"``, ``"final capture"``) and the fix; the
+    same are attributes. Raised at the recording that meets it, except in
+    :meth:`DynamicsTracker.finish`, which records it (``tracker.failures``, ``"failures"`` in
+    ``svcca_summary.json``), analyses the run without that layer and warns once."""
+
+    def __init__(self, message: str, *, step: int, layer: str, kind: str, owner: str = "DynamicsTracker") -> None:
+        super().__init__(f"{owner}: {message}")
+        self.step, self.layer, self.kind, self.detail = int(step), layer, kind, message
+
+    def entry(self) -> Dict[str, Any]:
+        """``{"step", "layer", "kind", "message"}``: the summary JSON's failure record."""
+        return {"step": self.step, "layer": self.layer, "kind": self.kind, "message": self.detail}
+
+
 @dataclass
 class TrackerEvents:
     """What one :meth:`DynamicsTracker.maybe_capture` call did (plain data, for logging).
@@ -249,9 +268,12 @@ class DynamicsTracker:
     The recorded layers are put in forward order at :meth:`setup` (one traced forward of
     two probe inputs), so freeze groups, "bottom-up" and "the output group is never frozen"
     follow the forward pass. Recordings and their SVD reductions stay on the model's device.
-    A layer constant over the probe (zero variance) is a ``ValueError`` at the capture that
-    meets it (for a constant probe or a dead layer: at the first one, before training),
-    naming the layer and the fix.
+    A layer constant over the probe (zero variance) or not finite there (NaN/Inf) is a
+    :class:`CaptureError` (a ``ValueError``) at the recording that meets it (for a constant
+    probe or a dead layer: at the first one, before training), naming the layer, the step,
+    the kind of recording and the likely fix (the probe or the initial model at the start,
+    the training later: a layer that died, a model that diverged). At the final capture and
+    in the analysis :meth:`finish` records such errors instead and writes the rest.
     """
 
     def __init__(
@@ -357,6 +379,9 @@ class DynamicsTracker:
         self._analysis_cost = 0.0
         self._warned: set = set()
         self.frozen_cache_stats: Optional[Dict[str, Any]] = None  # the frozen-output cache's, at the end
+        #: what :meth:`finish` could not record or analyse (data errors): ``{"step", "layer", "kind", "message"}``
+        self.failures: List[Dict[str, Any]] = []
+        self._final = False  # inside finish(): its capture records data errors instead of raising
         # checkpointed state
         self.captured_steps: List[int] = []
         self.to_previous: List[Dict[str, Any]] = []
@@ -577,9 +602,18 @@ class DynamicsTracker:
                         + "; they keep at most datapoints / 5 directions so that CCA stays unbiased. A larger probe "
                         "(or a larger `grid`) keeps more.", UserWarning, stacklevel=3)
                 cap = settings["max_directions"]
-                bases = {name: self._reduce(name, acts.pop(name), step, settings["keep"], settings["keep_rule"],
-                                            limits[name] if cap is None else min(cap, limits[name]))
-                         for name in list(acts)}
+                kind = "final capture" if self._final else "capture" if self._started else "start"
+                bases: Dict[str, ReducedBasis] = {}
+                for name in list(acts):
+                    try:
+                        bases[name] = self._reduce(name, acts.pop(name), step, settings["keep"], settings["keep_rule"],
+                                                   limits[name] if cap is None else min(cap, limits[name]), kind=kind)
+                    except CaptureError as err:
+                        if not self._final:
+                            raise
+                        self.failures.append(err.entry())  # finish(): stored and analysed without this layer
+                if not bases:  # every layer failed (in finish()): nothing to store, the run ends at the last capture
+                    return {"step": step, "to_previous": sims}
                 if step in [c.step for c in self.store.checkpoints]:
                     warnings.warn(
                         f"{type(self).__name__}: step {step} is already in the store at {self.store.folder} (a run "
@@ -635,17 +669,59 @@ class DynamicsTracker:
             rec.max_datapoints = cap
 
     def _reduce(self, name: str, x: torch.Tensor, step: int, keep: Union[int, float], keep_rule: str,
-                max_directions: Optional[int] = None) -> ReducedBasis:
-        """:func:`svd_reduce` of one recorded layer, on its device; a layer constant over the
-        probe is an error naming the layer, the step and the fix."""
+                max_directions: Optional[int] = None, *, kind: str) -> ReducedBasis:
+        """:func:`svd_reduce` of one recorded layer, on its device. A layer constant over the
+        probe or not finite there is a :class:`CaptureError` naming the layer, the step, the
+        kind of recording (``"start"``, ``"capture"``, ``"freeze signal"``, ``"final capture"``)
+        and the likely cause and fix, caught by type from the kernel (not re-worded): at the
+        start the probe or the initial model is to blame, later the training (the probe is
+        checked unchanged at every capture, and the layer passed the earlier ones)."""
+        first = kind == "start" or not self.captured_steps or step <= self.captured_steps[0]
+        at = f"at step {step} ({kind})"
         try:
             return svd_reduce(x, keep, keep_rule=keep_rule, max_directions=max_directions, name=name)
         except ZeroVarianceError as err:
-            raise ValueError(
-                f"{type(self).__name__}: layer {name!r} is constant over the probe at step {step}: {err} "
-                "Fix: use a probe of varied real inputs (e.g. svcca_torch.data.probe_set(dataset, 1024)), or "
-                f"leave {name!r} out of `layers`."
-            ) from None
+            if first:
+                msg = (f"layer {name!r} is constant over the probe {at}: {err} Fix: use a probe of varied real "
+                       "inputs (e.g. svcca_torch.data.probe_set(dataset, 1024)), or "
+                       f"leave {name!r} out of `layers`.")
+            else:
+                msg = (f"layer {name!r} is constant over the probe {at}: every neuron has the same value on every "
+                       "probe input, so it spans no direction to compare. The probe is the one of the earlier "
+                       "captures (it is checked at each), so the layer died during training (e.g. every ReLU unit "
+                       "off, or a saturated activation). Fix: lower the learning rate (or add normalisation before "
+                       f"the layer), or leave {name!r} out of `layers`.")
+        except NonFiniteError as err:
+            what = (f"layer {name!r} has {err.count} NaN or Inf values ({err.nan} NaN, {err.count - err.nan} Inf, "
+                    f"in {err.rows} of {err.n_rows} probe datapoints) {at}")
+            bad, where = self._probe_non_finite() if first else (0, -1)
+            if bad:
+                msg = (f"{what}: the probe holds {bad} input{'s' if bad > 1 else ''} with NaN or Inf values (the "
+                       f"first: input {where}). SVCCA compares finite activations; fix: drop or repair those "
+                       "probe inputs.")
+            elif first:
+                msg = (f"{what}: the model is not finite on the (finite) probe at the start of the run. Fix: check "
+                       "the initialisation (or the checkpoint the run resumed from) for NaN/Inf weights and the "
+                       f"operations up to {name!r} (a log or a division by zero?); or leave {name!r} out of `layers`.")
+            else:
+                msg = (f"{what}: the model diverged by step {step} (the earlier captures were finite). Fix: lower "
+                       "the learning rate (or clip gradients, or add a warm-up) and check the loss for NaN/Inf; if "
+                       f"only this layer overflows, leave {name!r} out of `layers`.")
+        raise CaptureError(msg, step=step, layer=name, kind=kind, owner=type(self).__name__) from None
+
+    def _probe_non_finite(self) -> Tuple[int, int]:
+        """(probe inputs holding a NaN or Inf, the index of the first of them or -1): only
+        when a recording is not finite, to tell a bad probe from a bad model."""
+        bad, first, seen = 0, -1, 0
+        for x in self._probe._batches():
+            if x.is_floating_point() or x.is_complex():
+                rows = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1)
+                n = int(rows.sum())
+                if n and first < 0:
+                    first = seen + int(rows.nonzero()[0, 0])
+                bad += n
+            seen += int(x.shape[0])
+        return bad, first
 
     # ------------------------------------------------------------------ freeze signal
     def _signal_plan(self, groups: Sequence[str]) -> Tuple[List[str], Dict[str, int], int]:
@@ -702,7 +778,7 @@ class DynamicsTracker:
                     for n in layers:
                         t = acts.pop(n)
                         bases[n] = self._reduce(n, t[(index[n] < images[n]).to(t.device)], step, SIGNAL_KEEP,
-                                                "variance")
+                                                "variance", kind="freeze signal")
                     ref = self._ref
                     sims: Dict[str, float] = {}
                     if ref is not None and step - ref["step"] == self.freeze_window:
@@ -819,17 +895,50 @@ class DynamicsTracker:
 
     def finish(self, step: int, epoch: Optional[int] = None) -> Optional[FinalAnalysis]:
         """Capture the final state (if not captured yet) and, on the writer, run the final
-        analysis and write ``svcca_summary.json`` (and figures) in ``run_dir``."""
+        analysis and write ``svcca_summary.json`` (and figures) in ``run_dir``.
+
+        The end of a run never loses what was captured. A data error (a layer constant over
+        the probe or not finite at the final capture, :class:`CaptureError`; a zero-variance
+        or non-finite error in the analysis) is recorded in :attr:`failures` and under
+        ``"failures"`` in ``svcca_summary.json`` (``{"step", "layer", "kind", "message"}``);
+        the final capture is stored without that layer (nothing is stored when every layer
+        fails: the run then ends at its last capture), the rest is analysed and written, and
+        one ``UserWarning`` at the end lists every failure. Any other error is raised, after
+        the summary and the figures computed before it are written."""
+        self.failures = []
+        result: Optional[FinalAnalysis] = None
         with self._timed():
             self._close_cache()  # training is over: the frozen modules' forwards are restored
             try:
-                if step not in self.captured_steps:
-                    self.capture(step, epoch)
-                if not self.is_writer:
-                    return None
-                return self._analyse()
+                error: Optional[Exception] = None
+                self._final = True  # data errors of this capture are recorded, not raised
+                try:
+                    if step not in self.captured_steps:
+                        self.capture(step, epoch)
+                except Exception as err:  # not about the data: raised once what was saved is written
+                    error = err
+                finally:
+                    self._final = False
+                if self.is_writer:
+                    try:
+                        result = self._analyse()
+                    except Exception as err:
+                        if error is None:
+                            raise
+                        warnings.warn(f"{type(self).__name__}: the final analysis failed too ({type(err).__name__}: "
+                                      f"{err}); raising the final capture's error.", UserWarning, stacklevel=2)
+                if error is not None:
+                    raise error
             finally:
                 self.close()  # the run is over: release the store's writer lock
+        if self.failures:
+            n = len(self.failures)
+            warnings.warn(
+                f"{type(self).__name__}: {n} failure{'s' if n > 1 else ''} at the end of the run; what "
+                f"{'they concern was' if n > 1 else 'it concerns was'} left out, the rest analysed and written to "
+                f"{self.run_dir} (svcca_summary.json lists {'them' if n > 1 else 'it'} under \"failures\"):\n"
+                + "\n".join(f"  - {f['message']}" for f in self.failures), UserWarning, stacklevel=2)
+        return result
 
     def _analysis_on(self) -> torch.device:
         if self.analysis_device is not None:
@@ -866,29 +975,38 @@ class DynamicsTracker:
         }
         result = None
         run_dir.mkdir(parents=True, exist_ok=True)
-        if self.final_analysis and len(self.store) >= 1:
-            device = self._analysis_on()
-            online = self._online_previous()
-            dyn = shown_dynamics(self.store, device=device, progress=self.progress, previous=online is None,
-                                 max_images=self.final_heatmaps)
-            if online is not None:
-                dyn.previous = online
-            shown = [dyn.steps[c] for c in dyn.full or []]
-            fin, prev = dyn.curves(), dyn.to_previous()
-            if self.figures:
-                plot_learning_dynamics(dyn, list(DEFAULT_FRACTIONS)).savefig(run_dir / "learning_dynamics.png",
-                                                                              dpi=110)
-                plot_convergence(fin).savefig(run_dir / "convergence.png", dpi=110)
-            if self.freeze and len(self.store) > 1:
-                plot_convergence(prev, ylabel="SVCCA similarity to previous capture").savefig(
-                    run_dir / "to_previous.png", dpi=110)
-            summary.update(steps=dyn.steps, fractions=dyn.fractions, full_steps=shown,
-                           matrices=_nan_to_none(dyn.matrices.tolist()),
-                           to_final=_nan_to_none(fin.values.tolist()), to_previous=_nan_to_none(prev.values.tolist()))
-            result = FinalAnalysis(dyn, fin, prev, summary)
-        tmp = run_dir / ".svcca_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, run_dir / "svcca_summary.json")
+        try:  # the summary is written whatever fails below (with what was computed before it)
+            dyn = None
+            if self.final_analysis and len(self.store) >= 1:
+                device = self._analysis_on()
+                online = self._online_previous()
+                try:
+                    dyn = shown_dynamics(self.store, device=device, progress=self.progress, previous=online is None,
+                                         max_images=self.final_heatmaps)
+                except (ZeroVarianceError, NonFiniteError) as err:  # about the data: recorded, the rest written
+                    self.failures.append({"step": None, "layer": None, "kind": "final analysis",
+                                          "message": f"final analysis: {err}"})
+            if dyn is not None:
+                if online is not None:
+                    dyn.previous = online
+                shown = [dyn.steps[c] for c in dyn.full or []]
+                fin, prev = dyn.curves(), dyn.to_previous()
+                summary.update(steps=dyn.steps, fractions=dyn.fractions, full_steps=shown,
+                               matrices=_nan_to_none(dyn.matrices.tolist()), to_final=_nan_to_none(fin.values.tolist()),
+                               to_previous=_nan_to_none(prev.values.tolist()))
+                result = FinalAnalysis(dyn, fin, prev, summary)
+                if self.figures:
+                    plot_learning_dynamics(dyn, list(DEFAULT_FRACTIONS)).savefig(run_dir / "learning_dynamics.png",
+                                                                                  dpi=110)
+                    plot_convergence(fin).savefig(run_dir / "convergence.png", dpi=110)
+                if self.freeze and len(self.store) > 1:
+                    plot_convergence(prev, ylabel="SVCCA similarity to previous capture").savefig(
+                        run_dir / "to_previous.png", dpi=110)
+        finally:
+            summary["failures"] = [dict(f) for f in self.failures]
+            tmp = run_dir / ".svcca_summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=1))
+            os.replace(tmp, run_dir / "svcca_summary.json")
         return result
 
     def _online_previous(self) -> Optional[torch.Tensor]:

@@ -501,3 +501,33 @@ def test_unknown_training_length_adaptive_freezes(tmp_path):
     t = trainer(tmp_path, max_epochs=-1, max_steps=-1, callbacks=[cb, stop])
     t.fit(DigitsModule(), loader)
     assert t.global_step < 100 and cb.captured_steps[0] == 0 and cb.captured_steps[-1] == t.global_step
+
+
+class _DivergeAtTheEnd(Callback):
+    """Fills every parameter with NaN in on_train_end, before the SVCCA callback's (listed after it)."""
+
+    def on_train_end(self, trainer, pl_module):
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.fill_(math.nan)
+
+
+def test_failed_final_capture_is_reported_and_the_run_still_written(tmp_path):
+    """A model that diverged by the end: the final capture's failures are recorded and warned
+    about once, and the captures before it are analysed, logged and drawn as usual."""
+    loader, probe = digits_loaders()
+    cb = SVCCACallback(probe, every_n_train_steps=7, max_overhead=None, progress=False)
+    logger = TensorBoardLogger(str(tmp_path), name="tb", default_hp_metric=False)
+    model = DigitsModule()
+    with pytest.warns(UserWarning, match=r"(?s)failures at the end of the run.*\n  - layer 'net\.[^']*' has .* "
+                                         r"at step 20 \(final capture\): the model diverged"):
+        trainer(tmp_path, logger=logger, max_epochs=2, callbacks=[_DivergeAtTheEnd(), cb]).fit(model, loader)
+    run_dir = Path(logger.log_dir) / "svcca"
+    summary = json.loads((run_dir / "svcca_summary.json").read_text())
+    assert summary["steps"] == [0, 7, 14] and cb.captured_steps == [0, 7, 14]
+    assert [(f["step"], f["layer"]) for f in summary["failures"]] == [(20, n) for n in model.layer_names]
+    for name in ("learning_dynamics.png", "convergence.png"):  # drawn by the TensorBoard views
+        assert (run_dir / name).stat().st_size > 0
+    acc = _events(logger.log_dir)
+    tags = _plugin_tags(acc, "scalars")
+    assert any(t.startswith("svcca/to_final/") for t in tags) and "svcca/dynamics/grid" in _plugin_tags(acc, "images")

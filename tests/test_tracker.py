@@ -373,3 +373,191 @@ def test_signal_looks_ahead_so_the_next_groups_are_judged_right_after_a_freeze(t
     judged = {e["step"]: sorted(k for k in e if k != "step") for e in tracker.signal_log}
     assert judged[5] == sorted(groups[:2])  # streak 0 at the decision: the lowest two only
     assert judged[15] == sorted(groups[2:4])  # recorded at step 10 as the look-ahead
+
+
+# ---------------------------------------------------------------------------- data errors during a run
+class _Skip(nn.Module):
+    """body -> mid -> head with a skip around mid: zeroing mid's weight makes mid alone constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(5, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        return self.head(self.mid(h) + h)
+
+
+def _skip_tracker(tmp_path, probe=None, **kwargs):
+    kwargs = dict(dict(run_dir=tmp_path, max_overhead=None, final_analysis=True), **kwargs)
+    probe = torch.randn(100, 5, generator=torch.Generator().manual_seed(0)) if probe is None else probe
+    return DynamicsTracker(_Skip(), probe, layers=["body", "mid", "head"], **kwargs)
+
+
+def _poison(module: nn.Module, value: float = math.nan) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(value)
+
+
+def test_non_finite_activations_name_the_layer_the_step_and_the_fix(tmp_path):
+    tracker = _skip_tracker(tmp_path)
+    tracker.start()
+    _poison(tracker.model.mid)  # mid and head (which reads it) are NaN, body is fine
+    with pytest.raises(ValueError, match=r"layer 'mid' .*NaN.* at step 40 \(capture\)") as info:
+        tracker.capture(40)
+    msg = str(info.value)
+    assert "diverged" in msg and "learning rate" in msg and "leave 'mid' out of `layers`" in msg
+    assert "`x`" not in msg and "remove those datapoints" not in msg  # the kernel's advice is not the fix here
+    assert (info.value.step, info.value.layer, info.value.kind) == (40, "mid", "capture")
+    tracker.close()
+
+
+def test_non_finite_probe_is_blamed_on_the_probe_at_start(tmp_path):
+    probe = torch.randn(100, 5, generator=torch.Generator().manual_seed(0))
+    probe[3, 1] = math.inf
+    tracker = _skip_tracker(tmp_path, probe=probe)
+    with pytest.raises(ValueError, match=r"at step 0 \(start\).*the probe holds 1 input with NaN or Inf values "
+                                         r"\(the first: input 3\)") as info:
+        tracker.start()
+    assert "diverged" not in str(info.value)
+    tracker.close()
+
+
+def test_non_finite_freeze_signal_names_the_signal(tmp_path):
+    tracker = _skip_tracker(tmp_path, freeze="adaptive", freeze_window=5, freeze_patience=2)
+    tracker.start()
+    _poison(tracker.model.body)
+    with pytest.raises(ValueError, match=r"layer 'body' .* at step 5 \(freeze signal\).*learning rate"):
+        tracker.maybe_capture(5, request=False)
+    tracker.close()
+
+
+def test_constant_layer_later_in_training_is_not_blamed_on_the_probe(tmp_path):
+    tracker = _skip_tracker(tmp_path)
+    tracker.start()
+    with torch.no_grad():
+        tracker.model.mid.weight.zero_()
+    with pytest.raises(ValueError, match=r"layer 'mid' is constant over the probe at step 7 \(capture\)") as info:
+        tracker.capture(7)
+    msg = str(info.value)
+    assert "died during training" in msg and "out of `layers`" in msg and "probe of varied" not in msg
+    tracker.close()
+
+
+def _summary(run_dir):
+    return json.loads((run_dir / "svcca_summary.json").read_text())
+
+
+def _lock_is_free(run_dir) -> bool:
+    fd = os.open(run_dir / "store" / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_layer_constant_at_the_final_capture_is_recorded_and_the_run_still_summarised(tmp_path):
+    tracker = _skip_tracker(tmp_path)
+    tracker.start()
+    tracker.capture(10)
+    with torch.no_grad():
+        tracker.model.mid.weight.zero_()
+    with pytest.warns(UserWarning, match=r"(?s)1 failure at the end.*svcca_summary.json.*\n  - layer 'mid' is constant over "
+                                          r"the probe at step 20 \(final capture\)"):
+        analysis = tracker.finish(20)
+    assert analysis is not None
+    summary = _summary(tmp_path)
+    assert summary["steps"] == [0, 10, 20] and tracker.captured_steps == [0, 10, 20]
+    [failure] = summary["failures"]
+    assert (failure["step"], failure["layer"], failure["kind"]) == (20, "mid", "final capture")
+    assert "constant over the probe" in failure["message"]
+    store = RepresentationStore(tmp_path / "store", read_only=True)
+    assert sorted(store.final.layers) == ["body", "head"]  # the final capture without the failed layer
+    for name in ("learning_dynamics.png", "convergence.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert _lock_is_free(tmp_path)
+
+
+def test_a_model_diverged_at_the_final_capture_keeps_the_earlier_captures(tmp_path):
+    tracker = _skip_tracker(tmp_path)
+    tracker.start()
+    tracker.capture(10)
+    _poison(tracker.model)
+    with pytest.warns(UserWarning, match=r"(?s)3 failures.*\n  - layer 'body' has .* at step 30 \(final capture\)") as record:
+        tracker.finish(30)
+    assert len([w for w in record if "failure" in str(w.message)]) == 1  # one warning, every failure in it
+    summary = _summary(tmp_path)
+    assert summary["steps"] == [0, 10] and tracker.captured_steps == [0, 10]  # nothing stored at step 30
+    assert [(f["step"], f["layer"]) for f in summary["failures"]] == [(30, "body"), (30, "mid"), (30, "head")]
+    assert (tmp_path / "learning_dynamics.png").stat().st_size > 0
+
+
+def test_an_unexpected_error_at_the_final_capture_raises_after_the_summary_is_written(tmp_path, monkeypatch):
+    tracker = _skip_tracker(tmp_path)
+    tracker.start()
+    tracker.capture(10)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tracker, "_record", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        tracker.finish(20)
+    summary = _summary(tmp_path)
+    assert summary["steps"] == [0, 10] and summary["failures"] == []
+    assert (tmp_path / "convergence.png").stat().st_size > 0
+    assert _lock_is_free(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["dynamics", "figure"])
+def test_a_failing_final_analysis_still_writes_the_summary(tmp_path, monkeypatch, where):
+    import svcca_torch.plotting
+    import svcca_torch.tracker
+    from svcca_torch import ZeroVarianceError
+
+    tracker = _skip_tracker(tmp_path)
+    tracker.start()
+    tracker.capture(10)
+    if where == "dynamics":  # a data error: recorded, reported, the rest written
+        def bad(*args, **kwargs):
+            raise ZeroVarianceError("`layers['mid']` has zero variance")
+
+        monkeypatch.setattr(svcca_torch.tracker, "shown_dynamics", bad)
+        with pytest.warns(UserWarning, match=r"(?s)1 failure.*\n  - final analysis: `layers\['mid'\]` has zero variance"):
+            tracker.finish(20)
+        summary = _summary(tmp_path)
+        assert summary["captured_steps"] == [0, 10, 20] and "matrices" not in summary
+        assert [f["kind"] for f in summary["failures"]] == ["final analysis"]
+    else:  # a programming error: raised, after the summary and what was computed are written
+        def bad(*args, **kwargs):
+            raise RuntimeError("figure broke")
+
+        monkeypatch.setattr(svcca_torch.plotting, "plot_convergence", bad)
+        with pytest.raises(RuntimeError, match="figure broke"):
+            tracker.finish(20)
+        summary = _summary(tmp_path)
+        assert summary["steps"] == [0, 10, 20] and len(summary["matrices"]) == 3
+        assert (tmp_path / "learning_dynamics.png").stat().st_size > 0
+    assert _lock_is_free(tmp_path)
+
+
+def test_non_finite_conv_layer_is_named_not_called_x(tmp_path):
+    """Conv maps are folded by the recorder without a check of their own, so a NaN in one
+    reaches the reduction, which names the layer and the step (it used to say "`x` contains")."""
+    _, probe = _data()
+    model = ConvNet(width=8, depth=4, hidden=32)
+    tracker = DynamicsTracker(model, probe, run_dir=tmp_path, max_overhead=None, final_analysis=False)
+    tracker.start()
+    _poison(model)
+    first = model.layer_names[0]
+    with pytest.raises(ValueError, match=rf"layer '{first}' has .* at step 40 \(capture\): the model diverged"):
+        tracker.capture(40)
+    tracker.close()

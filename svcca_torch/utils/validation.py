@@ -138,12 +138,29 @@ def check_activations(
     # A finite sum proves every value finite without a full boolean mask (10x cheaper);
     # only a non-finite sum (a NaN/Inf, or an overflowing sum) pays for the exact check.
     if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(
-            f"`{name}` contains {bad} NaN or Inf values; remove those datapoints or fix the model "
-            "(e.g. torch.nan_to_num) before comparing."
-        )
+        raise non_finite_error(name, t)
     return t
+
+
+class NonFiniteError(ValueError):
+    """Activations hold NaN or Inf values (a ``ValueError``; callers that know more, e.g.
+    the layer and step of a capture, catch this type). ``count``: non-finite values,
+    ``nan``: of which NaN, ``rows``: datapoints holding one, ``n_rows``: datapoints in all."""
+
+    def __init__(self, message: str, *, count: int = 0, nan: int = 0, rows: int = 0, n_rows: int = 0) -> None:
+        super().__init__(message)
+        self.count, self.nan, self.rows, self.n_rows = count, nan, rows, n_rows
+
+
+def non_finite_error(name: str, t: torch.Tensor) -> NonFiniteError:
+    """The error for activations ``t`` (datapoints first) holding NaN or Inf values."""
+    bad = ~torch.isfinite(t)
+    count, nan = int(bad.sum()), int(torch.isnan(t).sum())
+    rows = int(bad.reshape(t.shape[0], -1).any(1).sum())
+    return NonFiniteError(
+        f"`{name}` contains {count} NaN or Inf values ({nan} NaN, {count - nan} Inf, in {rows} of "
+        f"{t.shape[0]} datapoints); remove those datapoints or fix the model (e.g. torch.nan_to_num) "
+        "before comparing.", count=count, nan=nan, rows=rows, n_rows=int(t.shape[0]))
 
 
 def check_same_datapoints(x: torch.Tensor, y: torch.Tensor, names: Tuple[str, str] = ("x", "y")) -> None:
