@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .functional.cca import mean_canonical_correlations
 from .functional.matrix import similarity_matrix
 from .functional.svcca import ReducedBasis, svcca, svd_reduce
-from .store import Checkpoint, CheckpointRef, RepresentationStore
+from .store import Checkpoint, CheckpointRef, RepresentationStore, check_usable_device
 from .utils.validation import (
     as_tensor,
     check_activations,
@@ -228,6 +228,7 @@ def learning_dynamics(
         checkpoint's bases are loaded once and released after its row. Cross-layer entries
         need every layer on the same datapoints; the diagonal works for any per-layer counts.
     """
+    device = check_usable_device(device)  # an unavailable device is not a damaged store file
     names = _layers(store, layers)
     cks = _checkpoints(store, checkpoints)
     ref = store.final if final is None else (final if isinstance(final, Checkpoint) else store.checkpoint(final))
@@ -298,6 +299,7 @@ def similarity_to_previous(
     the comparisons of one checkpoint are batched. ``learning_dynamics(..., previous=True)``
     gives the same values in the pass that compares every checkpoint with the final one.
     """
+    device = check_usable_device(device)
     names = _layers(store, layers)
     cks = _checkpoints(store, checkpoints)
     values = torch.full((len(cks), len(names)), math.nan, dtype=torch.float64)

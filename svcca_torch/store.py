@@ -19,16 +19,21 @@ and upgraded to version 2 by the first write.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import stat
+import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,6 +43,7 @@ from .functional.svcca import KEEP_RULES, ReducedBasis, svd_reduce
 from .utils.validation import (
     check_activations,
     check_choice,
+    check_device,
     check_fraction,
     check_keep,
     check_optional_positive_int,
@@ -58,7 +64,13 @@ READABLE_VERSIONS = (1, 2)
 ENCODINGS = ("int12", "float32")
 _TMP = re.compile(r"^\..+\.(\d+)\.tmp$")
 _FILE = re.compile(r"^step_\d+/\d{3,}-[A-Za-z0-9_.-]+\.(pt|q12)$")
+_STEP_DIR = re.compile(r"^step_\d+$")
+_LAYER_FILE = re.compile(r"^\d{3,}-[A-Za-z0-9_.-]+\.(pt|q12)$")
+_ARCHIVE = re.compile(r"^\d{8}T\d{6}Z-(after-\d+|all)(-\d+)?$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+#: Reads of one snapshot (index, then files) before a failure is reported: a writer that
+#: rewrites the index meanwhile (archive_after) makes a reader read again.
+_SNAPSHOT_TRIES = 8
 
 
 class StoreCorruptError(ValueError):
@@ -66,7 +78,12 @@ class StoreCorruptError(ValueError):
 
 
 class StoreLockedError(RuntimeError):
-    """Another process holds the store open for writing; the message names its PID."""
+    """Another writer holds the store: another process (the message names its PID) or,
+    in this process, a store object not closed yet (the message says where it was opened)."""
+
+
+class StoreVersionError(ValueError):
+    """The store was written by a newer svcca-torch, in a format this version cannot read."""
 
 
 @dataclass(frozen=True)
@@ -103,25 +120,31 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if not stat.S_ISREG(os.lstat(src).st_mode):  # never link or copy through a symbolic link
+        raise OSError(errno.EINVAL, "not a regular file", str(src))
     try:
         os.link(src, dst)
     except OSError:  # no hard links on this file system
-        shutil.copy2(src, dst)
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(file)`` to a temporary sibling, flush to disk, then rename."""
+    """Write via ``write(file)`` to a new temporary sibling, flush to disk, then rename
+    (which replaces ``path``'s directory entry: a link there is replaced, never written through)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        if os.path.lexists(tmp):  # this PID's leftover; unlinking a link leaves its target alone
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
     try:  # make the rename itself durable (POSIX; directories cannot be opened on Windows)
         fd = os.open(path.parent, os.O_RDONLY)
     except OSError:
@@ -132,6 +155,42 @@ def _atomic_write(path: Path, write) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _remove_originals(folder: Path, rels: Sequence[str]) -> None:
+    """Unlink the archived files (never a link's target) and the step folders they empty."""
+    for rel in rels:
+        (folder / rel).unlink(missing_ok=True)
+    for sub in sorted({Path(rel).parts[0] for rel in rels}):
+        try:
+            (folder / sub).rmdir()
+        except OSError:  # not empty (a later add, or something the store did not write): kept
+            pass
+
+
+_USABLE: Set[str] = set()  # devices found usable (checked once each)
+
+
+def check_usable_device(device: Any, name: str = "device") -> Optional[torch.device]:
+    """:func:`check_device`, and that the device can hold a tensor on this machine: an
+    unavailable device is a ValueError about the device, never reported as a damaged file."""
+    dev = check_device(device, name)
+    if dev is None or dev.type == "cpu" or str(dev) in _USABLE:
+        return dev
+    why = None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "no CUDA device is available here"
+    elif dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        why = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    else:
+        try:
+            torch.empty(0, device=dev)
+        except Exception as err:  # RuntimeError (no driver, bad ordinal), AssertionError (a build without it)
+            why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    if why is not None:
+        raise ValueError(f"`{name}` {str(dev)!r} cannot be used ({why}); pass an available device, e.g. 'cpu'.")
+    _USABLE.add(str(dev))
+    return dev
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -191,26 +250,50 @@ def _write_payload(f, payload: Dict[str, Any]) -> None:
     f.write(payload["codes"].numpy().tobytes())
 
 
-def _read_payload(data: bytes) -> Dict[str, Any]:
+class _Mismatch(ValueError):
+    """A layer file parses but is not what its index entry describes."""
+
+
+def _read_payload(data: bytes, shape: Tuple[int, int]) -> Dict[str, Any]:
+    """Parse one layer file whose index entry says ``shape`` (n, k). The declared shape and
+    the size it implies are checked before anything of that size is allocated."""
     if not data.startswith(_MAGIC):
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    end = data.index(b"\n", len(_MAGIC))
-    header = json.loads(data[len(_MAGIC) : end])
-    (n, k), off = header["shape"], end + 1
-    need = off + 8 * k + 3 * ((n * k + 1) // 2)
-    if len(data) != need:
-        raise ValueError(f"{len(data)} bytes where the header implies {need}")
-    scale = torch.from_numpy(np.frombuffer(data, "<f4", k, off).astype(np.float32))
-    sv = torch.from_numpy(np.frombuffer(data, "<f4", k, off + 4 * k).astype(np.float32))
-    codes = torch.from_numpy(np.frombuffer(data, np.uint8, offset=off + 8 * k).copy())
-    return {"codes": codes, "scale": scale, "shape": [n, k], "singular_values": sv, "n_neurons": header["n_neurons"]}
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # tensors of the file's size
+        basis = payload.get("basis") if isinstance(payload, dict) else None
+        if not isinstance(basis, torch.Tensor) or tuple(basis.shape) != shape:
+            got = tuple(basis.shape) if isinstance(basis, torch.Tensor) else type(basis).__name__
+            raise _Mismatch(f"it holds a basis of shape {got} where the index says {shape}")
+    else:
+        end = data.index(b"\n", len(_MAGIC))
+        header = json.loads(data[len(_MAGIC) : end])
+        declared = header.get("shape") if isinstance(header, dict) else None
+        if (not isinstance(declared, list) or len(declared) != 2 or not all(_is_int(v) for v in declared)
+                or tuple(declared) != shape):
+            said = tuple(declared) if isinstance(declared, list) else repr(declared)
+            raise _Mismatch(f"it declares a basis of shape {said} where the index says {shape}")
+        (n, k), off = shape, end + 1
+        need = off + 8 * k + 3 * ((n * k + 1) // 2)
+        if len(data) != need:
+            raise _Mismatch(f"{len(data)} bytes where its {shape} basis needs {need}")
+        scale = torch.from_numpy(np.frombuffer(data, "<f4", k, off).astype(np.float32))
+        sv = torch.from_numpy(np.frombuffer(data, "<f4", k, off + 4 * k).astype(np.float32))
+        codes = torch.from_numpy(np.frombuffer(data, np.uint8, offset=off + 8 * k).copy())
+        payload = {"codes": codes, "scale": scale, "shape": [n, k], "singular_values": sv,
+                   "n_neurons": header.get("n_neurons")}
+    sv = payload.get("singular_values")
+    if not isinstance(sv, torch.Tensor) or tuple(sv.shape) != (shape[1],):
+        raise _Mismatch(f"its singular values are not {shape[1]} numbers")
+    if not _is_int(payload.get("n_neurons")):
+        raise _Mismatch(f"its neuron count is {payload.get('n_neurons')!r}")
+    return payload
 
 
 # ----------------------------------------------------------------------------- locking
-# Writers of this process, by store folder: {realpath: [pid, fd, count]}. flock is per open
-# file, so two store objects of one process on one folder share one lock instead of refusing
-# each other (each rereads the index before it writes); another process is refused.
-_HELD: Dict[str, List[int]] = {}
+# Writers of this process, by store folder: {realpath: (pid, fd or -1, owner token, where
+# opened)}. flock is per open file, so a second store object of this process would get the
+# lock again: it is refused here instead (two writers would mix their checkpoints).
+_HELD: Dict[str, Tuple[int, int, object, str]] = {}
+_HELD_LOCK = threading.Lock()
 
 
 def _holder(path: Path) -> str:
@@ -221,38 +304,87 @@ def _holder(path: Path) -> str:
     return text if text.isdigit() else "unknown"
 
 
-def _acquire_lock(folder: Path) -> Optional[str]:
-    if fcntl is None:  # pragma: no cover
-        return None
-    key = os.path.realpath(folder)
-    held = _HELD.get(key)
-    if held is not None and held[0] == os.getpid():
-        held[2] += 1
-        return key
-    path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+_LIBRARIES = ("svcca_torch", "torch", "pytorch_lightning", "lightning")
+
+
+def _opened_at() -> str:
+    """Where a writer is being opened, for the error of the next one: the first caller
+    outside this file and, when that is the library itself (a tracker), the first caller
+    outside svcca-torch, PyTorch and Lightning (the user's code)."""
+    frame, inner, user = sys._getframe(1), None, None
+    while frame is not None and user is None:
+        if inner is None and frame.f_code.co_filename != __file__:
+            inner = frame
+        if inner is not None and not str(frame.f_globals.get("__name__", "")).startswith(_LIBRARIES):
+            user = frame
+        frame = frame.f_back
+    where = [f"{f.f_code.co_filename}:{f.f_lineno} ({f.f_code.co_name})" for f in (inner, user) if f is not None]
+    return ", called from ".join(dict.fromkeys(where)) or "unknown"
+
+
+def _not_own(folder: Path, path: Union[str, Path], what: str) -> StoreCorruptError:
+    return StoreCorruptError(
+        f"the store at {str(folder)!r} cannot be opened for writing: {str(path)!r} {what}. The store never writes "
+        "such an entry, and cleaning or archiving through it could delete or change files outside the folder. "
+        "Remove it or use another folder (run_dir); read_only=True still reads the store."
+    )
+
+
+def _link_target(path: Union[str, Path]) -> str:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f"is a symbolic link (to {os.readlink(path)!r})"
     except OSError:
-        os.close(fd)
-        raise StoreLockedError(
-            f"the store at {str(folder)!r} is open for writing by process {_holder(path)} (it holds "
-            f"{str(path)!r}): two writers would lose each other's checkpoints. Use another folder (run_dir) "
-            "for this run, stop the other one, or open the store with read_only=True to read it."
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _HELD[key] = [os.getpid(), fd, 1]
+        return "is a symbolic link"
+
+
+def _acquire_lock(folder: Path, token: object) -> str:
+    key = os.path.realpath(folder)
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+        if held is not None and held[0] == os.getpid():
+            raise StoreLockedError(
+                f"the store at {str(folder)!r} is already open for writing in this process (opened at {held[3]} and "
+                "not closed): two writers would mix their checkpoints. Close that one first (store.close(), or the "
+                "tracker's close()/finish()), use another folder (run_dir) for this run, or open the store with "
+                "read_only=True to read it."
+            )
+        fd = -1
+        if fcntl is not None:
+            path = folder / LOCK_NAME
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as err:
+                if err.errno == errno.ELOOP:  # the PID written below would land in the link's target
+                    raise _not_own(folder, path, _link_target(path)) from None
+                raise
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                os.close(fd)
+                what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else \
+                    f"has {st.st_nlink} hard links (writing the PID into it would change a file elsewhere)"
+                raise _not_own(folder, path, what)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise StoreLockedError(
+                    f"the store at {str(folder)!r} is open for writing by process {_holder(path)} (it holds "
+                    f"{str(path)!r}): two writers would lose each other's checkpoints. Use another folder (run_dir) "
+                    "for this run, stop the other one, or open the store with read_only=True to read it."
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        _HELD[key] = (os.getpid(), fd, token, _opened_at())
     return key
 
 
-def _release_lock(key: Optional[str]) -> None:
-    held = _HELD.get(key) if key is not None else None
-    if held is None or held[0] != os.getpid():
-        return
-    held[2] -= 1
-    if held[2] == 0:
+def _release_lock(key: Optional[str], token: object) -> None:
+    with _HELD_LOCK:
+        held = _HELD.get(key) if key is not None else None
+        if held is None or held[0] != os.getpid() or held[2] is not token:
+            return
         del _HELD[key]
+    if held[1] >= 0:
         try:
             fcntl.flock(held[1], fcntl.LOCK_UN)
         finally:
@@ -276,6 +408,11 @@ def _validate_index(index: Any, path: Path) -> Dict[str, Any]:
     if not isinstance(index, dict):
         raise bad("it is not a JSON object")
     version = index.get("version")
+    if _is_int(version) and version > FORMAT_VERSION:
+        raise StoreVersionError(
+            f"the store at {str(path.parent)!r} was written by a newer svcca-torch (format {version}; this one reads "
+            f"formats {list(READABLE_VERSIONS)}): upgrade svcca-torch (pip install -U svcca-torch) to read it."
+        )
     if version not in READABLE_VERSIONS:
         raise bad(f"unknown format version {version!r} (this svcca-torch reads {list(READABLE_VERSIONS)})")
     for key in ("settings", "layers", "checkpoints"):
@@ -352,6 +489,8 @@ def _validate_index(index: Any, path: Path) -> Dict[str, Any]:
                 raise bad(f"{where}, layer {name!r}: no datapoint count")
             if n_per_layer.setdefault(name, n) != n:
                 raise bad(f"{where}, layer {name!r}: {n} datapoints where the store holds {n_per_layer[name]}")
+            if entry["k"] > n:  # an orthonormal (n, k) basis has k <= n; bounds what decoding allocates
+                raise bad(f"{where}, layer {name!r}: 'k' is {entry['k']}, more directions than its {n} datapoints")
             out_files[name] = dict(entry, encoding=enc, n=n)
         out_cks.append({"step": step, "epoch": epoch, "fraction": fraction, "files": out_files})
     return {
@@ -396,17 +535,23 @@ class RepresentationStore:
 
     One writer at a time: a writer holds an exclusive lock (``fcntl.flock`` on
     ``<folder>/.lock``, which holds its PID) from opening until :meth:`close` (or garbage
-    collection, or the process's end, a kill included); a second process opening the store
-    for writing gets :class:`StoreLockedError` naming the holder's PID. When a writer opens
-    the store it removes what killed writes left (``.NAME.PID.tmp`` files, layer files no
-    checkpoint lists, archive folders without an index).
+    collection, or the process's end, a kill included); a second writer, in another process
+    or in this one (another store object on the same folder, however the path is spelled),
+    gets :class:`StoreLockedError` naming the holder. When a writer opens the store it
+    removes what killed writes left (``.NAME.PID.tmp`` files, layer files no checkpoint
+    lists, archive folders without an index), only entries named as the store names them
+    and never through a link: a symbolic link among them (or a hard-linked ``.lock``) makes
+    opening for writing fail with :class:`StoreCorruptError` naming it, and anything else
+    the store did not write is left alone, with one warning.
 
     On reopening, the settings come from the index; passing different ``keep``,
     ``keep_rule`` or ``max_directions`` is an error (all checkpoints of one store must be
     reduced alike to be comparable). The index's structure is validated when the store is
     opened and a damaged or missing file raises :class:`StoreCorruptError` naming it (sizes
-    are checked on opening, SHA-256 hashes when a file is loaded); no path in the index can
-    point outside the store's folder.
+    are checked on opening, SHA-256 hashes and the declared shape when a file is loaded); no
+    path in the index can point outside the store's folder. A reader whose index a writer
+    replaced meanwhile (e.g. :meth:`archive_after`) reads the new one instead of reporting
+    the moved files as damaged. A store of a newer format raises :class:`StoreVersionError`.
     """
 
     def __init__(
@@ -422,6 +567,7 @@ class RepresentationStore:
         self.folder = Path(folder)
         self.read_only = bool(read_only)
         self._lock: Optional[str] = None
+        self._token = object()
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"`folder` {str(self.folder)!r} exists and is not a directory.")
         settings = {
@@ -437,10 +583,10 @@ class RepresentationStore:
                                  "read_only=True opens an existing store only.")
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._lock = _acquire_lock(self.folder)
+            self._lock = _acquire_lock(self.folder, self._token)
         try:
-            if index_path.exists():
-                self._index = self._read_index(index_path)
+            if os.path.lexists(index_path):
+                self._index = self._read_snapshot(index_path)
                 for key, value in settings.items():
                     if value is not None and value != self._index["settings"][key]:
                         raise ValueError(
@@ -465,7 +611,7 @@ class RepresentationStore:
                 }
             if not self.read_only:
                 self._clean()
-            self._verify_sizes()
+                self._verify_sizes(self._index)
         except BaseException:
             self.close()
             raise
@@ -474,7 +620,7 @@ class RepresentationStore:
     def close(self) -> None:
         """Release the writer's lock (a no-op for a reader or a closed store)."""
         lock, self._lock = getattr(self, "_lock", None), None
-        _release_lock(lock)
+        _release_lock(lock, getattr(self, "_token", None))
 
     def __enter__(self) -> "RepresentationStore":
         return self
@@ -489,37 +635,142 @@ class RepresentationStore:
             pass
 
     def _clean(self) -> None:
-        """Remove what killed writes left behind (under the writer's lock)."""
+        """Remove what killed writes left behind (under the writer's lock).
+
+        Only entries named as the store names them are removed, and never through a link:
+        a symbolic link where the store keeps its files is refused (:class:`StoreCorruptError`
+        naming it), anything else the store did not write is left alone and warned about."""
         listed = {e["file"] for ck in self._index["checkpoints"] for e in ck["files"].values()}
         me = str(os.getpid())
-        dirs = [self.folder] + sorted(p for p in self.folder.glob("step_*") if p.is_dir())
-        for d in dirs:
-            for p in list(d.iterdir()):
-                m = _TMP.match(p.name)
-                if m:
-                    if p.is_file() and m.group(1) != me:
-                        p.unlink(missing_ok=True)
-                elif d is not self.folder and p.is_file() and f"{d.name}/{p.name}" not in listed:
-                    p.unlink(missing_ok=True)  # written by an add that never reached the index
-            if d is not self.folder and not any(d.iterdir()):
+        remove: List[Path] = []
+        archives: List[Tuple[Path, List[Path]]] = []
+        odd: List[Path] = []
+        step_dirs: List[Path] = []
+
+        def entries(d: Path) -> List[os.DirEntry]:
+            with os.scandir(d) as it:
+                return sorted(it, key=lambda e: e.name)
+
+        def leftover_tmp(e: os.DirEntry) -> bool:
+            m = _TMP.match(e.name)
+            return bool(m) and m.group(1) != me
+
+        for e in entries(self.folder):
+            managed = e.name in (INDEX_NAME, LOCK_NAME, "superseded") or _STEP_DIR.match(e.name) or _TMP.match(e.name)
+            if not managed:
+                continue  # the user's own files: the store never touches them
+            if e.is_symlink():
+                raise _not_own(self.folder, e.path, _link_target(e.path))
+            if _STEP_DIR.match(e.name):
+                (step_dirs if e.is_dir(follow_symlinks=False) else odd).append(Path(e.path))
+            elif e.name == "superseded":
+                if not e.is_dir(follow_symlinks=False):
+                    odd.append(Path(e.path))
+                    continue
+                for a in entries(Path(e.path)):
+                    if a.is_symlink():
+                        raise _not_own(self.folder, a.path, _link_target(a.path))
+                    if not a.is_dir(follow_symlinks=False) or not _ARCHIVE.match(a.name):
+                        odd.append(Path(a.path))
+                    elif not os.path.lexists(os.path.join(a.path, INDEX_NAME)):  # an archive_after that was killed
+                        files = self._own_archive(Path(a.path), entries, leftover_tmp)
+                        if files is None:
+                            odd.append(Path(a.path))
+                        else:
+                            archives.append((Path(a.path), files))
+            elif _TMP.match(e.name):
+                if not e.is_file(follow_symlinks=False):
+                    odd.append(Path(e.path))
+                elif leftover_tmp(e):
+                    remove.append(Path(e.path))
+        for d in step_dirs:
+            for e in entries(d):
+                if e.is_symlink():
+                    raise _not_own(self.folder, e.path, _link_target(e.path))
+                if f"{d.name}/{e.name}" in listed:
+                    continue
+                if not e.is_file(follow_symlinks=False) or not (_LAYER_FILE.match(e.name) or _TMP.match(e.name)):
+                    odd.append(Path(e.path))
+                elif _LAYER_FILE.match(e.name) or leftover_tmp(e):
+                    remove.append(Path(e.path))  # written by an add that never reached the index, or killed
+        for p in remove:
+            p.unlink(missing_ok=True)
+        for d in step_dirs:
+            if not any(os.scandir(d)):
                 d.rmdir()
-        sup = self.folder / "superseded"
-        if sup.is_dir():
-            for p in sorted(sup.iterdir()):
-                if p.is_dir() and not (p / INDEX_NAME).is_file():  # an archive_after that was killed
-                    shutil.rmtree(p, ignore_errors=True)
+        for archive, files in archives:
+            for p in files:
+                p.unlink(missing_ok=True)
+            for d in sorted({p.parent for p in files} - {archive}):
+                if not any(os.scandir(d)):
+                    d.rmdir()
+            if not any(os.scandir(archive)):
+                archive.rmdir()
+        if odd:
+            shown = ", ".join(repr(str(p)) for p in odd[:4]) + (f" and {len(odd) - 4} more" if len(odd) > 4 else "")
+            warnings.warn(
+                f"RepresentationStore: left alone {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} in "
+                f"{str(self.folder)!r} that the store did not write: {shown}. Remove them if they are not needed.",
+                stacklevel=3,
+            )
+
+    def _own_archive(self, archive: Path, entries, leftover_tmp) -> Optional[List[Path]]:
+        """The files of an index-less archive folder when all are ones archive_after writes
+        (``step_*/NNN-name.*``, temporary files), else None (it is left alone)."""
+        files: List[Path] = []
+        for e in entries(archive):
+            if e.is_symlink():
+                raise _not_own(self.folder, e.path, _link_target(e.path))
+            if e.is_file(follow_symlinks=False) and _TMP.match(e.name):
+                files.append(Path(e.path))
+            elif e.is_dir(follow_symlinks=False) and _STEP_DIR.match(e.name):
+                for f in entries(Path(e.path)):
+                    if f.is_symlink():
+                        raise _not_own(self.folder, f.path, _link_target(f.path))
+                    if not f.is_file(follow_symlinks=False) or not (_LAYER_FILE.match(f.name) or _TMP.match(f.name)):
+                        return None
+                    files.append(Path(f.path))
+            else:
+                return None
+        return files
+
+    def _own_dir(self, path: Path) -> Path:
+        """``path`` (a folder the store writes into) created if missing; a link there is refused."""
+        path.mkdir(exist_ok=True)
+        if path.is_symlink():
+            raise _not_own(self.folder, path, _link_target(path))
+        return path
 
     # ------------------------------------------------------------------ reading
     def _read_index(self, path: Path) -> Dict[str, Any]:
         try:
-            raw = json.loads(path.read_text())
+            with open(path, "rb") as f:  # stat and content of one and the same file
+                st = os.fstat(f.fileno())
+                text = f.read()
+            raw = json.loads(text)
         except (ValueError, UnicodeDecodeError) as err:
             raise StoreCorruptError(f"store index {str(path)!r} is damaged ({err}); it cannot be read.") from None
         except OSError as err:
             raise StoreCorruptError(f"store index {str(path)!r} cannot be read ({err}).") from None
         index = _validate_index(raw, path)
-        self._index_stat = self._stat(path)
+        self._index_stat = (st.st_ino, st.st_size, st.st_mtime_ns)
         return index
+
+    def _read_snapshot(self, path: Path) -> Dict[str, Any]:
+        """The index, and for a reader a check that its files are there, from one consistent
+        state: when a file is missing or resized and a writer replaced the index meanwhile
+        (archive_after removes files only after rewriting it), read again."""
+        for attempt in range(_SNAPSHOT_TRIES):
+            index = self._read_index(path)
+            if not self.read_only:  # a writer holds the lock: nothing changes under it
+                return index
+            try:
+                self._verify_sizes(index)
+                return index
+            except StoreCorruptError:
+                if attempt + 1 == _SNAPSHOT_TRIES or self._stat(path) == self._index_stat:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def _stat(path: Path) -> Optional[Tuple[int, int, int]]:
@@ -529,17 +780,20 @@ class RepresentationStore:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def refresh(self) -> None:
-        """Reread the index if another store object (or a writer, for a reader) changed it."""
+    def refresh(self) -> bool:
+        """Reread the index if another store object (or a writer, for a reader) changed it;
+        whether it did."""
         path = self.folder / INDEX_NAME
-        stat = self._stat(path)
-        if stat is not None and stat != getattr(self, "_index_stat", None):
-            encoding = self._index["settings"]["encoding"]
-            self._index = self._read_index(path)
-            self._index["settings"]["encoding"] = encoding
+        stat_ = self._stat(path)
+        if stat_ is None or stat_ == getattr(self, "_index_stat", None):
+            return False
+        encoding = self._index["settings"]["encoding"]
+        self._index = self._read_index(path)
+        self._index["settings"]["encoding"] = encoding
+        return True
 
-    def _verify_sizes(self) -> None:
-        for ck in self._index["checkpoints"]:
+    def _verify_sizes(self, index: Dict[str, Any]) -> None:
+        for ck in index["checkpoints"]:
             for entry in ck["files"].values():
                 path = self.folder / entry["file"]
                 if not path.is_file():
@@ -648,34 +902,50 @@ class RepresentationStore:
         ``(datapoints, k)`` basis and its ``(k,)`` singular values. An int12 file is parsed
         without pickle, a float32 one read with ``torch.load(weights_only=True)``; an encoded
         basis is decoded on ``device``."""
-        ck = self._entry(checkpoint)
-        if layer not in ck["files"]:
-            raise ValueError(
-                f"`layer` {layer!r} is not stored at step {ck['step']}; stored layers: {sorted(ck['files'])}."
-            )
-        entry = ck["files"][layer]
-        path = self.folder / entry["file"]
+        device = check_usable_device(device)
+        step = checkpoint.step if isinstance(checkpoint, Checkpoint) else checkpoint
         root = self._root()
-        if root not in path.resolve().parents:  # a link pointing out of the store
-            raise StoreCorruptError(f"store file {str(path)!r} points outside the store folder {str(root)!r}.")
-        try:
-            raw = path.read_bytes()  # read once: hashed and parsed from memory
-        except OSError as err:
-            raise StoreCorruptError(f"store file {str(path)!r} cannot be read ({err}).") from None
-        if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
-            raise StoreCorruptError(f"store file {str(path)!r} is damaged: its SHA-256 does not match the index.")
-        try:
-            data = _read_payload(raw)
-            basis = decode_basis(data, device)
-            if tuple(basis.shape) != (entry["n"], entry["k"]):
-                raise ValueError(f"basis of shape {tuple(basis.shape)}, index says {(entry['n'], entry['k'])}")
-            return ReducedBasis(
-                basis=basis,
-                singular_values=data["singular_values"].to(device=device, dtype=torch.float32),
-                n_neurons=int(data["n_neurons"]),
-            )
-        except Exception as err:  # any unpickling failure means the file is not what was written
+        for attempt in range(_SNAPSHOT_TRIES):
+            ck = self._entry(step)
+            if layer not in ck["files"]:
+                raise ValueError(
+                    f"`layer` {layer!r} is not stored at step {ck['step']}; stored layers: {sorted(ck['files'])}."
+                )
+            entry = ck["files"][layer]
+            path = self.folder / entry["file"]
+            if root not in path.resolve().parents:  # a link pointing out of the store
+                raise StoreCorruptError(f"store file {str(path)!r} points outside the store folder {str(root)!r}.")
+            try:
+                raw = path.read_bytes()  # read once: hashed and parsed from memory
+            except OSError as err:
+                failure = StoreCorruptError(f"store file {str(path)!r} cannot be read ({err}).")
+            else:
+                if hashlib.sha256(raw).hexdigest() == entry["sha256"]:
+                    break
+                failure = StoreCorruptError(
+                    f"store file {str(path)!r} is damaged: its SHA-256 does not match the index.")
+            # a writer may have moved or rewritten the file after this store read the index:
+            # only a file that disagrees with the current index is damaged
+            if attempt + 1 == _SNAPSHOT_TRIES or not self.refresh():
+                raise failure
+            if all(c["step"] != step for c in self._index["checkpoints"]):
+                raise ValueError(
+                    f"`checkpoint`: step {step} left the store at {str(self.folder)!r} while it was read (a writer "
+                    f"moved it out with archive_after, into superseded/); stored steps are "
+                    f"{[c['step'] for c in self._index['checkpoints']]}."
+                )
+        shape = (entry["n"], entry["k"])
+        try:  # only what the bytes decode to can be damage; a device error stays a device error
+            data = _read_payload(raw, shape)
+        except _Mismatch as err:
+            raise StoreCorruptError(f"store file {str(path)!r} is damaged: {err}.") from None
+        except Exception as err:  # any parsing or unpickling failure means the file is not what was written
             raise StoreCorruptError(f"store file {str(path)!r} is damaged ({type(err).__name__}: {err}).") from None
+        return ReducedBasis(
+            basis=decode_basis(data, device),
+            singular_values=data["singular_values"].to(device=device, dtype=torch.float32),
+            n_neurons=int(data["n_neurons"]),
+        )
 
     def load_checkpoint(
         self,
@@ -693,7 +963,7 @@ class RepresentationStore:
         if self.read_only:
             raise ValueError(f"the store at {str(self.folder)!r} was opened with read_only=True; open it without "
                              "it to write (one writer at a time).")
-        if self._lock is None and fcntl is not None:
+        if self._lock is None:
             raise ValueError(f"the store at {str(self.folder)!r} is closed; open it again to write.")
         self.refresh()
 
@@ -737,13 +1007,16 @@ class RepresentationStore:
         counts = dict(self._index["n_datapoints"])
         layers = list(self._index["layers"])
         sub = f"step_{step:09d}"
-        (self.folder / sub).mkdir(exist_ok=True)
+        self._own_dir(self.folder / sub)
         files: Dict[str, Dict[str, Any]] = {}
         for name, value in activations.items():
             if not isinstance(name, str):
                 raise ValueError(f"`activations` keys must be layer names (str), got {name!r}.")
             basis = self._reduce(name, value, settings)
             n = basis.n_datapoints
+            if basis.k > n:
+                raise ValueError(f"`activations[{name!r}]` is a basis of {basis.k} directions over {n} datapoints; an "
+                                 "orthonormal basis has at most as many directions as datapoints.")
             if counts.setdefault(name, n) != n:
                 raise ValueError(
                     f"`activations[{name!r}]` has {n} datapoints but the store holds {counts[name]} for this "
@@ -789,7 +1062,8 @@ class RepresentationStore:
         then are the originals removed: after a crash at any point either this store still
         lists them or the archive is complete, and a step stored again later replaces the
         store's own directory entry, never the archive's file. An archive folder left
-        without an index by a crash is removed when a writer next opens the store.
+        without an index by a crash is removed when a writer next opens the store. Only the
+        listed layer files move; anything else in a step folder stays where it is.
 
         Args:
             step: the last step kept; ``-1`` moves every checkpoint (a new run in the folder
@@ -804,24 +1078,26 @@ class RepresentationStore:
         if not later:
             return None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        base = self.folder / "superseded" / (f"{stamp}-after-{step}" if step >= 0 else f"{stamp}-all")
+        base = self._own_dir(self.folder / "superseded") / (f"{stamp}-after-{step}" if step >= 0 else f"{stamp}-all")
         archive, n = base, 1
         while True:  # two archives within one second get distinct folders
             try:
-                archive.mkdir(parents=True, exist_ok=False)
+                archive.mkdir(exist_ok=False)
                 break
             except FileExistsError:
                 n += 1
                 archive = base.with_name(f"{base.name}-{n}")
         kept = [ck for ck in self._index["checkpoints"] if ck["step"] <= step]
         old = json.dumps(dict(self._index, checkpoints=later), indent=1).encode()
-        subs = sorted({Path(f["file"]).parts[0] for ck in later for f in ck["files"].values()})
-        for sub in subs:
-            shutil.copytree(self.folder / sub, archive / sub, copy_function=_link_or_copy)
+        rels = sorted(f["file"] for ck in later for f in ck["files"].values())
+        for rel in rels:
+            if (self.folder / rel).is_symlink():
+                raise _not_own(self.folder, self.folder / rel, _link_target(self.folder / rel))
+            (archive / rel).parent.mkdir(exist_ok=True)
+            _link_or_copy(self.folder / rel, archive / rel)
         _atomic_write(archive / INDEX_NAME, lambda f: f.write(old))
         self._write_index(dict(self._index, checkpoints=kept))
-        for sub in subs:
-            shutil.rmtree(self.folder / sub, ignore_errors=True)
+        _remove_originals(self.folder, rels)
         return archive
 
     @staticmethod
