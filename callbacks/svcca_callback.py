@@ -76,8 +76,8 @@ class SVCCACallback(Callback):
     often heatmaps are captured. Schedule: group ``i`` freezes at a fraction of training
     growing linearly with depth. Frozen parameters get ``requires_grad=False`` and
     ``grad=None`` and their BatchNorm layers stay in eval mode, so they stay bit-identical.
-    The frozen prefix's output is kept per training input (``frozen_cache``), so an epoch
-    over data seen before skips the frozen forward as well as its backward. Logged: ``<name>/freeze/frozen_groups``, ``<name>/freeze/frozen_parameters``,
+    With ``frozen_cache=True`` the frozen prefix's output is kept per training input, so an
+    epoch over data seen before skips the frozen forward as well as its backward. Logged: ``<name>/freeze/frozen_groups``, ``<name>/freeze/frozen_parameters``,
     ``<name>/freeze/backward_flops_saved`` and ``<name>/freeze_signal/<group>``.
 
     Distributed (Lightning's DDP strategies): with a tensor probe every rank records a slice
@@ -121,9 +121,10 @@ class SVCCACallback(Callback):
         freeze_threshold, freeze_patience: the adaptive policy's settings.
         max_frozen_fraction: the most groups frozen, as a fraction of all groups.
         schedule_start, schedule_end: the schedule policy's first and last freezing points.
-        frozen_cache: keep the frozen prefix's output per training input, so that batches seen
-            before skip the frozen forward (exact; off by itself when inputs never repeat, as
-            under random augmentation): ``True`` (up to 1 GiB host memory), bytes, or ``False``.
+        frozen_cache: opt in to keeping the frozen prefix's output per training input, so that
+            batches seen before skip the frozen forward (exact or off, see the README's contract;
+            off by itself when inputs never repeat, as under random augmentation): ``True`` (up
+            to 1 GiB host memory), bytes, or ``False`` (the default).
         final_analysis: compute and log the learning-dynamics matrices and figures at the end.
         final_heatmaps: captures with a full layers x layers heatmap at the end (the paper's
             grid included; the others where the to-final curves change most). Each costs
@@ -155,7 +156,7 @@ class SVCCACallback(Callback):
         max_frozen_fraction: float = 0.75,
         schedule_start: float = 0.25,
         schedule_end: float = 0.75,
-        frozen_cache: Union[bool, int] = True,
+        frozen_cache: Union[bool, int] = False,
         final_analysis: bool = True,
         final_heatmaps: int = 6,
         progress: bool = True,

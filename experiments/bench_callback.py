@@ -186,8 +186,8 @@ def bench(args) -> Dict[str, Any]:
     defaults = lambda probe, d: SVCCACallback(probe, run_dir=d, progress=False)  # noqa: E731
     schedule = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training="schedule", progress=False)  # noqa: E731
     adaptive = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, progress=False)  # noqa: E731
-    no_cache = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, frozen_cache=False,  # noqa: E731
-                                              progress=False)
+    cached = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, frozen_cache=True,  # noqa: E731
+                                            progress=False)
     every4 = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, every_n_train_steps=4,  # noqa: E731
                                             max_overhead=None, final_analysis=False, progress=False)
     every_epoch = lambda probe, d: SVCCACallback(probe, run_dir=d, freeze_training=True, every_n_epochs=1,  # noqa: E731
@@ -209,8 +209,8 @@ def bench(args) -> Dict[str, Any]:
             if not args.overhead_only:
                 arms += [(f"adaptive-{t:g}", _adaptive_at(freeze_threshold=t)) for t in args.thresholds]
                 arms += [(f"adaptive-patience-{k}", _adaptive_at(freeze_patience=k)) for k in args.patience]
-                if args.no_cache_arm:
-                    arms.append(("adaptive-no-cache", no_cache))
+                if args.cache_arm:
+                    arms.append(("adaptive-cache", cached))
             for arm, make in arms:
                 runs.append(dict(_fit(args, args.epoch_repeats, seed, args.epochs, make, root, f"{arm}-s{seed}"),
                                  arm=arm))
@@ -362,8 +362,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--patience", type=int, nargs="*", default=[],
                         help="extra adaptive arms at these freeze_patience values (default: none; the default arm "
                         "uses the default, 1), e.g. --patience 2 for the previous default")
-    parser.add_argument("--no-cache-arm", action="store_true",
-                        help="also run the adaptive arm with frozen_cache=False (what the frozen-output cache saves)")
+    parser.add_argument("--cache-arm", action="store_true",
+                        help="also run the adaptive arm with frozen_cache=True (what the opt-in frozen-output cache "
+                        "saves)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 256-image probe")
     parser.add_argument("--out", type=str, default="runs/bench_callback")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)

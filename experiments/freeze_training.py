@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frozen-fraction", type=float, default=0.75, help="most layer groups frozen")
     p.add_argument("--schedule-start", type=float, default=0.25, help="schedule: fraction at which the lowest group freezes")
     p.add_argument("--schedule-end", type=float, default=0.75, help="schedule: fraction at which the highest freezable group freezes")
-    p.add_argument("--frozen-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip the frozen prefix's forward for training inputs seen before (exact; off by itself "
-                        "under random augmentation); --no-frozen-cache to time freezing without it")
+    p.add_argument("--frozen-cache", action=argparse.BooleanOptionalAction, default=False,
+                   help="opt in to skipping the frozen prefix's forward for training inputs seen before (exact or "
+                        "off; off by itself under random augmentation)")
     return p
 
 

@@ -7,11 +7,15 @@ without random augmentation every epoch shows the network the same inputs again.
 :class:`FrozenOutputCache` keeps, per input, the output of the frozen prefix's last module
 to run (the *boundary*) and skips the prefix when a whole batch is kept:
 
+Opt-in (``frozen_cache=True``): exactness needs the prefix's forward to be a function of its
+input and its modules' state alone, which the checks below test but cannot prove for any code.
+
 - **Keys.** Each sample of the first frozen module's input gets two 64-bit multilinear hashes
-  of its bit pattern (arithmetic mod 2^64, on the input's device), with random weights
-  chosen by its shape, dtype and the model's train/eval flag. Two different inputs share a key with
-  probability <= 2^-64 (inputs differ in a 32-bit word, so the hash difference is a nonzero
-  multiple of at most 2^32 per lane).
+  of its bit pattern (:func:`svcca_torch._prefix.bits_hash`, on the input's device), with
+  everything else that decides the prefix's output: the sample's shape, dtype and device, the
+  forward's context (:func:`~svcca_torch._prefix.forward_context`: autocast, grad/inference
+  mode, TF32 and matmul precision flags) and the train/eval flag of every module up to the
+  boundary. Two different inputs share a key with probability <= 2^-66.
 - **Serving.** The frozen modules' ``forward`` is replaced (instance attribute, while the cache
   is on) by a dispatcher that decides per forward, at the first frozen module: every sample
   kept at the boundary -> the boundary returns the kept rows and the frozen modules before it
@@ -25,10 +29,20 @@ to run (the *boundary*) and skips the prefix when a whole batch is kept:
   the prefix, or around it with parameters of its own, is trainable, and the model's output
   with the prefix served equals the real one (a skip connection past the prefix breaks this); the first
   batch each kept level could serve runs for real and its boundary output must equal the kept
-  rows (dropout or other randomness in the prefix breaks this); before each forward, the
-  frozen parameters must still be frozen and unchanged (their in-place version counters).
+  rows; every forward in which the prefix runs must draw no random numbers
+  (:class:`~svcca_torch._prefix.RandomStreams`: dropout or stochastic depth in the prefix, or a
+  module that draws numbers it does not use; skipping it would shift what the layers above
+  draw); before each forward, the prefix's state (:class:`~svcca_torch._prefix.StateWatch`:
+  every parameter and buffer the same object, storage and version, plain attributes and
+  hooks unchanged) and, at each window's end, its weights' bits.
 - **Turning off.** More than ``max_bytes`` kept (host memory): off until the next freeze; a
-  whole epoch in which no input was seen before (random augmentation): off for the run.
+  window (:meth:`FrozenOutputCache.note_window`) that began with rows kept and served less
+  than a quarter of its training samples (random augmentation): off for the run, memory freed.
+  Every reason to turn off is in :meth:`FrozenOutputCache.stats` (``off``).
+- **Not seen.** Random numbers from a private ``torch.Generator``; state the forward reads
+  from outside its modules (globals, objects shared by reference and changed in place); a
+  frozen weight changed in place through ``.data`` (no version counter counts it) is seen at
+  the end of the window, not before.
 
 Activations are ``(datapoints, neurons)`` or ``(N, C, H, W)``; the kept rows are whatever
 tensor the boundary returns, one row per sample, in host memory (a GPU's memory is not held).
@@ -39,23 +53,20 @@ inside the frozen ones do not run for a served batch (those on the frozen module
 from __future__ import annotations
 
 import contextlib
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ._prefix import _same, input_tensor, real_forward, restore_forward
+from ._prefix import (RandomStreams, StateWatch, _same, bits_hash, forward_context, input_tensor, real_forward,
+                      restore_forward, streams_kept)
 from .recorder import _modes_and_hooks_restored
 
 #: Most bytes of kept boundary outputs (host memory) by default.
 CACHE_BYTES = 1 << 30
 
-_LANES = 2
-_CHUNK = 1 << 22  # elements of int64 scratch per hashing chunk
-
-Key = Tuple[int, int]
+Key = Tuple[Any, int, int]  # (the forward's context, two 64-bit hashes of the sample's bits)
 
 
 @dataclass
@@ -65,6 +76,12 @@ class _Level:
     rows: Dict[Key, torch.Tensor] = field(default_factory=dict)
     nbytes: int = 0
     verified: bool = False
+    modules: List[nn.Module] = field(default_factory=list)  # what runs up to the boundary (train flags: key)
+
+    def keys(self, context: Tuple[Any, ...], hashes: List[Tuple[int, int]]) -> List[Key]:
+        """Its keys of samples with these hashes, under this forward's context."""
+        context = (*context, tuple(m.training for m in self.modules))
+        return [(context, a, b) for a, b in hashes]
 
 
 @dataclass
@@ -74,8 +91,9 @@ class _Plan:
     next: int = 0  # the call-order position expected next
     serve: int = -1  # position that returns ``rows`` (-1: none, everything runs)
     rows: Optional[torch.Tensor] = None
-    keys: Optional[List[Key]] = None  # the samples, whose outputs at the boundaries that run are kept
+    keys: Optional[Dict[int, List[Key]]] = None  # level position -> the samples' keys there (kept where it runs)
     verify: Optional[_Level] = None  # level whose rows the real output is compared with
+    streams: Optional[RandomStreams] = None  # the random streams before a prefix that runs
 
 
 def _tensors(out: Any) -> List[torch.Tensor]:
@@ -91,8 +109,8 @@ def _tensors(out: Any) -> List[torch.Tensor]:
 class FrozenOutputCache:
     """Kept outputs of the frozen prefix per training input (see the module docstring).
 
-    Call :meth:`update` after every freeze, :meth:`note_epoch` as epochs pass and
-    :meth:`close` at the end of training.
+    Call :meth:`update` after every freeze, :meth:`note_window` at the end of each training
+    window and :meth:`close` at the end of training.
 
     Attributes:
         lookups: samples looked up (forwards the cache could have served).
@@ -116,19 +134,17 @@ class FrozenOutputCache:
         self._modules: Dict[str, nn.Module] = {}
         self._position: Dict[str, int] = {}
         self._saved: Dict[str, Any] = {}
-        self._params: List[torch.Tensor] = []
-        self._versions: List[int] = []
-        self._weights: Dict[Tuple[Any, ...], torch.Tensor] = {}
+        self._watch: Optional[StateWatch] = None  # the prefix's state, taken at its check
         self._plan: Optional[_Plan] = None
         self._forced: Optional[_Plan] = None
-        self._between: List[nn.Module] = []  # modules that run inside the prefix, outside the frozen ones
+        self._between: Dict[str, nn.Module] = {}  # modules that run inside the prefix, outside the frozen ones
         self._shapes: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}  # frozen module -> output (shape[1:], dtype)
         self._pause = 0
-        # the augmentation rule: training samples looked up / found this epoch, kept before it
-        self._epoch: Optional[int] = None
-        self._epoch_seen = [0, 0]
+        # the rule for a cache that serves nothing: training samples looked up and served this
+        # window, and whether the newest level kept training rows before the window began
+        self._window = [0, 0]
         self._kept_train = 0
-        self._kept_before = 0
+        self._kept_at_window_start = 0
 
     # ------------------------------------------------------------------ control
     @property
@@ -141,6 +157,10 @@ class FrozenOutputCache:
         return {"lookups": self.lookups, "served": self.served, "bytes": self.nbytes,
                 "boundary": self.levels[-1].boundary if self.levels else None,
                 "off": self.off, "suspended": self.suspended}
+
+    #: a window after the newest level began keeping that serves less than this share of its
+    #: training lookups turns the cache off (random augmentation: nothing repeats)
+    MIN_SERVED = 0.25
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -164,30 +184,41 @@ class FrozenOutputCache:
         self._modules, self._saved, self.levels, self.order, self._position = {}, {}, [], [], {}
         self._plan = None
 
-    def note_epoch(self, epoch: int) -> None:
-        """Tell the cache the training epoch (turns it off after a whole epoch in which no
-        input had been seen before: random augmentation, nothing to serve)."""
-        if epoch == self._epoch:
+    def note_window(self, name: str = "training window") -> None:
+        """Call at the end of each training window (the tracker's freeze window, or an epoch).
+        A window that began with training rows kept at the newest level and served less than
+        ``MIN_SERVED`` of its training lookups turns the cache off and frees what it kept:
+        nothing repeats (random augmentation), so memory would be spent for nothing. Also
+        compares the prefix's weights bit for bit with those at its check."""
+        if self.off is not None:
             return
-        looked, found = self._epoch_seen
-        if self._epoch is not None and looked and not found and self._kept_before and self.off is None:
-            self.turn_off(f"no training input of epoch {self._epoch} had been seen before (random augmentation?); "
-                          "the cache serves inputs that repeat exactly")
-        self._epoch, self._epoch_seen, self._kept_before = epoch, [0, 0], self._kept_train
+        looked, served = self._window
+        if self._kept_at_window_start and looked and served < self.MIN_SERVED * looked:
+            self.turn_off(f"it served {served} of the {looked} training samples of a whole {name} "
+                          "(random augmentation? the cache serves inputs that repeat exactly)")
+            return
+        why = self._watch.content_changed() if self._watch is not None else None
+        if why is not None:
+            self.turn_off(why)
+            return
+        self._window = [0, 0]
+        self._kept_at_window_start = self._kept_train
 
     def update(self, frozen: Dict[str, nn.Module], example: Any) -> None:
         """Start serving the frozen modules ``frozen`` (outermost only) after a freeze;
         ``example`` is a few probe inputs on the model's device, for one traced forward (the
         frozen modules' call order, each called once) and the structural check."""
-        if self.off is not None or not frozen or self._changed():  # changed since the last forward: stale
+        if self.off is not None or not frozen or self._changed(full=True):  # changed since the last forward: stale
             return
         why = self._check_structure(frozen, example)
         if why is not None:
             self.turn_off(why)
             return
         # what the prefix's output depends on: watched before every forward
-        self._params = [t for m in (*frozen.values(), *self._between) for t in (*m.parameters(), *m.buffers())]
-        self._versions = [t._version for t in self._params]
+        prefix = {**frozen, **self._between}
+        if not self.levels[-1].modules:
+            self.levels[-1].modules = [m for module in prefix.values() for m in module.modules()]
+        self._watch = StateWatch(prefix)
 
     def _serve(self, frozen: Dict[str, nn.Module], order: List[str]) -> None:
         """Install the dispatchers for ``order`` and a level at its last module; kept levels whose
@@ -199,6 +230,7 @@ class FrozenOutputCache:
         self._install(frozen, order)
         if not self.levels or self.levels[-1].boundary != order[-1]:
             self.levels.append(_Level(order[-1], len(order) - 1))
+            self._kept_train = self._kept_at_window_start = 0  # a new level is judged from its second window
 
     def _install(self, frozen: Dict[str, nn.Module], order: List[str]) -> None:
         for name in [n for n in self._modules if n not in frozen]:  # only when a containing module froze
@@ -220,6 +252,8 @@ class FrozenOutputCache:
             pos = self._position.get(name, -1)
             if pos == 0:
                 self._plan = self._forced or self._decide(args, kwargs)
+                if self._plan is not None and self._plan.serve < len(self.order) - 1:
+                    self._plan.streams = RandomStreams()  # something in the prefix runs
             plan = self._plan
             if plan is None or pos != plan.next:
                 self._plan = None
@@ -238,14 +272,19 @@ class FrozenOutputCache:
                     self._plan = None
                 return plan.rows.to(x.device)
             out = real(*args, **kwargs)
-            if plan.verify is not None and pos == plan.verify.position:
-                self._verify(plan, out)
-            if plan.keys is not None:
-                level = next((lv for lv in self.levels if lv.position == pos), None)
-                if level is not None:
-                    self._keep(level, plan.keys, out)
             if pos == len(self.order) - 1:
                 self._plan = None
+                drawn = plan.streams.drawn() if plan.streams is not None else None
+                if drawn is not None:  # skipping the prefix would shift the stream everything after it draws from
+                    self.turn_off(f"the frozen prefix draws random numbers ({drawn}: dropout, stochastic depth, "
+                                  "noise), so skipping it would change what the layers above it draw")
+                    return out
+            if plan.verify is not None and pos == plan.verify.position:
+                self._verify(plan, out)
+            if plan.keys is not None and self.off is None:
+                level = next((lv for lv in self.levels if lv.position == pos), None)
+                if level is not None and pos in plan.keys:
+                    self._keep(level, plan.keys[pos], out)
             return out
 
         return forward
@@ -258,52 +297,37 @@ class FrozenOutputCache:
             return None
         if self._changed():
             return None
-        keys = self._keys(x)
-        self.lookups += len(keys)
-        if self.model.training:
-            self._epoch_seen[0] += len(keys)
-            self._epoch_seen[1] += sum(any(k in lv.rows for lv in self.levels) for k in keys)
+        context = (tuple(x.shape[1:]), x.dtype, str(x.device), forward_context(x.device.type), self.model.training)
+        hashes = bits_hash(x.detach().reshape(x.shape[0], -1))
+        keys = {lv.position: lv.keys(context, hashes) for lv in self.levels}
+        self.lookups += len(hashes)
+        training = self.model.training
+        if training:
+            self._window[0] += len(hashes)
         current = self.levels[-1]
         for lv in reversed(self.levels):
-            if all(k in lv.rows for k in keys):
-                store = None if lv is current else keys  # keep them at the boundaries above it
+            mine = keys[lv.position]
+            if all(k in lv.rows for k in mine):
+                above = {p: k for p, k in keys.items() if p > lv.position}  # kept at the boundaries above it
+                rows = torch.stack([lv.rows[k] for k in mine])
                 if not lv.verified:  # the first batch a level could serve runs for real and is compared
-                    return _Plan(keys=store, verify=lv, rows=torch.stack([lv.rows[k] for k in keys]))
-                self.served += len(keys)
-                return _Plan(serve=lv.position, rows=torch.stack([lv.rows[k] for k in keys]), keys=store)
+                    return _Plan(keys=above, verify=lv, rows=rows)
+                self.served += len(hashes)
+                if training:
+                    self._window[1] += len(hashes)
+                return _Plan(serve=lv.position, rows=rows, keys=above if lv is not current else None)
         return _Plan(keys=keys)
 
-    def _changed(self) -> bool:
-        """Whether what the kept outputs depend on was unfrozen or changed in place (then off)."""
-        if any(t.requires_grad or t._version != v for t, v in zip(self._params, self._versions)):
-            self.turn_off("a frozen parameter or buffer was unfrozen or changed")
+    def _changed(self, full: bool = False) -> bool:
+        """Whether what the kept outputs depend on changed since the prefix's check (then off);
+        ``full`` also compares the weights' bits."""
+        if self._watch is None:
+            return False
+        why = self._watch.changed() or (self._watch.content_changed() if full else None)
+        if why is not None:
+            self.turn_off(f"{why} after the frozen prefix was checked")
             return True
         return False
-
-    def _keys(self, x: torch.Tensor) -> List[Key]:
-        flat = x.detach().reshape(x.shape[0], -1).contiguous()
-        if flat.is_complex():
-            flat = torch.view_as_real(flat).reshape(x.shape[0], -1)
-        if flat.dtype == torch.bool:
-            flat = flat.view(torch.uint8)
-        elif flat.is_floating_point() or flat.element_size() == 8:
-            # words of at most 32 bits: two different inputs then differ by a multiple of at most
-            # 2^31 in some word, which a random 64-bit weight maps to 0 with probability <= 2^-33
-            flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int32}[flat.element_size()])
-        d = flat.shape[1]
-        # the sample's shape, dtype and the train/eval flag choose the weights (a part of the key)
-        sig = (tuple(x.shape[1:]), str(x.dtype), self.model.training, str(flat.device))
-        if sig not in self._weights:
-            g = torch.Generator().manual_seed(zlib.crc32(repr(sig[:3]).encode()))
-            self._weights[sig] = torch.randint(-(2 ** 63), 2 ** 63 - 1, (_LANES, d), generator=g,
-                                               dtype=torch.int64).to(flat.device)
-        w = self._weights[sig]
-        rows = max(1, _CHUNK // max(d, 1))
-        parts = []
-        for chunk in flat.split(rows):
-            c = chunk.to(torch.int64)
-            parts.append(torch.stack([(c * w[i]).sum(1) for i in range(_LANES)], 1))  # wraps mod 2^64
-        return list(map(tuple, torch.cat(parts).tolist()))
 
     def _verify(self, plan: _Plan, out: Any) -> None:
         lv = plan.verify
@@ -331,7 +355,7 @@ class FrozenOutputCache:
             self.levels.pop(0)  # the oldest level first
         if self.nbytes + size > self.max_bytes:
             self.levels = [_Level(level.boundary, level.position)]
-            self._kept_train = self._kept_before = 0
+            self._kept_train = self._kept_at_window_start = 0
             self.suspended = (f"the kept outputs of {level.boundary!r} need more than {self.max_bytes} bytes "
                               "(raise the cache's size)")
             return
@@ -369,7 +393,7 @@ class FrozenOutputCache:
 
         modules = dict(self.model.named_modules())
         try:
-            with self.paused():  # the dispatchers of an earlier freeze run for real
+            with self.paused(), streams_kept():  # the dispatchers of an earlier freeze run for real
                 self._run_eval(example, {n: make(n) for n in modules}, outs)
             order = [n for n in done if n in frozen]
             if sorted(order) != sorted(frozen):
@@ -388,10 +412,11 @@ class FrozenOutputCache:
                           if any(p.requires_grad for p in modules[n].parameters(recurse=False))]
             if trainable:
                 return f"{trainable[0]!r} runs inside or around the frozen prefix and is not frozen"
-            self._between = [modules[n] for n in between]
+            self._between = {n: modules[n] for n in between}
             self._forced = _Plan(serve=boundary.position, rows=rows)
             try:
-                self._run_eval(example, {}, outs)
+                with streams_kept():
+                    self._run_eval(example, {}, outs)
             finally:
                 self._forced = None
         except Exception as e:  # the cache is an optimisation: any failure means running in full

@@ -13,13 +13,19 @@ That is exact when everything after the boundary depends on the frozen modules o
 the boundary's output: a chain, as in ResNets and ``nn.Sequential`` models. It is checked for
 each (kept prefix, recorded layers) pair on the first few probe images against a full
 recording of them, and any difference or error turns the reuse off for the rest of the run
-(recordings then run in full, as before). Activations are ``(datapoints, neurons)`` or ``(N, C, H, W)``; the kept
+(recordings then run in full, as before). A kept output is dropped (and kept again) when the
+forward's context (autocast, precision flags) or the frozen modules' state changed since it was
+kept (:class:`StateWatch`, weights' bits included), and a recording that draws random numbers
+turns the reuse off (skipping the prefix would shift the stream). This module also holds that
+contract's pieces, shared with :mod:`svcca_torch._cache`. Activations are ``(datapoints, neurons)`` or ``(N, C, H, W)``; the kept
 output is whatever tensor the boundary module returns, kept in host memory (a GPU's memory is
 not held between recordings) and copied to the model's device batch by batch.
 """
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -76,6 +82,8 @@ class _Kept(NamedTuple):
     outputs: List[torch.Tensor]  # one per probe batch, in host memory
     n_images: int
     device: str
+    context: Tuple[Any, ...]  # forward_context when it was kept
+    watch: "StateWatch"  # the frozen modules' state when it was kept
 
 
 class PrefixReuse:
@@ -162,8 +170,11 @@ class PrefixReuse:
         if calls is None:  # a frozen module not called exactly once: record in full
             return record(n_images)
         kept = self.kept
-        if kept is not None and not (kept.device == str(device) and set(kept.frozen) <= set(names)):
-            kept = self.kept = None
+        context = forward_context(torch.device(device).type if device is not None else "cpu")
+        if kept is not None and not (kept.device == str(device) and set(kept.frozen) <= set(names)
+                                     and kept.context == context and kept.watch.changed() is None
+                                     and kept.watch.content_changed() is None):
+            kept = self.kept = None  # another device, context or prefix state: keep it again
         if kept is not None and not self._check(kept, frozen, layers, record):
             return record(n_images)
         if kept is not None and kept.frozen == names and kept.n_images >= n_images:
@@ -184,6 +195,7 @@ class PrefixReuse:
                 size[0] = self.max_bytes + 1  # not a tensor, or too large: keep nothing
 
         handle = frozen[new].register_forward_hook(keep)
+        streams = RandomStreams()
         try:
             if kept is not None:
                 self.hits += 1
@@ -193,8 +205,10 @@ class PrefixReuse:
                 result = record(n_images)
         finally:
             handle.remove()
-        if size[0] <= self.max_bytes and sum(int(t.shape[0]) for t in outputs) == n_images:
-            self.kept = _Kept(names, calls[0], new, outputs, n_images, str(device))
+        if streams.drawn() is not None:  # skipping the prefix later would shift the random stream
+            self.disabled, self.kept = True, None
+        elif size[0] <= self.max_bytes and sum(int(t.shape[0]) for t in outputs) == n_images:
+            self.kept = _Kept(names, calls[0], new, outputs, n_images, str(device), context, StateWatch(frozen))
         return result
 
     def _check(self, kept: _Kept, frozen: Dict[str, nn.Module], layers: Sequence[str],
@@ -206,12 +220,13 @@ class PrefixReuse:
         if key in self.checked:
             return True
         m = min(self.CHECK_IMAGES, int(kept.outputs[0].shape[0]))
-        full, _ = record(m)
-        try:
-            with self._stubbed(kept, frozen):
-                short, _ = record(m)
-        except Exception:  # the reuse is an optimisation: any failure means recording in full
-            short = None
+        with streams_kept():  # the check's recordings are extra: they draw nothing a plain run would not
+            full, _ = record(m)
+            try:
+                with self._stubbed(kept, frozen):
+                    short, _ = record(m)
+            except Exception:  # the reuse is an optimisation: any failure means recording in full
+                short = None
         ok = full is not None and short is not None and all(
             n in short and n in full and _same(short[n], full[n]) for n in layers)
         if ok:
@@ -219,6 +234,204 @@ class PrefixReuse:
         else:
             self.disabled, self.kept = True, None
         return ok
+
+
+# ------------------------------------------------------------------------- the contract
+# What a served output may depend on, shared by the probe-side reuse and the training cache:
+# the input's bits (the cache's key), the forward's context (:func:`forward_context`, part of
+# the key), the prefix's state (:class:`StateWatch`: any change turns serving off), and no
+# random numbers (:class:`RandomStreams`: a prefix that draws any turns serving off, since
+# skipping it would shift the stream that everything after it draws from).
+
+
+def forward_context(device_type: str) -> Tuple[Any, ...]:
+    """What changes a forward's numbers besides its input and weights: autocast (on ``device_type``
+    and the CPU), grad and inference mode, and the float32 matmul/convolution precision flags."""
+    def autocast(dev: str) -> Tuple[Any, ...]:
+        try:
+            return (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        except (RuntimeError, TypeError, AttributeError):  # a device type without autocast
+            return (dev, False, None)
+
+    return (autocast(device_type), autocast("cpu"), torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled())
+
+
+class RandomStreams:
+    """The global random streams a module may draw from (torch's CPU and current CUDA
+    generators, Python's ``random``, NumPy's legacy global state), to tell whether a forward
+    drew from any. Private ``torch.Generator`` objects are not seen."""
+
+    def __init__(self) -> None:
+        self._state = self._now()
+
+    @staticmethod
+    def _now() -> Tuple[Any, ...]:
+        cuda = (torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized()
+                else None)
+        return torch.random.get_rng_state(), cuda, random.getstate(), _numpy_state()
+
+    def drawn(self) -> Optional[str]:
+        """Which stream was drawn from since this object was made, or None."""
+        now = self._now()
+        names = ("torch's CPU generator", "torch's CUDA generator", "Python's random", "NumPy's random")
+        for name, a, b in zip(names, self._state, now):
+            if isinstance(a, torch.Tensor):
+                if not (isinstance(b, torch.Tensor) and torch.equal(a, b)):
+                    return name
+            elif a is not None and not _equal(a, b):
+                return name
+        return None
+
+
+@contextlib.contextmanager
+def streams_kept() -> Iterator[None]:
+    """Run a block (a check's extra forwards) without moving any global random stream: what it
+    draws is given back, so a run with the check draws what a run without it draws."""
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    state, np = random.getstate(), _numpy_state()
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(state)
+            if np is not None:
+                sys.modules["numpy"].random.set_state(np)
+
+
+def _numpy_state() -> Optional[Tuple[Any, ...]]:
+    np = sys.modules.get("numpy")  # only when the program uses NumPy already
+    return np.random.get_state() if np is not None else None
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if type(a).__module__ == "numpy":
+        return bool((a == b).all()) if getattr(a, "shape", ()) else bool(a == b)
+    return bool(a == b)
+
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"forward", "train"}
+
+
+def _value(v: Any) -> Any:
+    """A comparable stand-in for an attribute: plain values by value (floats by their bits),
+    anything else by identity (an object mutated in place is not seen)."""
+    if isinstance(v, float):
+        return ("float", v.hex())
+    if v is None or isinstance(v, (bool, int, str, torch.dtype, torch.device)):
+        return v
+    if isinstance(v, (tuple, list)) and len(v) <= 16:
+        return (type(v).__name__, tuple(_value(x) for x in v))
+    return (type(v).__name__, id(v))
+
+
+class StateWatch:
+    """Everything the output of a set of modules depends on besides its input, taken when
+    made and compared later.
+
+    :meth:`changed` (every forward, cheap): each parameter and buffer of the modules and their
+    submodules is the same tensor object, with the same storage, shape, dtype, device,
+    ``requires_grad`` and in-place version counter; the modules' plain attributes have the same
+    values (other objects: the same objects); the same hooks are registered.
+    :meth:`content_changed` (less often: it reads every weight): the tensors' bits, which also
+    sees in-place writes through ``.data`` (autograd's version counter does not count those).
+    """
+
+    def __init__(self, modules: Dict[str, nn.Module]) -> None:
+        self._subs = [(f"{name}.{sub}" if sub else name, m) for name, module in modules.items()
+                      for sub, m in module.named_modules()]
+        self._fast = self._now()
+        self._hashes = self._content()
+
+    def _now(self) -> List[Tuple[str, Any]]:
+        out: List[Tuple[str, Any]] = []
+        for name, m in self._subs:
+            for kind, table in (("parameter", m._parameters), ("buffer", m._buffers)):
+                for k, t in table.items():
+                    out.append((f"{kind} {name}.{k}", None if t is None else (
+                        id(t), t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t.requires_grad, t._version)))
+            attrs = tuple(sorted((k, _value(v)) for k, v in m.__dict__.items()
+                                 if k not in _MODULE_INTERNALS and not k.startswith("_svcca")))
+            out.append((f"attributes of {name!r}", attrs))
+            hooks = tuple(tuple(getattr(m, h)) for h in ("_forward_pre_hooks", "_forward_hooks"))
+            out.append((f"hooks of {name!r}", hooks))
+        return out
+
+    def _tensors(self) -> List[torch.Tensor]:
+        return [t for _, m in self._subs for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+
+    def _content(self) -> List[Tuple[int, int, int]]:
+        return [tensor_hash(t) for t in self._tensors()]
+
+    def changed(self) -> Optional[str]:
+        """What changed since this watch was made (cheap checks), or None."""
+        now = self._now()
+        if len(now) != len(self._fast):
+            return "a module's parameters or buffers were added or removed"
+        for (what, a), (_, b) in zip(self._fast, now):
+            if a != b:
+                return f"the {what} changed"
+        return None
+
+    def content_changed(self) -> Optional[str]:
+        """What changed in the weights' bits (reads every weight), or None."""
+        if self._content() != self._hashes:
+            return "a frozen weight's values changed (e.g. written through `.data`)"
+        return None
+
+
+_WEIGHTS: Dict[Tuple[int, str], torch.Tensor] = {}
+_FOLD = 4096  # words per row when a whole tensor is hashed
+
+
+def _words(flat: torch.Tensor) -> torch.Tensor:
+    """``flat``'s bit pattern as integer words of at most 32 bits (same leading dims)."""
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(*flat.shape[:-1], -1)
+    flat = flat.contiguous()
+    if flat.dtype == torch.bool:
+        return flat.view(torch.uint8)
+    if flat.is_floating_point() or flat.element_size() == 8:
+        return flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int32}[flat.element_size()])
+    return flat
+
+
+def bits_hash(flat: torch.Tensor) -> List[Tuple[int, int]]:
+    """Two 64-bit multilinear hashes of each row's bit pattern (``flat``: ``(rows, d)``), mod
+    2^64 on its device, with random weights fixed per ``d``. Words are at most 32 bits wide, so
+    two rows that differ, differ by a multiple of at most 2^31 in some word, which a random
+    64-bit weight maps to 0 with probability <= 2^-33 per hash."""
+    words = _words(flat)
+    words = words.reshape(words.shape[0], -1)
+    d = words.shape[1]
+    key = (d, str(words.device))
+    if key not in _WEIGHTS:
+        g = torch.Generator().manual_seed(d)
+        _WEIGHTS[key] = torch.randint(-(2 ** 63), 2 ** 63 - 1, (_LANES, d), generator=g,
+                                      dtype=torch.int64).to(words.device)
+    w = _WEIGHTS[key]
+    rows = max(1, _CHUNK // max(d, 1))
+    parts = [torch.stack([(c.to(torch.int64) * w[i]).sum(1) for i in range(_LANES)], 1)  # wraps mod 2^64
+             for c in words.split(rows)]
+    return list(map(tuple, torch.cat(parts).tolist())) if parts else []
+
+
+def tensor_hash(t: torch.Tensor) -> Tuple[int, int, int]:
+    """:func:`bits_hash` of a whole tensor of any size: rows of ``_FOLD`` words hashed, then
+    their hashes (as 32-bit words) hashed again, so weights stay small."""
+    words = _words(t.detach().reshape(1, -1)).reshape(-1)
+    pad = (-words.numel()) % _FOLD
+    if pad or not words.numel():
+        words = torch.cat([words, words.new_zeros(pad or _FOLD)])
+    rows = torch.tensor(bits_hash(words.reshape(-1, _FOLD)), dtype=torch.int64)
+    return (*bits_hash(rows.reshape(1, -1).view(torch.int32))[0], t.numel())
+
+
+_LANES = 2
+_CHUNK = 1 << 22  # elements of int64 scratch per hashing chunk
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -34,9 +34,9 @@ It owns four things:
   taken therefore never changes what freezes.
 * the **freezing** (:mod:`svcca_torch.freeze`): frozen parameters get
   ``requires_grad=False`` and ``grad=None`` and their BatchNorm layers stay in eval mode,
-  so they stay bit-identical. With ``frozen_cache`` (default on) the frozen prefix's output
+  so they stay bit-identical. With ``frozen_cache=True`` (opt-in) the frozen prefix's output
   is kept per training input, so a batch seen before skips the frozen forward too
-  (:mod:`svcca_torch._cache`: exact, checked, off by itself under random augmentation).
+  (:mod:`svcca_torch._cache`: exact or off, off by itself under random augmentation).
 * the **final analysis**: learning-dynamics matrices, figures and ``svcca_summary.json``.
 
 Activations are ``(datapoints, neurons)`` (batch-first), or ``(N, C, H, W)`` for conv
@@ -242,10 +242,12 @@ class DynamicsTracker:
             is ``>= freeze_threshold`` at ``freeze_patience`` consecutive windows.
         signal_datapoints_per_neuron: datapoints per neuron the signal records (10).
         max_frozen_fraction, schedule_start, schedule_end: see :mod:`svcca_torch.freeze`.
-        frozen_cache: keep the frozen prefix's output per training input and skip the frozen
-            forward for batches seen before (:mod:`svcca_torch._cache`; exact, and off by
-            itself when inputs never repeat, as under random augmentation): ``True`` (up to
-            1 GiB of host memory), a number of bytes, or ``False``.
+        frozen_cache: opt in to keeping the frozen prefix's output per training input and
+            skipping the frozen forward for batches seen before (:mod:`svcca_torch._cache`:
+            exact or off, and off by itself when inputs never repeat, as under random
+            augmentation): ``True`` (up to 1 GiB of host memory), a number of bytes, or
+            ``False`` (the default: the forward must be a function of the input and the
+            modules' state alone, which cannot be proven for any model).
         total_steps: training length, when known (the schedule policy needs it).
         final_analysis: compute the learning-dynamics matrices and figures in :meth:`finish`.
         final_heatmaps: how many captures get a full layers x layers matrix (a heatmap) at the
@@ -299,7 +301,7 @@ class DynamicsTracker:
         max_frozen_fraction: float = 0.75,
         schedule_start: float = 0.25,
         schedule_end: float = 0.75,
-        frozen_cache: Union[bool, int] = True,
+        frozen_cache: Union[bool, int] = False,
         total_steps: Optional[int] = None,
         final_analysis: bool = True,
         final_heatmaps: int = 6,
@@ -365,6 +367,7 @@ class DynamicsTracker:
         self._reuse = PrefixReuse()
         # the frozen prefix's output per training input (runtime only)
         self._cache: Optional[FrozenOutputCache] = None
+        self._cache_epoch: Optional[int] = None
         self._set_up = False
         self._started = False
         # time accounting (seconds): own time nests, only the outermost section counts
@@ -533,8 +536,8 @@ class DynamicsTracker:
             raise RuntimeError(f"{type(self).__name__}.maybe_capture: call start() once before the first step.")
         with self._timed():
             events = TrackerEvents(step)
-            if epoch is not None and self._cache is not None:
-                self._cache.note_epoch(epoch)
+            if self._cache is not None:
+                self._note_cache_window(step, epoch)
             if self.freeze == "schedule":
                 fraction = progress if progress is not None else (
                     min(1.0, step / self.total_steps) if self.total_steps else None)
@@ -858,6 +861,20 @@ class DynamicsTracker:
             self._cache = FrozenOutputCache(self.model, self.frozen_cache)
         self._cache.update(self._frozen_modules(),
                            to_model(self._probe.head(FrozenOutputCache.CHECK_IMAGES), self.model))
+
+    def _note_cache_window(self, step: int, epoch: Optional[int]) -> None:
+        """End the cache's window (its rule for serving nothing): at each new epoch the loop
+        passes (inputs repeat once per epoch), else every ``freeze_window`` steps, else every 5%
+        of ``total_steps`` (100 steps when that is unknown too)."""
+        assert self._cache is not None
+        if epoch is not None:
+            if self._cache_epoch is not None and epoch != self._cache_epoch:
+                self._cache.note_window(f"epoch ({self._cache_epoch})")
+            self._cache_epoch = epoch
+            return
+        window = self.freeze_window or max(1, (self.total_steps or 2000) // 20)
+        if step % window == 0:
+            self._cache.note_window(f"window of {window} steps")
 
     def _frozen_modules(self) -> Dict[str, nn.Module]:
         """The frozen groups' modules, outermost only (name -> module)."""

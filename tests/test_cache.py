@@ -1,6 +1,7 @@
 """The frozen prefix's output kept per training input (svcca_torch._cache, issue 10)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, List, Optional
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from svcca_torch._cache import FrozenOutputCache
+from svcca_torch._prefix import bits_hash
 from svcca_torch.data import load_digits_dataset, probe_set
 from svcca_torch.models import ConvBNReLU, ConvNet
 from svcca_torch.tracker import DynamicsTracker
@@ -15,7 +17,7 @@ from svcca_torch.tracker import DynamicsTracker
 from _modules import Skip, Twice
 
 # every group settles at once: the signal freezes bottom-up, one window (epoch) after another
-SIGNAL = dict(freeze="adaptive", freeze_threshold=1e-6, freeze_patience=2, max_overhead=None,
+SIGNAL = dict(freeze="adaptive", freeze_threshold=1e-6, freeze_patience=2, max_overhead=None, frozen_cache=True,
               final_analysis=False)
 
 
@@ -26,8 +28,9 @@ def _batches(n_train: int = 640, batch: int = 64):
 
 
 def _fit(model: nn.Module, run_dir, epochs: int = 6, augment: Optional[Callable] = None, seed: int = 0,
-         **kwargs):
-    """Epochs over the same 640 digits (reshuffled each epoch); the losses of every step."""
+         pass_epoch: bool = True, before: Optional[Callable] = None, **kwargs):
+    """Epochs over the same 640 digits (reshuffled each epoch); the losses of every step.
+    ``before(step, model)`` runs before each step and may return a context for its forward."""
     x, y, probe = _batches()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tracker = DynamicsTracker(model, probe, run_dir=run_dir, freeze_window=5, **{**SIGNAL, **kwargs})
@@ -40,12 +43,13 @@ def _fit(model: nn.Module, run_dir, epochs: int = 6, augment: Optional[Callable]
             xb = x[idx] if augment is None else augment(x[idx], g)
             model.train()
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xb), y[idx])
+            with (before and before(step, model)) or contextlib.nullcontext():
+                loss = nn.functional.cross_entropy(model(xb), y[idx])
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
             step += 1
-            tracker.maybe_capture(step, epoch=epoch)
+            tracker.maybe_capture(step, epoch=epoch if pass_epoch else None)
     cache = tracker._cache
     tracker.finish(step)
     return tracker, losses, cache
@@ -134,8 +138,8 @@ def test_randomness_in_the_prefix_turns_the_cache_off_and_changes_nothing(tmp_pa
                                   freeze_groups=[["block1"], ["block2"], ["block3"], ["fc"]])
     assert cached.freeze_log
     stats = cached.frozen_cache_stats
-    assert stats["served"] == 0 and "randomness" in stats["off"]
-    assert losses == plain_losses  # the check batch ran for real: bit-identical training, dropout included
+    assert stats["served"] == 0 and "random numbers" in stats["off"]
+    assert losses == plain_losses  # nothing was served: bit-identical training, dropout included
 
 
 def test_memory_cap_suspends_the_cache(tmp_path):
@@ -143,32 +147,30 @@ def test_memory_cap_suspends_the_cache(tmp_path):
     assert cache is not None and cache.served == 0 and "more than 1000 bytes" in cache.suspended
 
 
+def _hash(x: torch.Tensor):
+    return bits_hash(x.reshape(x.shape[0], -1))
+
+
 def test_keys_follow_the_bits_of_each_sample():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3))
-    cache = FrozenOutputCache(model)
     x = torch.randn(5, 1, 8, 8)
-    keys = cache._keys(x)
+    keys = _hash(x)
     assert len(set(keys)) == 5
-    assert cache._keys(x[[3, 1]]) == [keys[3], keys[1]]  # per sample, whatever the batch
+    assert _hash(x[[3, 1]]) == [keys[3], keys[1]]  # per sample, whatever the batch
     y = x.clone()
     y[2, 0, 4, 4] = torch.nextafter(y[2, 0, 4, 4], torch.tensor(10.0))  # one ulp
-    assert cache._keys(y) == keys[:2] + [cache._keys(y)[2]] + keys[3:] and cache._keys(y)[2] != keys[2]
-    assert cache._keys(x.double())[0] != keys[0]  # the dtype is part of the key
-    model.eval()
-    assert cache._keys(x)[0] != keys[0]  # so is the train/eval flag
+    assert _hash(y) == keys[:2] + [_hash(y)[2]] + keys[3:] and _hash(y)[2] != keys[2]
 
 
 def test_keys_of_float64_and_int64_inputs_use_32_bit_words():
     """A sign flip changes a float64 word by 2^63: hashed as one 64-bit word, half of the
     random weights would map it to 0 (a pair of lanes colliding for 1 in 4 such pairs)."""
-    cache = FrozenOutputCache(nn.Linear(2, 2))
     x = torch.randn(256, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    keys, flipped = cache._keys(x), cache._keys(-x)
+    keys, flipped = _hash(x), _hash(-x)
     assert len(set(keys) | set(flipped)) == 512
     ids = torch.randint(0, 1000, (256, 16), generator=torch.Generator().manual_seed(1))
     other = ids.clone()
     other[:, 0] ^= 1 << 62  # a difference in the upper word only
-    assert not set(cache._keys(ids)) & set(cache._keys(other))
+    assert not set(_hash(ids)) & set(_hash(other))
 
 
 def _frozen_after_two_steps(tmp_path):
@@ -210,6 +212,13 @@ def test_a_frozen_weight_changed_before_the_next_freeze_turns_the_cache_off(tmp_
         tracker._apply_frozen(3)
     assert "changed" in cache.off and not cache.levels
     tracker.finish(3)
+
+
+def test_the_cache_is_opt_in():
+    """Exactness needs a forward that depends on its input and its modules' state alone, which
+    the checks test but cannot prove for any model: off unless asked for."""
+    assert DynamicsTracker(nn.Linear(2, 2), torch.randn(4, 2)).frozen_cache is None
+    assert DynamicsTracker(nn.Linear(2, 2), torch.randn(4, 2), frozen_cache=True).frozen_cache == 1 << 30
 
 
 def test_frozen_cache_argument_is_checked():
@@ -282,3 +291,130 @@ def test_a_frozen_module_called_twice_turns_the_cache_off():
     cache.update({"lin": model.lin}, torch.randn(8, 3))
     assert cache.off == "a frozen module is not called exactly once per forward"
     assert "forward" not in model.lin.__dict__ and model.training  # nothing left installed, modes restored
+
+
+# ---------------------------------------------------------------- the contract (issue 19)
+GROUPS = [["block1"], ["block2"], ["block3"], ["fc"]]
+
+
+class _Chain(nn.Module):
+    """Three blocks and a head; ``block1`` may be replaced to put something in the prefix."""
+
+    def __init__(self, block1: Optional[nn.Module] = None, head_dropout: float = 0.0, norm: bool = True) -> None:
+        super().__init__()
+        block = ConvBNReLU if norm else (lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.ReLU()))
+        self.block1 = block1 or block(1, 8)
+        self.block2 = block(8, 8)
+        self.block3 = block(8, 8)
+        self.drop = nn.Dropout(head_dropout)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.block3(self.block2(self.block1(x))).mean((2, 3))))
+
+
+class _StochasticDepth(nn.Module):
+    """A residual block whose branch is dropped for the whole batch (torchvision's "batch" mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+        self.stem = ConvBNReLU(1, 8)
+        self.branch = ConvBNReLU(8, 8)
+        self.sd = StochasticDepth(0.1, "batch")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return x + self.sd(self.branch(x))
+
+
+class _DrawsUnused(ConvBNReLU):
+    """Draws a random number it does not use: its output does not depend on it, the stream does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.rand(1)
+        return super().forward(x)
+
+
+def _both(tmp_path, make: Callable[[], nn.Module], **kwargs):
+    """The same seeded run with the cache and without: (cached tracker, losses, plain losses, cache)."""
+    runs = []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        runs.append(_fit(make(), tmp_path / str(cache), freeze_groups=GROUPS, frozen_cache=cache, **kwargs))
+    (cached, losses, cache), (plain, plain_losses, _) = runs
+    assert [e["groups"] for e in cached.freeze_log] == [e["groups"] for e in plain.freeze_log]
+    assert cached.freeze_log, "the run should freeze block1"
+    return cached, losses, plain_losses, cache
+
+
+@pytest.mark.parametrize("make", [lambda: _Chain(_StochasticDepth()), lambda: _Chain(_DrawsUnused(1, 8), 0.5)],
+                         ids=["batch-stochastic-depth", "draws-unused-random-numbers"])
+def test_a_prefix_that_draws_random_numbers_turns_the_cache_off_and_changes_nothing(tmp_path, make):
+    """Batch-level stochastic depth can pass a one-batch comparison by chance; a module that
+    draws numbers it does not use would, skipped, shift the dropout masks above it."""
+    cached, losses, plain_losses, _ = _both(tmp_path, make)
+    stats = cached.frozen_cache_stats
+    assert stats["served"] == 0 and "draws random numbers" in stats["off"]
+    assert losses == plain_losses
+
+
+def _reassign_buffer(model: nn.Module) -> None:
+    bn = model.block1.bn
+    bn.running_var = bn.running_var * 4  # a new tensor: its version counter starts afresh
+
+
+def _set_attribute(model: nn.Module) -> None:
+    model.block1.bn.eps = 0.5  # a plain attribute the forward reads
+
+
+def _rebind_data(model: nn.Module) -> None:
+    w = model.block1.conv.weight
+    w.data = w.data * 2  # no version counter counts this
+
+
+@pytest.mark.parametrize("change", [_reassign_buffer, _set_attribute, _rebind_data],
+                         ids=["reassigned-buffer", "attribute", "rebound-data"])
+def test_state_changed_after_the_check_turns_the_cache_off_before_it_serves(tmp_path, change):
+    """The same change at the same step in both runs (after serving began): same losses."""
+    def before(step: int, model: nn.Module):
+        if step == 25:
+            change(model)
+
+    cached, losses, plain_losses, _ = _both(tmp_path, _Chain, before=before)
+    assert torch.allclose(torch.tensor(losses), torch.tensor(plain_losses), rtol=1e-4, atol=1e-5)
+    stats = cached.frozen_cache_stats
+    assert stats["served"] > 0 and "changed after the frozen prefix was checked" in stats["off"]
+
+
+def test_a_weight_changed_in_place_through_data_is_seen_at_the_windows_end(tmp_path):
+    def before(step: int, model: nn.Module):
+        if step == 25:
+            model.block1.conv.weight.data.mul_(2)  # in place, not counted: the contract's one late case
+
+    cached, _, _, _ = _both(tmp_path, _Chain, before=before)
+    off = cached.frozen_cache_stats["off"]  # by the window's bit comparison, or a new level's check before it
+    assert "values changed" in off or "differs between two forwards" in off
+
+
+def test_autocast_is_part_of_the_key(tmp_path):
+    """Rows kept under bfloat16 autocast are never served to a float32 forward, nor back."""
+    def before(step: int, model: nn.Module):
+        on = step < 35  # kept, checked and served under autocast, then float32 forwards of the same inputs
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=on)
+
+    # blocks without normalisation: their outputs are bfloat16 under autocast
+    cached, losses, plain_losses, cache = _both(tmp_path, lambda: _Chain(norm=False), before=before)
+    assert cache.served > 0
+    # bfloat16 convolutions of other batches: ~1e-3 relative per step, amplified a little by training
+    assert torch.allclose(torch.tensor(losses), torch.tensor(plain_losses), rtol=1e-2, atol=1e-3)
+
+
+def test_a_cache_that_serves_nothing_frees_its_memory_without_epochs(tmp_path):
+    """Random augmentation in a loop that does not pass ``epoch=``: off, memory freed, at the
+    end of the first window after the one in which it began keeping."""
+    noise = lambda xb, g: xb + 0.01 * torch.randn(xb.shape, generator=g)  # noqa: E731
+    tracker, losses, cache = _fit(_model(), tmp_path / "cached", augment=noise, pass_epoch=False)
+    stats = tracker.frozen_cache_stats
+    assert stats["served"] == 0 and "served 0 of the 320 training samples" in stats["off"]
+    assert stats["bytes"] == 0 and cache.lookups < 1000  # freed early: 60 steps x 64 = 3840 lookups otherwise

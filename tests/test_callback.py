@@ -189,7 +189,8 @@ def test_freeze_training_freezes_bottom_up_and_keeps_weights(tmp_path, policy):
     model = DigitsModule()
     kwargs = dict(freeze_threshold=0.9, freeze_patience=1) if policy == "adaptive" else dict(
         schedule_start=0.2, schedule_end=0.6)
-    cb = SVCCACallback(probe, freeze_training=policy, progress=False, final_analysis=False, **kwargs)
+    cb = SVCCACallback(probe, freeze_training=policy, progress=False, final_analysis=False, frozen_cache=True,
+                       **kwargs)
     snap = FrozenSnapshot(cb)
     logger = CSVLogger(str(tmp_path), name="csv")
     trainer(tmp_path, logger=logger, max_epochs=4, callbacks=[cb, snap]).fit(model, loader)

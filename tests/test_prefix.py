@@ -16,16 +16,18 @@ SIGNAL = dict(freeze="adaptive", freeze_window=5, freeze_threshold=1e-6, freeze_
               max_overhead=None, final_analysis=False)
 
 
-def _train(model: nn.Module, run_dir, steps: int = 30):
+def _train(model: nn.Module, run_dir, steps: int = 30, change=None, **kwargs):
     train, _ = load_digits_dataset()
     x, y = train.tensors
     probe = probe_set(train, 300, seed=0)
     before = probe.clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    tracker = DynamicsTracker(model, probe, run_dir=run_dir, **SIGNAL)
+    tracker = DynamicsTracker(model, probe, run_dir=run_dir, **{**SIGNAL, **kwargs})
     tracker.start()
     g = torch.Generator().manual_seed(0)
     for step in range(1, steps + 1):
+        if change is not None:
+            change(step, model)
         idx = torch.randint(0, len(x), (64,), generator=g)
         model.train()
         opt.zero_grad()
@@ -94,3 +96,24 @@ def test_call_order_and_outermost():
     shared = nn.Sequential(mods["0"], nn.Linear(4, 3), mods["0"])  # called twice: no order
     assert prefix.call_order(shared, {"0": mods["0"]}, torch.randn(2, 3)) is None
     assert model.training  # modes restored
+
+
+def test_a_kept_output_whose_prefix_changed_is_kept_again(tmp_path, monkeypatch):
+    """A frozen weight rebound between recordings (``.data =``: no version counter sees it)
+    must not leave the signal reading the old prefix's output."""
+    def change(step: int, model: nn.Module) -> None:
+        if step == 17:
+            w = model.features.block1.conv.weight
+            w.data = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+
+    torch.manual_seed(0)
+    # the recording after the change starts from the output kept before it (same frozen groups)
+    reused = _train(ConvNet(width=8, depth=6, hidden=32), tmp_path / "reused", steps=40, change=change,
+                    max_frozen_fraction=0.5)
+    monkeypatch.setattr(prefix, "PREFIX_BYTES", 0)
+    torch.manual_seed(0)
+    full = _train(ConvNet(width=8, depth=6, hidden=32), tmp_path / "full", steps=40, change=change,
+                  max_frozen_fraction=0.5)
+    assert reused.freeze_log and reused.freeze_log[0]["step"] < 17, "block1 should be frozen before the change"
+    _same_signal(reused, full)
+    assert not reused._reuse.disabled  # seen as a change and kept again, not found later by a check
