@@ -377,6 +377,12 @@ class SVCCACallback(Callback):
             capture = self.tracker.capture_if_affordable(trainer.global_step, trainer.current_epoch)
             self._log_events(trainer, TrackerEvents(trainer.global_step, capture=capture), previous)
 
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        """Training stopped with an exception: release the store and restore the model's forwards
+        (what was captured stays in ``run_dir``; no collective runs here, so DDP cannot hang)."""
+        if self.tracker is not None:
+            self.tracker.close()
+
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         tracker = self.tracker
         assert tracker is not None

@@ -905,8 +905,11 @@ class DynamicsTracker:
 
     # ------------------------------------------------------------------ end
     def close(self) -> None:
-        """Release the store's writer lock (other processes may then write to ``run_dir``).
-        Idempotent; a later :meth:`start` reopens the store, and the store stays readable."""
+        """Release the store's writer lock (another store may then write to ``run_dir``) and
+        give the frozen modules their own forwards back (the frozen-output cache). Idempotent;
+        call it when training stops without :meth:`finish` (an exception); a later
+        :meth:`start` reopens the store, and the store stays readable."""
+        self._close_cache()
         if self.store is not None:
             self.store.close()
 

@@ -532,3 +532,26 @@ def test_failed_final_capture_is_reported_and_the_run_still_written(tmp_path):
     acc = _events(logger.log_dir)
     tags = _plugin_tags(acc, "scalars")
     assert any(t.startswith("svcca/to_final/") for t in tags) and "svcca/dynamics/grid" in _plugin_tags(acc, "images")
+
+
+def test_a_fit_that_raises_releases_the_store_and_the_models_forwards(tmp_path):
+    """After an exception in training the run folder can be written again in the same process
+    (one writer per folder) and no forward of the model stays replaced by the cache."""
+    loader, probe = digits_loaders()
+
+    class Fails(DigitsModule):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 25:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    model = Fails()
+    cb = SVCCACallback(probe, run_dir=tmp_path / "run", freeze_training=True, freeze_threshold=1e-6,
+                       freeze_patience=1, frozen_cache=True, final_analysis=False, progress=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, max_epochs=5, callbacks=[cb]).fit(model, loader)
+    assert cb.policy.frozen, "a group should be frozen (the cache installed) before the exception"
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    again = SVCCACallback(probe, run_dir=tmp_path / "run", final_analysis=False, progress=False)
+    trainer(tmp_path, max_epochs=1, callbacks=[again]).fit(DigitsModule(), loader)
+    assert again.tracker.captured_steps
