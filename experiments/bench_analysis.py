@@ -38,9 +38,9 @@ Two parts, in one run:
    from the int12 and from the float32 bases. With the shared reference activations present
    (../shared/data/svcca_reference), the same difference on real SVHN and MNIST layers.
 
-    python experiments/bench_analysis.py                      # a few minutes on one CPU thread
-    python experiments/bench_analysis.py --sizes 40x30 --width-scale 0.25
-    python experiments/bench_analysis.py --device cuda --datapoints 4096 --width-scale 1
+    python -m svcca_torch.experiments.bench_analysis                      # a few minutes on one CPU thread
+    python -m svcca_torch.experiments.bench_analysis --sizes 40x30 --width-scale 0.25
+    python -m svcca_torch.experiments.bench_analysis --device cuda --datapoints 4096 --width-scale 1
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ paid), the same seed and data order in every arm of a seed. It prints:
    every epoch (``max_overhead=None``): groups frozen and the training fraction of the
    first freeze (goal: same groups +-1, first freeze within 10% of training).
 
-    python experiments/bench_callback.py                 # the README's run (~30 min, 2 cores)
-    python experiments/bench_callback.py --quick         # smoke run
+    python -m svcca_torch.experiments.bench_callback                 # the README's run (~30 min, 2 cores)
+    python -m svcca_torch.experiments.bench_callback --quick         # smoke run
 
 Writes ``bench_callback.json`` to ``--out``. ``--sections ddp`` (or ``ddp2``) times the cost
 of DDP's ``find_unused_parameters=True`` that freeze training turns on.

@@ -22,9 +22,9 @@ weights are untrained: the costs depend on shapes, not on what the network has l
    it), the bytes stored, and the layers x layers matrix from the stored bases against
    ``svcca`` on the raw activations for every pair.
 
-    python experiments/bench_capture.py                    # ~1 minute on one CPU thread
-    python experiments/bench_capture.py --model resnet18_cifar --probe 256
-    python experiments/bench_capture.py --device cuda --probe 4096
+    python -m svcca_torch.experiments.bench_capture                    # ~1 minute on one CPU thread
+    python -m svcca_torch.experiments.bench_capture --model resnet18_cifar --probe 256
+    python -m svcca_torch.experiments.bench_capture --device cuda --probe 4096
 """
 from __future__ import annotations
 

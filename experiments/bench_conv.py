@@ -15,8 +15,8 @@ It prints the times, the flat time over each DFT variant's, and the largest coef
 difference from the baseline. Sizes whose flat CCA would have more than
 ``--max-flat-neurons`` neurons time only ``dft-dc`` (no flat CCA, no materialised shifts).
 
-    python experiments/bench_conv.py                 # a few sizes, well under a minute
-    python experiments/bench_conv.py --sizes 8:8:48 32:16:200 --repeats 5
+    python -m svcca_torch.experiments.bench_conv                 # a few sizes, well under a minute
+    python -m svcca_torch.experiments.bench_conv --sizes 8:8:48 32:16:200 --repeats 5
 """
 from __future__ import annotations
 

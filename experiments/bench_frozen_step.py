@@ -14,8 +14,8 @@ each arm in turn, in rotating order, so that machine load hits all alike):
 Prints the median time of the forward, backward and optimizer step of each arm and their
 ratios to ``trainable``.
 
-    python experiments/bench_frozen_step.py                 # 7 of 10 groups frozen, 30 steps
-    python experiments/bench_frozen_step.py --frozen 4 --steps 50
+    python -m svcca_torch.experiments.bench_frozen_step                 # 7 of 10 groups frozen, 30 steps
+    python -m svcca_torch.experiments.bench_frozen_step --frozen 4 --steps 50
 """
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ call against its own floor (one Gram per layer, the upper triangle's cross produ
 one GEMM per row, and every pair's singular values from one batched symmetric
 eigensolve, all in float32) and against a loop of svcca calls.
 
-    python experiments/bench_kernels.py                 # CPU, one thread, float32
-    python experiments/bench_kernels.py --device cuda   # the same on a GPU
-    python experiments/bench_kernels.py --accuracy      # float32 against float64, every method
+    python -m svcca_torch.experiments.bench_kernels                 # CPU, one thread, float32
+    python -m svcca_torch.experiments.bench_kernels --device cuda   # the same on a GPU
+    python -m svcca_torch.experiments.bench_kernels --accuracy      # float32 against float64, every method
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Cost of the tracker's freeze-signal recording against a full capture, for this
 checkout's :class:`~svcca_torch.tracker.DynamicsTracker` and a baseline version of
-``svcca_torch/tracker.py`` from git (default ``main``), in one run, arms interleaved.
+``svcca_torch/tracker.py`` from git (default ``main``; none outside a git checkout), in one run, arms interleaved.
 
 Setting (issue 10's): torchvision ``resnet18(num_classes=10)`` with its ImageNet stem on
 32x32 RGB inputs (the deepest maps are 1x1), a probe of ``--probe`` random images (default
@@ -24,9 +24,9 @@ signal trusts a layer with at least ``signal_datapoints_per_neuron`` datapoints 
 direction). The baseline is loaded from ``git show REF:svcca_torch/tracker.py`` against this checkout's
 other modules (recorder, store, kernels), so only the tracker differs between the arms.
 
-    python experiments/bench_signal.py                  # ~30 s on one CPU thread
-    python experiments/bench_signal.py --frozen 4 --baseline d4026da
-    python experiments/bench_signal.py --frozen 4 --grid 4     # judged layers on different grids
+    python -m svcca_torch.experiments.bench_signal                  # ~30 s on one CPU thread
+    python -m svcca_torch.experiments.bench_signal --frozen 4 --baseline d4026da
+    python -m svcca_torch.experiments.bench_signal --frozen 4 --grid 4     # judged layers on different grids
 """
 from __future__ import annotations
 
@@ -46,11 +46,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_baseline(ref: str) -> Any:
-    """``svcca_torch/tracker.py`` at git ``ref``, imported as ``svcca_torch._tracker_baseline``."""
+    """``svcca_torch/tracker.py`` at git ``ref``, imported as ``svcca_torch._tracker_baseline``;
+    None when that cannot be read (no git checkout: an installed package)."""
     import svcca_torch
 
-    source = subprocess.run(["git", "show", f"{ref}:svcca_torch/tracker.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    try:
+        source = subprocess.run(["git", "show", f"{ref}:svcca_torch/tracker.py"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
     name = "svcca_torch._tracker_baseline"
     spec = importlib.util.spec_from_loader(name, loader=None)
     module = importlib.util.module_from_spec(spec)
@@ -76,7 +80,9 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=1024, help="probe images (default 1024)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats, median reported (default 3)")
     parser.add_argument("--frozen", type=int, default=0, help="groups marked frozen before measuring (default 0)")
-    parser.add_argument("--baseline", default="main", help="git ref of the baseline tracker.py (default main)")
+    parser.add_argument("--baseline", default=None,
+                        help="git ref of the baseline tracker.py (default main when run in a git checkout, else "
+                             "no baseline arm)")
     parser.add_argument("--grid", type=int, default=2, help="the tracker's pooling grid (default 2)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -85,16 +91,23 @@ def main() -> None:
 
     from svcca_torch import tracker as current
 
-    baseline = load_baseline(args.baseline)
+    baseline = load_baseline(args.baseline or "main")
+    if baseline is None:
+        if args.baseline is not None:
+            sys.exit(f"bench_signal: error: cannot read svcca_torch/tracker.py at git ref {args.baseline!r} "
+                     f"(needs a git checkout of svcca-torch at {ROOT})")
+        print("no git checkout here (an installed package): measuring this version only, without a baseline arm")
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10).eval()
     probe = torch.randn(args.probe, 3, 32, 32)
     warnings.simplefilter("ignore")  # the few-datapoints warnings of the 1x1 deep maps: not what is measured
     with tempfile.TemporaryDirectory() as tmp:
-        trackers = {f"before ({args.baseline})": make_tracker(baseline.DynamicsTracker, net, probe, f"{tmp}/a",
-                                                                args.frozen, args.grid),
-                    "after (this checkout)": make_tracker(current.DynamicsTracker, net, probe, f"{tmp}/b",
-                                                          args.frozen, args.grid)}
+        trackers = {}
+        if baseline is not None:
+            trackers[f"before ({args.baseline or 'main'})"] = make_tracker(
+                baseline.DynamicsTracker, net, probe, f"{tmp}/a", args.frozen, args.grid)
+        trackers["after (this checkout)"] = make_tracker(current.DynamicsTracker, net, probe, f"{tmp}/b",
+                                                         args.frozen, args.grid)
         groups = [g.name for g in trackers["after (this checkout)"].groups]
         print(f"tv-resnet18, 32x32, probe {args.probe}, grid {args.grid}, {args.threads} thread(s); groups {groups}; "
               f"signal judges {groups[args.frozen: args.frozen + 2]}")
@@ -135,8 +148,9 @@ def main() -> None:
     for arm, r in rows.items():
         print(f"signal datapoints (kept directions) per layer, {arm}: "
               + ", ".join(f"{n} {d} ({k})" for n, (d, k) in r.items()))
-    b, a = (med(times[k]["signal"]) for k in trackers)
-    print(f"signal recording: after / before = {a / b:.3f}")
+    if len(trackers) == 2:
+        b, a = (med(times[k]["signal"]) for k in trackers)
+        print(f"signal recording: after / before = {a / b:.3f}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ Outputs: ``depth.png`` (final network: similarity to each class over depth),
 training after which the top feature layer (``--layer``, default the last before the
 fully connected head) stays within 95% of its final sensitivity.
 
-    python experiments/class_sensitivity.py
-    python experiments/class_sensitivity.py --dataset cifar10 --data-dir data --model resnet
+    python -m svcca_torch.experiments.class_sensitivity
+    python -m svcca_torch.experiments.class_sensitivity --dataset cifar10 --data-dir data --model resnet
 """
 from __future__ import annotations
 
@@ -40,10 +40,12 @@ from .common import (
     ExperimentError,
     accuracy,
     base_parser,
+    doc_examples,
     finalize_args,
     first_reaching,
     load_data,
     make_run_dir,
+    module_prog,
     script_main,
     setup_runtime,
     train_plain,
@@ -91,7 +93,8 @@ class Snapshots(pl.Callback):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = base_parser(__doc__.split("\n\n")[0], epochs=15, cifar_epochs=40)
+    p = base_parser(__doc__.split("\n\n")[0], epochs=15, cifar_epochs=40,
+                    prog=module_prog(__file__), epilog=doc_examples(__doc__))
     p.add_argument("--target", choices=("logit", "label"), default="logit",
                    help="per-class target: the final network's logit (paper) or the one-hot label")
     p.add_argument("--layer", default=None,

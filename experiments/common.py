@@ -46,13 +46,43 @@ class ExperimentError(Exception):
 
 
 # ----------------------------------------------------------------------------- arguments
-def base_parser(description: str, *, epochs: int, cifar_epochs: int, multi_model: bool = False) -> argparse.ArgumentParser:
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after an option's help, unless the help already says its default
+    (e.g. "(default 20 on digits, 40 on CIFAR-10)"), or there is none to say (None, a flag);
+    the description and the epilog (the example commands) as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+def module_prog(file: str) -> str:
+    """What ``--help`` shows as the command: ``python -m svcca_torch.experiments.<name>``,
+    which works wherever the package is installed."""
+    return f"python -m svcca_torch.experiments.{Path(file).stem}"
+
+
+def doc_examples(doc: Optional[str]) -> Optional[str]:
+    """The example commands of a script's docstring (its ``python -m ...`` lines), as the
+    ``--help`` epilog."""
+    lines = [ln.rstrip() for ln in (doc or "").splitlines() if ln.strip().startswith("python -m ")]
+    return "examples:\n" + "\n".join(lines) if lines else None
+
+
+def base_parser(description: str, *, epochs: int, cifar_epochs: int, multi_model: bool = False,
+                prog: Optional[str] = None, epilog: Optional[str] = None) -> argparse.ArgumentParser:
     """The options every experiment shares; scripts add their own to the returned parser.
 
     ``epochs`` / ``cifar_epochs`` are the default training budgets on digits / CIFAR-10.
     With ``multi_model`` the ``--model`` option takes several models (default both).
+    ``prog``: the command in the usage line (:func:`module_prog`); ``epilog``: the example
+    commands (:func:`doc_examples`).
     """
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, usage=None if prog is None else "%(prog)s [options]",
+                                description=description, epilog=epilog, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits: scikit-learn's handwritten digits (offline); cifar10: torchvision CIFAR-10")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py (CIFAR-10 only)")

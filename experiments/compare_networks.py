@@ -11,8 +11,8 @@ on the held-out test images, and writes:
   of one layer barely correlate, their top SVCCA directions do;
 * ``results.json`` with all the numbers.
 
-    python experiments/compare_networks.py                 # digits, ConvNet-BN
-    python experiments/compare_networks.py --model resnet --layer net.layer3.1
+    python -m svcca_torch.experiments.compare_networks                 # digits, ConvNet-BN
+    python -m svcca_torch.experiments.compare_networks --model resnet --layer net.layer3.1
 """
 from __future__ import annotations
 
@@ -36,22 +36,26 @@ from .common import (
     ExperimentError,
     accuracy,
     base_parser,
+    doc_examples,
     finalize_args,
     load_data,
     make_run_dir,
+    module_prog,
     script_main,
     setup_runtime,
     train_plain,
     write_json,
 )
-from svcca_torch import ActivationRecorder, aligned_directions, similarity_matrix
+from svcca_torch import ActivationRecorder, aligned_directions, compare_networks, similarity_matrix
+from svcca_torch.dynamics import NARROW_LAYER_DIRECTIONS
 from svcca_torch.data import probe_set
 from svcca_torch.functional.matrix import METHODS
 from svcca_torch.plotting import plot_aligned_directions, short_layer_names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = base_parser(__doc__.split("\n\n")[0], epochs=15, cifar_epochs=40)
+    p = base_parser(__doc__.split("\n\n")[0], epochs=15, cifar_epochs=40,
+                    prog=module_prog(__file__), epilog=doc_examples(__doc__))
     p.add_argument("--seed-b", type=int, default=None, help="seed of the second network (default --seed + 1)")
     p.add_argument("--layer", default=None, help="layer of the aligned-directions figure (default: the last hidden layer)")
     p.add_argument("--keep", type=float, default=0.99, help="SVCCA: fraction of singular-value mass kept")
@@ -78,27 +82,60 @@ def random_baseline(n: int, pa: int, pb: int, draws: int, seed: int, keep: float
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
-    """``layer  svcca (random)  cca (random) ...`` as aligned text."""
+    """``layer  svcca (random)  cca (random) ...`` as aligned text; a narrow layer (at most
+    :data:`NARROW_LAYER_DIRECTIONS` kept directions) is starred, with a note under the table."""
     head = f"{'layer':<24}{'neurons':>8}" + "".join(f"{m + ' (random)':>18}" for m in METHODS)
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = "".join(f"{r['trained'][m]:>9.3f} ({r['random'][m]:.3f})" for m in METHODS)
-        lines.append(f"{r['layer']:<24}{r['neurons']:>8}{cells}")
+        name = r["layer"] + (" *" if r.get("narrow") else "")
+        lines.append(f"{name:<24}{r['neurons']:>8}{cells}")
+    if any(r.get("narrow") for r in rows):
+        lines.append(f"* at most {NARROW_LAYER_DIRECTIONS} kept directions: compare it with its twin only, not "
+                     "with other layers (see the warning)")
     return "\n".join(lines)
 
 
-def _plot_matrices(layers_a: List[str], layers_b: List[str], mats: Dict[str, torch.Tensor]) -> Figure:
-    fig = Figure(figsize=(5.0 * len(mats) + 1, 4.8), layout="constrained")
+def _plot_matrices(layers_a: List[str], layers_b: List[str], mats: Dict[str, torch.Tensor],
+                   narrow: Optional[Dict[str, str]] = None) -> Figure:
+    """The layer-to-layer matrices side by side, at a size whose labels read at 110 dpi: short
+    layer names (the dropped prefix said below), each cell's value, and narrow layers
+    (``{layer: kept directions}``, see :data:`NARROW_LAYER_DIRECTIONS`) starred."""
+    narrow = narrow or {}  # {layer: "9" or "9 / 10"}: its kept directions in network A / B
+    n = max(len(layers_a), len(layers_b))
+    short_a, short_b = short_layer_names(layers_a), short_layer_names(layers_b)
+    tick_a = [s + (" *" if l in narrow else "") for l, s in zip(layers_a, short_a)]
+    tick_b = [s + (" *" if l in narrow else "") for l, s in zip(layers_b, short_b)]
+    side = min(7.0, max(4.5, 0.55 * n + 1.5))
+    fig = Figure(figsize=(side * len(mats) + 1.4, side + 1.0), layout="constrained")
     axes = fig.subplots(1, len(mats), squeeze=False)[0]
     im = None
     for ax, (name, m) in zip(axes, mats.items()):
-        im = ax.imshow(m.T.numpy(), origin="lower", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-        ax.set_xticks(range(len(layers_a)), layers_a, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(layers_b)), layers_b, fontsize=7)
-        ax.set_xlabel("network A layer")
-        ax.set_ylabel("network B layer")
-        ax.set_title(f"{name} between two seeds", fontsize=9)
-    fig.colorbar(im, ax=list(axes), shrink=0.8, label="similarity")
+        data = m.T.numpy()
+        im = ax.imshow(data, origin="lower", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(len(layers_a)), tick_a, rotation=45, ha="right", rotation_mode="anchor", fontsize=13)
+        ax.set_yticks(range(len(layers_b)), tick_b, fontsize=13)
+        if n <= 12:  # the values, readable at this size
+            for (j, i), v in np.ndenumerate(data):
+                ax.text(i, j, f"{v:.2f}", ha="center", va="center", fontsize=11,
+                        color="black" if v > 0.6 else "white")
+        ax.set_xlabel("layer of network A", fontsize=13)
+        ax.set_ylabel("layer of network B", fontsize=13)
+        ax.set_title(f"{name} between two seeds", fontsize=15)
+    cbar = fig.colorbar(im, ax=list(axes), shrink=0.8)
+    cbar.set_label("similarity", fontsize=13)
+    cbar.ax.tick_params(labelsize=12)
+    notes = []
+    dropped = sorted({full[: len(full) - len(s)] for full, s in zip(layers_a + layers_b, short_a + short_b) if full != s})
+    if dropped:
+        notes.append("layer names without the prefix " + ", ".join(repr(d) for d in dropped))
+    if narrow:
+        short = dict(zip(layers_a + layers_b, short_a + short_b))
+        which = ", ".join(f"{short[l]}: {k} kept directions" for l, k in narrow.items())
+        notes.append(f"* {which} (at most {NARROW_LAYER_DIRECTIONS}: narrow): high against any layer that carries "
+                     "them; read it against its twin only")
+    if notes:
+        fig.supxlabel("\n".join(notes), fontsize=12, color="0.3")
     return fig
 
 
@@ -144,20 +181,26 @@ def compare_trained(args: argparse.Namespace, data: Data, log: Callable[[str], N
         rand = random_baseline(x.shape[0], x.shape[1], y.shape[1], args.baseline_draws, 1000 + i, keep)
         rows.append({"layer": name, "neurons": int(x.shape[1]), "datapoints": int(x.shape[0]),
                      "trained": trained, "random": rand})
+    # the library's comparison: it warns about layers too narrow for the matrix to mean much
+    cmp = compare_networks(acts_a, acts_b, keep=keep)
     mats = {
-        "SVCCA": similarity_matrix([acts_a[n] for n in layers], [acts_b[n] for n in layers], "svcca", keep=keep),
+        "SVCCA": cmp.matrix,
         "linear CKA": similarity_matrix([acts_a[n] for n in layers], [acts_b[n] for n in layers], "cka"),
     }
+    narrow = {name: str(ks[0]) if len(set(ks)) == 1 else " / ".join(map(str, ks)) for name, ks in cmp.narrow.items()}
     layer = args.layer or layers[-2]
     if layer not in acts_a:
         raise ExperimentError(f"--layer {layer!r} is not a recorded layer; choose one of {', '.join(layers)}")
     al = aligned_directions(acts_a[layer].double(), acts_b[layer].double(), keep=keep, n=2)
     figures = {"matrix": run_dir / "matrix.png", "per_layer": run_dir / "per_layer.png",
                "aligned_directions": run_dir / "aligned_directions.png"}
-    _plot_matrices(layers, layers, mats).savefig(figures["matrix"], dpi=110)
+    _plot_matrices(layers, layers, mats, narrow).savefig(figures["matrix"], dpi=110)
     _plot_per_layer(rows).savefig(figures["per_layer"], dpi=110)
     plot_aligned_directions(al, labels, names=(f"seed {args.seed}", f"seed {seed_b}"), layer=layer).savefig(
         figures["aligned_directions"], dpi=110)
+    for r in rows:
+        r["kept_directions"] = [cmp.kept_a[r["layer"]], cmp.kept_b[r["layer"]]]
+        r["narrow"] = r["layer"] in narrow
     above = [r["layer"] for r in rows if all(r["trained"][m] > r["random"][m] for m in METHODS)]
     return {
         "seeds": [args.seed, seed_b],
@@ -168,6 +211,7 @@ def compare_trained(args: argparse.Namespace, data: Data, log: Callable[[str], N
         "per_layer": rows,
         "all_methods_above_random": above,
         "svcca_matrix": mats["SVCCA"],
+        "narrow_layers": sorted(narrow),  # at most NARROW_LAYER_DIRECTIONS kept directions: see the warning
         "cka_matrix": mats["linear CKA"],
         "aligned_directions": {
             "layer": layer,

@@ -10,8 +10,8 @@ measures test accuracy against ``k``. Baselines: keeping the ``k`` highest-varia
 (the others set to their mean), and the top-``k`` principal (SVD) directions.
 Outputs ``compression.png`` and ``results.json``.
 
-    python experiments/compression.py                       # digits, ConvNet-BN, layer net.fc1
-    python experiments/compression.py --model resnet        # layer net.flatten (pooled features)
+    python -m svcca_torch.experiments.compression                       # digits, ConvNet-BN, layer net.fc1
+    python -m svcca_torch.experiments.compression --model resnet        # layer net.flatten (pooled features)
 """
 from __future__ import annotations
 
@@ -34,9 +34,11 @@ from .common import (
     ExperimentError,
     accuracy,
     base_parser,
+    doc_examples,
     finalize_args,
     load_data,
     make_run_dir,
+    module_prog,
     script_main,
     setup_runtime,
     train_plain,
@@ -49,7 +51,8 @@ DEFAULT_LAYER = {"convnet": "net.fc1", "resnet": "net.flatten"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = base_parser(__doc__.split("\n\n")[0], epochs=15, cifar_epochs=40)
+    p = base_parser(__doc__.split("\n\n")[0], epochs=15, cifar_epochs=40,
+                    prog=module_prog(__file__), epilog=doc_examples(__doc__))
     p.add_argument("--layer", default=None, help="module to compress (default net.fc1 / net.flatten)")
     p.add_argument("--keep", type=float, default=0.99, help="SVCCA: fraction of singular-value mass kept")
     return p

@@ -8,8 +8,8 @@ the callback with ``torch.utils.flop_counter``), weighted by the steps it was in
 Target of the issue: adaptive saves >= 25% of backward compute with test accuracy within
 0.5 points of full training. ``results.json`` holds every run; ``table.md`` the table.
 
-    python experiments/freeze_training.py                      # digits, ConvNet-BN, seeds 0 1 2
-    python experiments/freeze_training.py --model resnet --seeds 0 1 2 3 4
+    python -m svcca_torch.experiments.freeze_training                      # digits, ConvNet-BN, seeds 0 1 2
+    python -m svcca_torch.experiments.freeze_training --model resnet --seeds 0 1 2 3 4
 """
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ from .common import (
     accuracy,
     backward_saved,
     base_parser,
+    doc_examples,
     finalize_args,
     load_data,
     make_run_dir,
+    module_prog,
     mean_std,
     script_main,
     setup_runtime,
@@ -46,7 +48,8 @@ TARGET_ACCURACY_DROP = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = base_parser(__doc__.split("\n\n")[0], epochs=20, cifar_epochs=40)
+    p = base_parser(__doc__.split("\n\n")[0], epochs=20, cifar_epochs=40,
+                    prog=module_prog(__file__), epilog=doc_examples(__doc__))
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --seed is ignored)")
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="policies to compare")
     p.add_argument("--freeze-window", type=int, default=None,

@@ -1,7 +1,7 @@
 """One short, prepared GPU check (CI has no GPU; run this when a machine with one is lent).
 
-    python experiments/gpu_check.py            # checks, then the kernel benchmark on cuda
-    python experiments/gpu_check.py --no-bench # checks only (about a minute)
+    python -m svcca_torch.experiments.gpu_check            # checks, then the kernel benchmark on cuda
+    python -m svcca_torch.experiments.gpu_check --no-bench # checks only (about a minute)
 
 Checks that every kernel keeps CUDA tensors on the GPU and agrees with the CPU, that the
 recorder captures a CUDA model, and that a short Lightning fit with SVCCACallback and
@@ -14,7 +14,7 @@ capture against that of a plain forward of the probe; then the end-of-run analys
 captures x 30 layers, 4 full heatmaps) on the device against the CPU, timed and checked
 to agree within 1e-4. Exits non-zero on the first failure.
 
-    python experiments/gpu_check.py --device cpu --probe 64 --no-bench   # dry run of the CPU path
+    python -m svcca_torch.experiments.gpu_check --device cpu --probe 64 --no-bench   # dry run of the CPU path
 """
 from __future__ import annotations
 
@@ -307,9 +307,8 @@ def main() -> None:
     c, l = (int(v) for v in args.analysis.split("x"))
     analysis_on_device(args.device, c, l)
     if not args.no_bench:
-        here = Path(__file__).resolve().parent
-        subprocess.run([sys.executable, str(here / "bench_kernels.py"), "--device", args.device, "--repeats", "5"],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "svcca_torch.experiments.bench_kernels", "--device", args.device,
+                        "--repeats", "5"], check=True)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ the per-layer convergence curves and ``results.json``. The JSON says, per layer,
 of training after which its SVCCA similarity to its own final state stays at or above
 ``--threshold`` (0.95), and whether lower layers got there first.
 
-    python experiments/learning_dynamics.py                       # digits, both models
-    python experiments/learning_dynamics.py --model convnet --freeze adaptive
-    python experiments/learning_dynamics.py --dataset cifar10 --data-dir data --download
+    python -m svcca_torch.experiments.learning_dynamics                       # digits, both models
+    python -m svcca_torch.experiments.learning_dynamics --model convnet --freeze adaptive
+    python -m svcca_torch.experiments.learning_dynamics --dataset cifar10 --data-dir data --download
 """
 from __future__ import annotations
 
@@ -31,10 +31,12 @@ from .common import (
     accuracy,
     backward_saved,
     base_parser,
+    doc_examples,
     finalize_args,
     first_reaching,
     load_data,
     make_run_dir,
+    module_prog,
     mean_std,
     script_main,
     setup_runtime,
@@ -48,7 +50,8 @@ FREEZE_CHOICES = ("none", "adaptive", "schedule")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = base_parser(__doc__.split("\n\n")[0], epochs=20, cifar_epochs=40, multi_model=True)
+    p = base_parser(__doc__.split("\n\n")[0], epochs=20, cifar_epochs=40, multi_model=True,
+                    prog=module_prog(__file__), epilog=doc_examples(__doc__))
     p.add_argument("--freeze", choices=FREEZE_CHOICES, default="none", help="freeze training policy")
     p.add_argument("--layers", nargs="+", default=None,
                    help="layers to record: names or glob patterns, e.g. 'net.features.*.conv' 'net.features.*.bn' "

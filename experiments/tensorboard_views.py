@@ -7,8 +7,8 @@ everything through :class:`svcca_torch.board.BoardLogger`: live views at each ca
 freeze state from step 0, the paper's views at the end. Then prints the command that opens
 the logs.
 
-    python experiments/tensorboard_views.py                 # ~1 minute on one CPU thread
-    python experiments/tensorboard_views.py --epochs 4 --captures-per-epoch 10
+    python -m svcca_torch.experiments.tensorboard_views                 # ~1 minute on one CPU thread
+    python -m svcca_torch.experiments.tensorboard_views --epochs 4 --captures-per-epoch 10
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from svcca_torch import ActivationRecorder
 from svcca_torch.board import BoardLogger
 from svcca_torch.data import load_digits_dataset, probe_set
+from svcca_torch.experiments.common import DefaultsHelpFormatter, doc_examples, module_prog
 from svcca_torch.dynamics import learning_dynamics, paired_similarity
 from svcca_torch.freeze import backward_flops, default_layer_groups, freeze_group, make_freeze_policy
 from svcca_torch.functional.svcca import svd_reduce
@@ -35,13 +36,14 @@ from svcca_torch.store import RepresentationStore
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=module_prog(__file__), usage="%(prog)s [options]",
+                                description=__doc__.split("\n\n")[0], epilog=doc_examples(__doc__),
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--epochs", type=int, default=6, help="training epochs")
     p.add_argument("--captures-per-epoch", type=int, default=4, help="SVCCA captures per epoch")
     p.add_argument("--probe-size", type=int, default=500, help="probe images")
     p.add_argument("--freeze", choices=("none", "adaptive"), default="adaptive", help="freeze training policy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and probe set")
     p.add_argument("--out", default="runs", help="parent folder of the run folder")
     p.add_argument("--name", default="svcca", help="first component of the TensorBoard tags")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")

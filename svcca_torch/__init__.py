@@ -29,6 +29,7 @@ from .dynamics import (
     ClassSensitivity,
     LayerCurves,
     LearningDynamics,
+    NarrowLayerWarning,
     NetworkComparison,
     aligned_directions,
     class_sensitivity,

@@ -5,7 +5,8 @@
     svcca-torch compare A.npy B.npy [--method svcca|cca|pwcca|cka|all] [--keep 0.99]
                                     [--layout datapoints-first|neurons-first]
     svcca-torch report RUN_DIR [--out DIR] [--all-matrices] [--device cuda]
-                                               re-render figures and matrices from a store
+                                               summary and matrices of a run's stores; its figures
+                                               (drawn as the run draws them where missing, or in DIR)
     svcca-torch demo [--out runs]              what `make demo` runs (digits, a few minutes on a CPU)
 
 Arrays are activations ``(datapoints, neurons)`` (batch-first, the default layout) or conv
@@ -17,6 +18,7 @@ to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -196,11 +198,84 @@ def _nan_none(x: Any) -> Any:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+#: The figures a run writes next to its store (SVCCACallback, DynamicsTracker).
+RUN_FIGURES = ("learning_dynamics", "convergence", "to_previous")
+
+
+class _NoWriter:
+    """A SummaryWriter that keeps nothing: :meth:`BoardLogger.log_final` with it only draws
+    the ``save_dir`` files."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    add_image = add_text = add_custom_scalars = add_scalar
+
+    def flush(self) -> None:
+        pass
+
+
+def _summary(home: Path) -> Dict[str, Any]:
+    """The run's ``svcca_summary.json`` next to its store, or {}."""
+    try:
+        summary = json.loads((home / "svcca_summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def _run_figures(home: Path, steps: List[int]) -> Optional[Dict[str, Path]]:
+    """The figures the run drew in ``home``, if they show the store as it is now: its
+    ``svcca_summary.json`` (written with the figures) lists the store's captures. Else None."""
+    figs = {n: home / f"{n}.png" for n in RUN_FIGURES if (home / f"{n}.png").is_file()}
+    if "learning_dynamics" not in figs or "convergence" not in figs:
+        return None
+    return figs if _summary(home).get("steps") == list(steps) else None
+
+
+def _draw_run_figures(store: Any, home: Path, fractions: Optional[Sequence[float]], out: Path,
+                      device: Optional[str]) -> Dict[str, Path]:
+    """Draw a run's figures as the run does: the analysis the tracker runs at the end
+    (:func:`~svcca_torch.tracker.shown_dynamics`), then the grid and the to-final curves
+    through the callback's own :meth:`BoardLogger.log_final` (the same choice of captures,
+    functions, layout, fonts and pixels as the run folder's PNGs, freezes marked from the
+    run's summary), the to-previous curves as :class:`DynamicsTracker` draws them.
+    ``fractions``: None for the run's grid, else the captures nearest these."""
+    from .board import BoardLogger
+    from .plotting import plot_convergence
+    from .tracker import shown_dynamics
+
+    class FilesOnly(BoardLogger):
+        def _room(self, tag: str, step: int) -> bool:  # no TensorBoard image: only the save_dir files are drawn
+            return False
+
+    freeze = _summary(home).get("freeze")
+    frozen = freeze.get("layer_freeze_steps") if isinstance(freeze, dict) else None
+    frozen = {str(n): int(s) for n, s in frozen.items()} if isinstance(frozen, dict) else None
+    def accepts(fn: Any, name: str) -> bool:  # options of newer versions of these functions
+        return name in inspect.signature(fn).parameters
+
+    grid = {"grid": tuple(fractions)} if fractions and accepts(shown_dynamics, "grid") else {}
+    dyn = shown_dynamics(store, device=device, previous=len(store) > 1, **grid)
+    board = FilesOnly(_NoWriter(), "svcca", dyn.layers, **({} if fractions is None else {"fractions": fractions}))
+    marks = {"freeze_steps": frozen} if frozen and accepts(board.log_final, "freeze_steps") else {}
+    board.log_final(dyn, save_dir=out, **marks)
+    figs = {"learning_dynamics": out / "learning_dynamics.png", "convergence": out / "convergence.png"}
+    if len(dyn.steps) > 1:
+        figs["to_previous"] = out / "to_previous.png"
+        marks = {"freeze_steps": frozen} if frozen and accepts(plot_convergence, "freeze_steps") else {}
+        plot_convergence(dyn.to_previous(), ylabel="SVCCA similarity to previous capture", **marks).savefig(
+            figs["to_previous"], dpi=110)
+    return figs
+
+
 def _report(args: argparse.Namespace) -> int:
     from .dynamics import learning_dynamics
-    from .plotting import plot_convergence, plot_learning_dynamics
     from .store import RepresentationStore
 
+    args.fractions_given = args.fractions is not None
+    if args.fractions is None:
+        args.fractions = [0.0, 0.35, 0.75, 1.0]
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise CLIError(f"{run_dir}: no such folder")
@@ -239,12 +314,16 @@ def _report(args: argparse.Namespace) -> int:
         shown = None if args.all_matrices else [store.nearest(f) for f in args.fractions]
         dyn = learning_dynamics(store, full=shown, device=args.device, previous=True)  # one pass over the store
         fin, prev = dyn.curves(), dyn.to_previous()
-        figs = {"learning_dynamics": out / "learning_dynamics.png", "convergence": out / "convergence.png"}
-        plot_learning_dynamics(dyn, args.fractions).savefig(figs["learning_dynamics"], dpi=110)
-        plot_convergence(fin).savefig(figs["convergence"], dpi=110)
-        if len(store) > 1:
-            figs["to_previous"] = out / "to_previous.png"
-            plot_convergence(prev, ylabel="SVCCA similarity to previous capture").savefig(figs["to_previous"], dpi=110)
+        # without --out the run's own figures stand when they show this store; drawn (as the
+        # run draws them) only where they are missing or older than the store's last capture
+        figs = None if args.out else _run_figures(home, dyn.steps)
+        if figs is not None:
+            drawn = "the run's own, up to date with the store"
+            if args.fractions_given:
+                drawn += "; pass --out DIR for a grid at --fractions"
+        else:
+            figs = _draw_run_figures(store, home, args.fractions if args.fractions_given else None, out, args.device)
+            drawn = "drawn now" if args.out else "drawn now: the run's own were missing or older than its last capture"
         matrices = {"store": str(folder), "layers": dyn.layers, "steps": dyn.steps, "fractions": dyn.fractions,
                     "matrices": _nan_none(dyn.matrices.tolist()), "to_final": _nan_none(fin.values.tolist()),
                     "to_previous": _nan_none(prev.values.tolist())}
@@ -256,7 +335,8 @@ def _report(args: argparse.Namespace) -> int:
         tf = dyn.to_final()
         for j, n in enumerate(dyn.layers):
             print(f"  {n:<{width}}" + "".join(f"{float(tf[c, j]):>8.3f}" for c in picks))
-        print(f"  figures: {', '.join(str(p) for p in figs.values())}; matrices: {out / 'matrices.json'}")
+        print(f"  figures ({drawn}): {', '.join(str(p) for p in figs.values())}")
+        print(f"  matrices: {out / 'matrices.json'}")
         rendered += 1
     if not rendered:
         raise CLIError(f"{run_dir}: no store with checkpoints could be rendered (see above)")
@@ -331,13 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=_compare)
 
-    r = sub.add_parser("report", help="re-render figures and matrices from a run's store",
-                       description="Re-render the learning-dynamics figures and matrices of every SVCCA store "
-                       "under RUN_DIR (written by SVCCACallback or an experiment).")
+    r = sub.add_parser("report", help="summary, matrices and figures of a run's stores",
+                       description="Print the similarity to the final state of every SVCCA store under RUN_DIR "
+                       "(written by SVCCACallback, DynamicsTracker or an experiment), write matrices.json, and "
+                       "name the run's figures. Figures the run drew that show the store as it is are kept as "
+                       "they are; missing or older ones are drawn as the run draws them (with --out, in DIR).")
     r.add_argument("run_dir", help="a run folder, or a store folder (holding index.json)")
-    r.add_argument("--out", default=None, help="write here instead of next to each store")
-    r.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.35, 0.75, 1.0],
-                   help="moments of training shown in the grid")
+    r.add_argument("--out", default=None, help="write matrices.json and newly drawn figures here instead of next "
+                   "to each store (the run's figures are left as they are)")
+    r.add_argument("--fractions", type=float, nargs="+", default=None,
+                   help="moments of training in the printed table (default 0 0.35 0.75 1) and, given, the "
+                   "panels of a newly drawn grid (default: the run's own choice, where the curves change)")
     r.add_argument("--all-matrices", action="store_true",
                    help="compute the layers x layers matrix of every capture for matrices.json (slower); by "
                    "default only the captures shown in the grid get one, every capture its to-final diagonal")

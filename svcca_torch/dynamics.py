@@ -15,7 +15,8 @@ Typical use after (or during) training::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -37,6 +38,40 @@ from .utils.validation import (
 
 Representations = Mapping[str, Union[torch.Tensor, ReducedBasis]]
 Source = Union[RepresentationStore, Representations]
+
+#: A layer that keeps at most this many directions is too narrow for a layer-to-layer
+#: comparison to mean much: its SVCCA with another layer is the mean of at most this many
+#: canonical correlations, which are high against any layer that carries the same few
+#: dominant directions (a 10-class output layer scores high against every layer that
+#: separates the classes), so its row and column of a network comparison cannot show which
+#: layers correspond. :func:`compare_networks` warns (:class:`NarrowLayerWarning`).
+NARROW_LAYER_DIRECTIONS = 10
+
+
+class NarrowLayerWarning(UserWarning):
+    """A compared layer keeps at most :data:`NARROW_LAYER_DIRECTIONS` directions: its
+    similarity to other layers says little about correspondence."""
+
+
+def narrow_layers(bases: Mapping[str, ReducedBasis]) -> Dict[str, ReducedBasis]:
+    """The layers of ``bases`` that are too narrow to compare with other layers (the rule:
+    at most :data:`NARROW_LAYER_DIRECTIONS` kept directions)."""
+    return {n: b for n, b in bases.items() if b.k <= NARROW_LAYER_DIRECTIONS}
+
+
+def _warn_narrow(sides: Mapping[str, Mapping[str, ReducedBasis]], stacklevel: int = 3) -> None:
+    per_layer: Dict[str, List[str]] = {}
+    for side, bases in sides.items():
+        for name, b in narrow_layers(bases).items():
+            per_layer.setdefault(name, []).append(f"{b.k} directions of its {b.n_neurons} neurons in network {side}")
+    found = [f"layer `{name}` keeps {' and '.join(what)}" for name, what in per_layer.items()]
+    if found:
+        warnings.warn(
+            f"compare_networks: {'; '.join(found)}. A layer with at most {NARROW_LAYER_DIRECTIONS} directions "
+            "scores high against any layer that carries its few dominant directions (e.g. an output layer "
+            "against every layer that separates the classes), so its row or column of the matrix says little "
+            "about which layers correspond; compare it with its own twin only.",
+            NarrowLayerWarning, stacklevel=stacklevel)
 
 
 @dataclass
@@ -364,11 +399,26 @@ class NetworkComparison:
     Attributes:
         layers_a, layers_b: layer names of each network.
         matrix: ``(len(layers_a), len(layers_b))`` float64 similarities.
+        kept_a, kept_b: ``{layer: kept directions}`` of each network.
     """
 
     layers_a: List[str]
     layers_b: List[str]
     matrix: torch.Tensor
+    kept_a: Dict[str, int] = field(default_factory=dict)
+    kept_b: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def narrow(self) -> Dict[str, List[int]]:
+        """``{layer: [kept directions in a, in b]}`` of the layers too narrow for their
+        similarity to other layers to mean much (at most :data:`NARROW_LAYER_DIRECTIONS`
+        kept directions in either network; the warning of :func:`compare_networks`)."""
+        out: Dict[str, List[int]] = {}
+        for side in (self.kept_a, self.kept_b):
+            for name, k in side.items():
+                if k <= NARROW_LAYER_DIRECTIONS:
+                    out.setdefault(name, [v for v in (self.kept_a.get(name), self.kept_b.get(name)) if v is not None])
+        return out
 
 
 def compare_networks(
@@ -390,11 +440,17 @@ def compare_networks(
         keep: SVD truncation used for raw activations (stored bases are used as stored).
 
     Both networks must be recorded on the same probe datapoints, in the same order.
+
+    Warns (:class:`NarrowLayerWarning`, one warning naming each such layer, its kept
+    directions and its width) when a layer keeps at most :data:`NARROW_LAYER_DIRECTIONS`
+    directions: its similarity to the other network's layers is high whatever they are.
     """
     keep = check_keep(keep)
     ra = _representations(a, checkpoint_a, layers_a, keep, "a")
     rb = _representations(b, checkpoint_b, layers_b, keep, "b")
-    return NetworkComparison(list(ra), list(rb), similarity_matrix(list(ra.values()), list(rb.values())))
+    _warn_narrow({"a": ra, "b": rb})
+    return NetworkComparison(list(ra), list(rb), similarity_matrix(list(ra.values()), list(rb.values())),
+                             kept_a={n: int(v.k) for n, v in ra.items()}, kept_b={n: int(v.k) for n, v in rb.items()})
 
 
 @dataclass

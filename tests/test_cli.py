@@ -258,3 +258,86 @@ def test_kernel_errors_name_the_file_and_complex_is_refused(arrays, tmp_path, ca
     assert f"`{cplx}` is complex" in line
     line = _one_line_error(*_run(capsys, "compare", d / "a.npy", const, "--method", method)[::2])
     assert f"`{const}` has zero variance" in line and "`x`" not in line and "`y`" not in line
+
+
+class _KeepNothing:
+    """A SummaryWriter stand-in: the run's BoardLogger only writes the run folder's PNGs."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    add_image = add_text = add_custom_scalars = flush = add_scalar
+
+
+def _run_folder(run_dir: Path) -> Path:
+    """A small training run as SVCCACallback with a TensorBoardLogger leaves it: the tracker's
+    store and svcca_summary.json, the figures drawn once by BoardLogger.log_final(save_dir=)."""
+    from svcca_torch.board import BoardLogger
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.ReLU(), torch.nn.Linear(24, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4))
+    g = torch.Generator().manual_seed(0)
+    probe, x = torch.randn(240, 8, generator=g), torch.randn(64, 8, generator=g)
+    y = (x[:, :4].argmax(1))
+    tracker = sv.DynamicsTracker(model, probe, run_dir=run_dir, every_n_steps=3, max_overhead=None, figures=False)
+    tracker.start()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(1, 13):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        tracker.maybe_capture(step)
+    analysis = tracker.finish(12)
+    BoardLogger(_KeepNothing(), "svcca", tracker.recorder.layers).log_final(analysis.dynamics, save_dir=run_dir)
+    return run_dir
+
+
+def _pixels(path: Path) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return imread(path)
+
+
+def test_report_keeps_the_runs_own_figures_and_redraws_them_identically(tmp_path, capsys):
+    """Issue 22: `report` without --out used to overwrite the run's figures in another layout.
+    Now it names the run's own figures and leaves them untouched; with --out (or where the run's
+    are missing or stale) it draws them with the run's own code: the same pixels."""
+    run = _run_folder(tmp_path / "run")
+    figs = {n: run / f"{n}.png" for n in ("learning_dynamics", "convergence")}
+    before = {n: p.read_bytes() for n, p in figs.items()}
+    rc, out, err = _run(capsys, "report", run)
+    assert rc == 0, err
+    assert {n: p.read_bytes() for n, p in figs.items()} == before  # not redrawn
+    line = [l for l in out.splitlines() if "figures" in l][0]
+    assert "the run's own, up to date with the store" in line
+    assert str(figs["learning_dynamics"]) in line and str(figs["convergence"]) in line
+    assert json.loads((run / "matrices.json").read_text())["steps"] == json.loads(
+        (run / "svcca_summary.json").read_text())["steps"]
+    # another --fractions cannot change the run's grid: said, not redrawn
+    rc, out, err = _run(capsys, "report", run, "--fractions", "0", "1")
+    assert rc == 0 and "pass --out DIR" in out and figs["learning_dynamics"].read_bytes() == before["learning_dynamics"]
+
+    # --out: drawn there, as the run draws them (same layout, fonts, pixels); the run's untouched
+    rc, out, err = _run(capsys, "report", run, "--out", tmp_path / "elsewhere")
+    assert rc == 0, err
+    for n, p in figs.items():
+        drawn = tmp_path / "elsewhere" / p.name
+        assert "drawn now" in out
+        np.testing.assert_array_equal(_pixels(drawn), _pixels(p))
+        assert p.read_bytes() == before[n]
+
+    # a capture after the run's figures: they are stale, so report redraws them in place
+    with RepresentationStore(run / "store") as store:
+        last = store.load_checkpoint(store.checkpoints[-1])
+        g = torch.Generator().manual_seed(1)
+        store.add({n: torch.randn(b.n_datapoints, b.n_neurons, generator=g) for n, b in last.items()}, step=99,
+                  fraction=1.0)
+    rc, out, err = _run(capsys, "report", run)
+    assert rc == 0, err
+    assert "drawn now: the run's own were missing or older than its last capture" in out
+    assert figs["learning_dynamics"].read_bytes() != before["learning_dynamics"]
+    rc, out, err = _run(capsys, "report", run, "--out", tmp_path / "again")  # the same drawing
+    assert rc == 0, err
+    for p in figs.values():
+        np.testing.assert_array_equal(_pixels(tmp_path / "again" / p.name), _pixels(p))

@@ -248,3 +248,32 @@ def test_int12_store_reports_within_1e3_of_float32(runs) -> None:
     assert float((pa.values - pb.values)[1:].abs().max()) < 1e-3
     for ce, cs in zip(exact.checkpoints, small.checkpoints):
         assert cs.nbytes <= 0.5 * ce.nbytes, (cs.nbytes, ce.nbytes)
+
+
+def test_compare_networks_warns_about_narrow_layers() -> None:
+    """The rule (NARROW_LAYER_DIRECTIONS): a layer keeping at most 10 directions is named, with
+    its kept directions and width, in one NarrowLayerWarning; 11 directions is not narrow."""
+    import warnings
+
+    from svcca_torch.dynamics import NARROW_LAYER_DIRECTIONS, NarrowLayerWarning
+
+    assert NARROW_LAYER_DIRECTIONS == 10  # documented in the README ("Two networks from different seeds")
+    g = torch.Generator().manual_seed(0)
+    acts = {name: torch.randn(300, width, generator=g, dtype=torch.float64)
+            for name, width in (("wide", 40), ("eleven", 11), ("ten", 10), ("logits", 4))}
+    with pytest.warns(NarrowLayerWarning) as caught:
+        cmp = compare_networks(acts, {n: a.flip(0) for n, a in acts.items()}, keep=1.0)
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert "`ten` keeps 10 directions of its 10 neurons in network a" in msg
+    assert "`logits` keeps 4 directions of its 4 neurons in network a and 4" in msg
+    assert "`wide`" not in msg and "`eleven`" not in msg
+    assert caught[0].filename == __file__  # points at the caller
+    assert cmp.narrow == {"ten": [10, 10], "logits": [4, 4]}
+    assert cmp.kept_a == {"wide": 40, "eleven": 11, "ten": 10, "logits": 4}
+    # narrow on one side only still counts; wide layers alone warn nothing
+    with pytest.warns(NarrowLayerWarning, match=r"`x` keeps 9 directions of its 9 neurons in network b"):
+        compare_networks({"x": acts["wide"]}, {"x": acts["wide"][:, :9]}, keep=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NarrowLayerWarning)
+        compare_networks({"w": acts["wide"], "e": acts["eleven"]}, {"w": acts["wide"]}, keep=1.0)

@@ -146,8 +146,29 @@ def test_compare_networks_smoke_beats_random_baseline(tmp_path):
     assert ad["direction_correlations"][0] >= ad["direction_correlations"][1]
     for fig in saved["figures"].values():
         assert Path(fig).stat().st_size > 1000
+    # layers of at most 10 kept directions (the 10 logits; the smoke run's 8-channel blocks) are
+    # too narrow for the matrix: flagged in the JSON and the table
+    narrow = [r["layer"] for r in saved["per_layer"] if min(r["kept_directions"]) <= 10]
+    assert "net.fc" in narrow and "net.fc1" not in narrow
+    assert saved["narrow_layers"] == sorted(narrow)
+    assert [r["narrow"] for r in saved["per_layer"]] == [r["layer"] in narrow for r in saved["per_layer"]]
     table = compare_networks.format_table(saved["per_layer"])
-    assert table.count("\n") == n + 1 and "pwcca (random)" in table
+    assert table.count("\n") == n + 2 and "pwcca (random)" in table
+    assert "net.fc *" in table and "net.fc1 *" not in table
+
+
+def test_comparison_matrix_labels_are_legible_and_mark_narrow_layers():
+    layers = ["net.features.block1", "net.fc1", "net.fc"]
+    mats = {"SVCCA": torch.rand(3, 3, dtype=torch.float64), "linear CKA": torch.rand(3, 3, dtype=torch.float64)}
+    fig = compare_networks._plot_matrices(layers, layers, mats, {"net.fc": "9"})
+    ax = fig.axes[0]
+    xt = [t.get_text() for t in ax.get_xticklabels()]
+    assert xt == ["block1", "fc1", "fc *"]  # short names, the narrow layer starred
+    sizes = [t.get_fontsize() for t in ax.get_xticklabels() + ax.get_yticklabels()]
+    assert min(sizes) >= 12  # at 110 dpi: >= 18 px text, the old 7 pt labels were 11 px
+    assert len(ax.texts) == 9  # each cell's value
+    note = fig.get_supxlabel()
+    assert "fc: 9 kept directions" in note and "'net.features.'" in note
 
 
 def test_class_sensitivity_smoke(tmp_path):
