@@ -38,22 +38,27 @@ class SVCCACallback(Callback):
 
     Captures the chosen layers on ``probe`` before training (0%), during training, and at
     the end, into a :class:`~svcca_torch.store.RepresentationStore` in ``<run_dir>/store``.
-    By default the captures in between are spaced by a time budget: one is taken whenever
-    the callback's time so far plus one more capture (and the final capture and analysis
-    held in reserve) stays within ``max_overhead`` (5%) of the training time so far; with
-    ``every_n_epochs`` / ``every_n_train_steps`` those are the candidate points (pass
-    ``max_overhead=None`` to take every one). At the end of training it compares every
+    With ``every_n_epochs`` / ``every_n_train_steps`` every one of those captures is taken
+    (an explicit schedule is honoured; the end-of-run message says what it cost). By default
+    the callback schedules them itself within ``max_overhead`` (5%) of the training time:
+    front-loaded points at 1% to 90% of training, log-spaced (half of them in the first 10%,
+    where representations change most; see
+    :meth:`DynamicsTracker.maybe_capture <svcca_torch.tracker.DynamicsTracker.maybe_capture>`),
+    each taken when the run's projected budget affords it, and captures spaced by the budget
+    of the training time so far in between. The end-of-run message and ``svcca_summary.json``
+    (``"schedule"``) say how many captures the budget skipped or spaced, and why. At the end
+    of training it compares every
     capture with the final state (on ``analysis_device``, default the model's device; full
     layers x layers matrices only for the captures shown, see
     :meth:`DynamicsTracker._analyse <svcca_torch.tracker.DynamicsTracker._analyse>`).
 
     With a ``TensorBoardLogger`` everything goes through :class:`svcca_torch.board.BoardLogger`,
-    every tag under ``<name>/`` (layer tags ``NN_short``, sorted by depth): at every capture
-    (step 0 included) ``<name>/to_previous/NN_short`` and, when due, the live images
+    every tag under ``<name>/``: at every capture (step 0 included) ``<name>/to_previous``
+    (one line per layer: each layer's run ``<name>/NN_short``) and, when due, the live images
     ``<name>/live/...``; with freeze training ``<name>/freeze/...`` from step 0 at every
-    capture; at the end ``<name>/to_final/NN_short``, at most 10 chosen heatmaps
-    ``<name>/dynamics/to_final_matrix``, the paper's grid and the convergence curves (see the
-    README, "What you see in TensorBoard"). Other loggers (e.g. ``CSVLogger``) get the same
+    capture and freeze window, and ``<name>/freeze_signal``; at the end ``<name>/to_final``,
+    at most 10 chosen heatmaps ``<name>/dynamics/to_final_matrix``, a 2x2 grid of them and
+    the convergence curves (see the README, "What you see in TensorBoard"). Other loggers (e.g. ``CSVLogger``) get the same
     scalars with full layer names (``<name>/to_previous/<layer>``, ``<name>/to_final/<layer>``,
     ``<name>/freeze/...``). With any logger, or none, it writes ``learning_dynamics.png``,
     ``convergence.png`` (and, with freeze training, ``to_previous.png``) and
@@ -107,10 +112,11 @@ class SVCCACallback(Callback):
     Args:
         probe: fixed probe inputs: a tensor ``(N, ...)``, a DataLoader or a list of batches.
         layers: layers to record (see :func:`svcca_torch.recorder.select_layers`).
-        every_n_epochs: candidate captures at the end of every n-th epoch.
-        every_n_train_steps: candidate captures every n optimizer steps instead.
-        max_overhead: the captures' time budget as a fraction of training time (0.05);
-            ``None``: take every candidate capture.
+        every_n_epochs: a capture at the end of every n-th epoch (every one taken).
+        every_n_train_steps: a capture every n optimizer steps instead (every one taken).
+        max_overhead: the default schedule's time budget as a fraction of training time
+            (0.05); ``None``: every front-loaded point is taken. An explicit schedule above
+            is not thinned by it.
         run_dir: folder for the store, figures and JSON (default ``<log_dir>/<name>``).
         name: prefix of the log tags and of the state key.
         keep, max_directions: SVD truncation of the stored representations.
@@ -126,9 +132,11 @@ class SVCCACallback(Callback):
             off by itself when inputs never repeat, as under random augmentation): ``True`` (up
             to 1 GiB host memory), bytes, or ``False`` (the default).
         final_analysis: compute and log the learning-dynamics matrices and figures at the end.
-        final_heatmaps: captures with a full layers x layers heatmap at the end (the paper's
-            grid included; the others where the to-final curves change most). Each costs
-            about one naive per-capture analysis; every capture gets its to-final curves.
+        final_heatmaps: captures with a full layers x layers heatmap at the end (step 0, the
+            end, the others where the to-final curves change most). Each costs about one
+            naive per-capture analysis; every capture gets its to-final curves.
+        grid_fractions: the grid image's panels: ``None`` (default) 4 of those heatmaps where
+            the curves change; the paper's ``(0, 0.35, 0.75, 1)``: the capture nearest each.
         progress: show a progress bar during the end-of-training analysis.
         analysis_device: where the end-of-training analysis runs (default: the model's device).
     """
@@ -159,6 +167,7 @@ class SVCCACallback(Callback):
         frozen_cache: Union[bool, int] = False,
         final_analysis: bool = True,
         final_heatmaps: int = 6,
+        grid_fractions: Optional[Sequence[float]] = None,
         progress: bool = True,
         analysis_device: Optional[Union[str, torch.device]] = None,
     ) -> None:
@@ -192,7 +201,8 @@ class SVCCACallback(Callback):
             freeze_patience=freeze_patience, max_frozen_fraction=max_frozen_fraction,
             schedule_start=schedule_start, schedule_end=schedule_end, frozen_cache=frozen_cache,
             final_analysis=final_analysis,
-            final_heatmaps=final_heatmaps, progress=progress, analysis_device=analysis_device)
+            final_heatmaps=final_heatmaps, grid_fractions=grid_fractions, progress=progress,
+            analysis_device=analysis_device)
         DynamicsTracker(torch.nn.Identity(), self.probe, **{**self._tracker_kwargs, "layers": None})
         self.tracker: Optional[DynamicsTracker] = None
         self._restored: Optional[Dict[str, Any]] = None
@@ -312,6 +322,10 @@ class SVCCACallback(Callback):
         if self.freeze_training == "adaptive":
             tracker.freeze_window = self.freeze_window or self._steps_per_epoch(trainer)
         tracker.run_dir = self._resolve_run_dir(trainer)
+        if self.every_n_epochs is not None:
+            tracker.explicit_schedule = f"every {self.every_n_epochs} epoch{'s' if self.every_n_epochs > 1 else ''}"
+        elif self.every_n_train_steps is not None:
+            tracker.explicit_schedule = f"every {self.every_n_train_steps} steps"
         if self._restored is not None:
             tracker.load_state_dict(self._restored)
             self._restored = None
@@ -374,7 +388,7 @@ class SVCCACallback(Callback):
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             assert self.tracker is not None
             previous = self.tracker.last_capture
-            capture = self.tracker.capture_if_affordable(trainer.global_step, trainer.current_epoch)
+            capture = self.tracker.capture_requested(trainer.global_step, trainer.current_epoch)
             self._log_events(trainer, TrackerEvents(trainer.global_step, capture=capture), previous)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -413,6 +427,12 @@ class SVCCACallback(Callback):
                 with tracker.accounted():
                     for board in self._boards:
                         board.log_freeze_note(step, note)
+            rank_zero_info(f"{type(self).__name__}: {tracker.schedule_report()}")
+            analysed = (analysis.summary.get("convergence") or {}).get("statement") if analysis is not None else None
+            if analysed:
+                rank_zero_info(f"{type(self).__name__}: {analysed}")
+            for board in self._boards:
+                board.close()
             rank_zero_info(f"{type(self).__name__}: figures and svcca_summary.json in {self.tracker.run_dir}")
         trainer.strategy.barrier("svcca_final_analysis")
 
@@ -453,7 +473,8 @@ class SVCCACallback(Callback):
     def _start_board(self, trainer: "pl.Trainer") -> None:
         """One BoardLogger per TensorBoardLogger (rank 0), restored from the saved state on resume."""
         assert self.tracker is not None and self.tracker.recorder is not None
-        self._boards = [BoardLogger(w, self.name, self.tracker.recorder.layers, total_steps=self.tracker.total_steps)
+        self._boards = [BoardLogger(w, self.name, self.tracker.recorder.layers, total_steps=self.tracker.total_steps,
+                                    fractions=self.tracker.grid_fractions)
                         for w in self._tensorboards(trainer)]
         if self._board_state is not None:
             for board in self._boards:
@@ -469,14 +490,27 @@ class SVCCACallback(Callback):
             self._log_event_parts(trainer, events, previous, final)
 
     def _log_event_parts(self, trainer: "pl.Trainer", events: TrackerEvents, previous: Any, final: bool) -> None:
-        if events.capture is not None:
-            self._log_capture(trainer, events.capture, previous, final=final)
+        # the signal and a freeze of this step first: the capture recorded the network frozen
+        # (so its images name the freeze)
         if events.signal is not None:
             self._log_signal(trainer, events.signal)
         if events.freeze is not None:
             self._log_freeze(trainer, events.freeze)
-        elif events.capture is not None and self.freeze_training:
-            self._log_freeze_state(trainer, events.capture["step"])
+        if events.capture is not None:
+            self._log_capture(trainer, events.capture, previous, final=final)
+        if events.freeze is None and self.freeze_training and (
+                events.capture is not None or events.signal is not None or self._freeze_window_ends(events.step)):
+            # a step function logged at every capture and freeze window, not only where it
+            # changes: TensorBoard's default smoothing (0.6) then follows it closely
+            self._log_freeze_state(trainer, events.step)
+
+    def _freeze_window_ends(self, step: int) -> bool:
+        """A freeze window ends at ``step`` (adaptive: every ``freeze_window`` steps; schedule:
+        every 2% of training, or 50 steps when its length is unknown)."""
+        assert self.tracker is not None
+        window = (self.tracker.freeze_window if self.freeze_training == "adaptive" else
+                  max(1, (self.tracker.total_steps or 2500) // 50))
+        return bool(window) and step > 0 and step % window == 0
 
     def _log_metrics(self, trainer: "pl.Trainer", metrics: Dict[str, float], step: int) -> None:
         # straight to the loggers other than TensorBoard (like LearningRateMonitor, so it works
@@ -518,11 +552,9 @@ class SVCCACallback(Callback):
         assert self.tracker is not None
         order = [g.name for g in self.tracker.groups]
         for board in self._boards:
-            for g, v in sims.items():
-                # a group named after its recorded layer gets that layer's NN_short tag (depth order)
-                tag = (board.layer_tag("freeze_signal", g) if g in board.layer_tags
-                       else board.tag("freeze_signal", f"{order.index(g):02d}_{g}"))
-                board.writer.add_scalar(tag, float(v), signal["step"])
+            # a group named after its recorded layer is drawn as that layer (its run, depth order)
+            board.log_signal(signal["step"], {g if g in board.layer_tags else f"{order.index(g):02d}_{g}": float(v)
+                                              for g, v in sims.items()})
 
     def _freeze_metrics(self, entry: Dict[str, Any]) -> Dict[str, float]:
         metrics = {f"{self.name}/freeze/frozen_groups": float(entry["frozen_groups"]),
@@ -539,10 +571,11 @@ class SVCCACallback(Callback):
                  "frozen_parameters": last["frozen_parameters"] if last else 0,
                  "backward_flops_saved": (last["backward_flops_saved"] if last else 0.0)}
         self._log_metrics(trainer, self._freeze_metrics(state), step)
+        layers = [n for g in newly for n in self.tracker.group_layers.get(g, [])]
         for board in self._boards:
             board.log_freeze(step, state["frozen_groups"], backward_flops_saved=state["backward_flops_saved"],
                              frozen_parameters=state["frozen_parameters"], newly_frozen=list(newly),
-                             n_groups=len(self.tracker.groups))
+                             n_groups=len(self.tracker.groups), frozen_layers=layers)
 
     def _log_freeze(self, trainer: "pl.Trainer", entry: Dict[str, Any]) -> None:
         """Groups frozen at one step."""

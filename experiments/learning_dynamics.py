@@ -33,18 +33,19 @@ from .common import (
     base_parser,
     doc_examples,
     finalize_args,
-    first_reaching,
     load_data,
     make_run_dir,
     module_prog,
     mean_std,
     script_main,
     setup_runtime,
-    spearman,
     train_plain,
     write_json,
 )
+import torch
+
 from svcca_torch.callbacks import SVCCACallback
+from svcca_torch.dynamics import LayerCurves, convergence_order
 
 FREEZE_CHOICES = ("none", "adaptive", "schedule")
 
@@ -71,36 +72,35 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 
 def convergence(summary: Dict[str, Any], threshold: float) -> Dict[str, Any]:
     """Per layer, the fraction of training after which similarity to the final state stays
-    >= ``threshold``; and whether that fraction grows with depth (bottom-up)."""
+    >= ``threshold``, judged on each layer before it froze (after a freeze it equals its final
+    state by construction: :func:`svcca_torch.dynamics.convergence_order`); and how strongly
+    that order follows depth, stated with Spearman's rho, the number of layers and a
+    permutation p-value (``lower_layers_converged_first`` is True only at rho > 0, p < 0.05)."""
     layers: List[str] = summary["layers"]
+    steps: List[int] = summary["steps"]
     fractions: List[float] = summary["fractions"]
-    to_final = summary["to_final"]  # (checkpoints, layers), None where undefined
-    conv = {}
-    for j, name in enumerate(layers):
-        col = [float("nan") if row[j] is None else row[j] for row in to_final]
-        conv[name] = first_reaching(fractions, col, threshold)
-    vals = [1.0 if conv[n] is None else conv[n] for n in layers]
-
-    def order(v: List[float]) -> Dict[str, Any]:
-        half = len(v) // 2
-        lower, upper = v[:half], v[half:]
-        return {"spearman": spearman(list(range(len(v))), v),
-                "lower_half_mean": sum(lower) / max(1, len(lower)),
-                "upper_half_mean": sum(upper) / max(1, len(upper)),
-                "lower_first": bool(lower and sum(lower) / len(lower) < sum(upper) / len(upper))}
-
-    every, hidden = order(vals), order(vals[:-1])
+    values = torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in summary["to_final"]],
+                          dtype=torch.float64)  # (checkpoints, layers), None where undefined
+    frozen = (summary.get("freeze") or {}).get("layer_freeze_steps") or {}
+    frac = dict(zip(steps, fractions))
+    every = convergence_order(LayerCurves(layers, steps, fractions, values), threshold=threshold,
+                              freeze_steps=frozen)
+    hidden = convergence_order(LayerCurves(layers[:-1], steps, fractions, values[:, :-1]), threshold=threshold,
+                               freeze_steps=frozen)
     return {
         "threshold": threshold,
-        "convergence_fraction": conv,
+        "convergence_fraction": {n: None if every["steps"][n] is None else frac[every["steps"][n]] for n in layers},
+        "left_out": every["excluded"],
         "spearman_depth_vs_convergence": every["spearman"],
-        "lower_half_mean": every["lower_half_mean"],
-        "upper_half_mean": every["upper_half_mean"],
+        "n_layers": every["n_layers"],
+        "p_value": every["p_value"],
         "lower_layers_converged_first": every["lower_first"],
+        "statement": every["statement"],
         # the output layer (a few logits) is low-dimensional and often settles early; the
         # same test without it
-        "hidden_layers": {"spearman_depth_vs_convergence": hidden["spearman"],
-                          "lower_layers_converged_first": hidden["lower_first"]},
+        "hidden_layers": {"spearman_depth_vs_convergence": hidden["spearman"], "n_layers": hidden["n_layers"],
+                          "p_value": hidden["p_value"], "lower_layers_converged_first": hidden["lower_first"],
+                          "statement": hidden["statement"]},
     }
 
 
@@ -146,12 +146,8 @@ def run_model(args: argparse.Namespace, model: str, data: Any, run_dir: Path, lo
         f"final state at (fraction of training):")
     for name, f in conv["convergence_fraction"].items():
         log(f"    {name:<24} {'-' if f is None else f'{f:.2f}'}")
-    log(f"[{model}] Spearman(depth, convergence) = "
-        + ("n/a" if conv["spearman_depth_vs_convergence"] is None else f"{conv['spearman_depth_vs_convergence']:+.2f}")
-        + f"; lower layers converged first: {conv['lower_layers_converged_first']} (without the output layer: "
-        + f"{conv['hidden_layers']['lower_layers_converged_first']}, Spearman "
-        + ("n/a" if conv["hidden_layers"]["spearman_depth_vs_convergence"] is None
-           else f"{conv['hidden_layers']['spearman_depth_vs_convergence']:+.2f}") + ")")
+    log(f"[{model}] {conv['statement']}")
+    log(f"[{model}] without the output layer: {conv['hidden_layers']['statement']}")
     if freeze:
         ev = summary["freeze"]["events"]
         frozen = [g for e in ev for g in e["groups"]]

@@ -11,23 +11,36 @@ sampling once more arrive, so the images shown would be a random draw. Every ima
 written here therefore receives at most ``max_images`` (10) images, in increasing step
 order, chosen in advance: what TensorBoard shows is exactly what was chosen.
 
-Tags, all under ``<name>/`` (layer tags ``NN_short`` sort by depth, ``NN`` zero-padded)::
+Tags, all under ``<name>/``::
 
     <name>/live/to_previous_matrix    image: layers x layers SVCCA, previous capture vs this one
     <name>/live/to_previous_curves    image: every layer's similarity to its previous capture so far
-    <name>/dynamics/grid              image: the paper's grid at 0/35/75/100% (end of training)
+    <name>/dynamics/grid              image: 2x2 heatmaps where the curves change (end of training)
     <name>/dynamics/to_final_matrix   images: layers x layers vs the final network, chosen captures
     <name>/dynamics/to_final_curves   image: similarity to the final state, coloured by depth
-    <name>/to_previous/NN_layer       scalar at every capture (from the second on)
-    <name>/to_final/NN_layer          scalar at every capture (written at the end)
-    <name>/freeze/frozen_groups       scalar (count) at every capture from step 0
-    <name>/freeze/backward_flops_saved  scalar (fraction of one backward pass)
-    <name>/freeze/frozen_parameters   scalar (count)
-    <name>/freeze/events, <name>/layers  text: what was frozen when; tag -> full layer name
+    <name>/to_previous                scalar per layer at every capture (from the second on)
+    <name>/to_final                   scalar per layer at every capture (written at the end)
+    <name>/freeze_signal              scalar per judged group at every freeze window
+    <name>/freeze/frozen_groups       scalar (count) at every capture and freeze window from step 0
+    <name>/freeze/backward_flops_saved  scalar (fraction of one backward pass), as often
+    <name>/freeze/events, <name>/layers  text: what was frozen when; run/tag -> full layer name
+
+The per-layer scalars are one chart each with a line per layer: every layer writes to its
+own run, ``<log_dir>/<name>/NN_short`` (``NN`` the depth, zero-padded, so runs sort
+bottom-up), which TensorBoard colours apart (it colours by run, never by tag). A writer
+that is not a ``torch.utils.tensorboard.SummaryWriter`` (no ``log_dir`` to put runs in)
+gets one tag per layer instead, ``<name>/to_previous/NN_short``.
+
+Everything is meant to read right at TensorBoard's default settings (smoothing 0.6,
+outliers ignored): step functions (the freeze count) are logged at every capture and freeze
+window, not only where they change; images are titled with the step and a fraction of
+training precise enough to tell early captures apart; curves go on a symlog x axis when
+most of their change is early; frozen layers carry their freeze step (\u2744).
 """
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -44,6 +57,8 @@ from .functional.matrix import similarity_matrix
 from .functional.svcca import ReducedBasis, svd_reduce
 from .plotting import (
     DEFAULT_FRACTIONS,
+    checkpoint_label,
+    freeze_note,
     plot_convergence,
     plot_learning_dynamics,
     plot_similarity_matrix,
@@ -52,11 +67,16 @@ from .plotting import (
 )
 from .utils.validation import check_fraction, check_keep, check_positive_int
 
-__all__ = ["BoardLogger", "LIVE_FRACTIONS", "select_checkpoints", "full_checkpoints", "figure_to_array"]
+__all__ = ["BoardLogger", "LIVE_FRACTIONS", "select_checkpoints", "full_checkpoints", "grid_checkpoints",
+           "figure_to_array"]
 
 #: Fractions of training after which the live images are refreshed (besides the second
-#: capture, the first with a previous one, and the last capture).
-LIVE_FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 0.9)
+#: capture, the first with a previous one, and the last capture), front-loaded as the
+#: default capture schedule is; a point passed while no layer moved since the last image is
+#: skipped (its slot stays for a later change).
+LIVE_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
+#: Panels of the end-of-run grid image (2x2: legible in a TensorBoard Time Series card).
+GRID_PANELS = 4
 #: TensorBoard's default number of images kept per tag (``--samples_per_plugin images=10``).
 TENSORBOARD_IMAGES_PER_TAG = 10
 
@@ -90,16 +110,16 @@ def select_checkpoints(
     fractions: Sequence[float],
     *,
     max_images: int = TENSORBOARD_IMAGES_PER_TAG,
-    anchors: Sequence[float] = DEFAULT_FRACTIONS,
+    anchors: Sequence[float] = (),
     min_change: float = 0.01,
 ) -> List[int]:
     """The checkpoints worth an image each: at most ``max_images``, sorted, no two alike.
 
     Always the first (step 0) and the last checkpoint; then the one nearest each of
-    ``anchors`` (the paper's 0/35/75/100%) unless its values are within ``min_change`` of
-    one already chosen; then, while room is left, the checkpoint farthest from every chosen
-    one (largest difference of any value), i.e. where the values change most, until every
-    remaining one is within ``min_change`` of a chosen one.
+    ``anchors`` (e.g. the paper's 0/35/75/100%; none by default) unless its values are
+    within ``min_change`` of one already chosen; then, while room is left, the checkpoint
+    farthest from every chosen one (largest difference of any value), i.e. where the values
+    change most, until every remaining one is within ``min_change`` of a chosen one.
 
     Args:
         matrices: ``(checkpoints, layers, layers)`` (e.g. :attr:`LearningDynamics.matrices`)
@@ -108,7 +128,7 @@ def select_checkpoints(
             one row of values per checkpoint, compared cell by cell.
         fractions: the fraction of training of each checkpoint.
         max_images: the most checkpoints returned (at least 2).
-        anchors: fractions of training to include first.
+        anchors: fractions of training to include first (e.g. ``DEFAULT_FRACTIONS``).
         min_change: two checkpoints whose values all differ by at most this count as alike
             (0.01 is below what a 0..1 colour scale shows).
     """
@@ -143,15 +163,16 @@ def full_checkpoints(
     fractions: Optional[Sequence[float]] = None,
     *,
     max_images: int = TENSORBOARD_IMAGES_PER_TAG,
-    grid: Sequence[float] = DEFAULT_FRACTIONS,
+    grid: Sequence[float] = (),
     min_change: float = 0.01,
 ) -> List[int]:
     """The checkpoints that need a full layers x layers matrix, chosen from cheap data.
 
     The heatmaps :meth:`BoardLogger.log_final` shows (:func:`select_checkpoints` on the
-    to-final curves: step 0, the end, the ``grid`` fractions, then where the curves change
-    most; at most ``max_images``) plus the checkpoint nearest each ``grid`` fraction (the
-    paper's grid figure), sorted. Pass the result's steps as ``full=`` to
+    to-final curves: step 0, the end, then where the curves change most; at most
+    ``max_images``), sorted; the grid image's panels are chosen among them. With ``grid``
+    fractions (the paper's ``DEFAULT_FRACTIONS``) those are chosen first and the checkpoint
+    nearest each is added (the paper's grid figure). Pass the result's steps as ``full=`` to
     :func:`~svcca_torch.dynamics.learning_dynamics`, so that only these (about 10 of any
     number of captures) cost a full matrix.
 
@@ -176,6 +197,35 @@ def full_checkpoints(
     return sorted(chosen)
 
 
+def grid_checkpoints(
+    dynamics: LearningDynamics,
+    *,
+    fractions: Optional[Sequence[float]] = None,
+    panels: int = GRID_PANELS,
+    candidates: Optional[Sequence[int]] = None,
+    min_change: float = 0.01,
+) -> List[int]:
+    """The checkpoints of the grid image (indices into ``dynamics.steps``).
+
+    By default where the curves change: :func:`select_checkpoints` on the full matrices of
+    ``candidates`` (default: the checkpoints with a full matrix), at most ``panels`` (step
+    0, the end, then the checkpoints farthest from those chosen). With ``fractions`` (e.g.
+    the paper's ``DEFAULT_FRACTIONS``, 0/35/75/100%) the full checkpoint nearest each,
+    each once.
+    """
+    panels = check_positive_int(panels, "panels", minimum=2)
+    if fractions is not None:
+        return sorted(dict.fromkeys(dynamics.nearest(check_fraction(f, "fractions[i]", low_inclusive=True,
+                                                                      high_inclusive=True)) for f in fractions))
+    cands = sorted(candidates if candidates is not None else (
+        range(len(dynamics.steps)) if dynamics.full is None else dynamics.full))
+    if not cands:
+        raise ValueError("no checkpoint has a full matrix: pass `full` to learning_dynamics.")
+    picked = select_checkpoints(dynamics.matrices[cands], [dynamics.fractions[c] for c in cands],
+                                max_images=panels, min_change=min_change)
+    return [cands[i] for i in picked]
+
+
 def _tag_safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name) or "layer"
 
@@ -184,14 +234,18 @@ class BoardLogger:
     """Writes SVCCA learning dynamics to TensorBoard under ``<name>/``, with bounded image tags.
 
     Call :meth:`log_capture` after every capture (step 0 included), :meth:`log_freeze` at
-    every capture when freeze training is on, and :meth:`log_final` once training ends.
+    every capture and freeze window when freeze training is on (:meth:`log_signal` for the
+    adaptive signal), :meth:`log_final` once training ends and :meth:`close` last.
     Each image tag gets at most ``max_images`` images, in increasing step order, so
     TensorBoard's reservoir (10 per tag by default) keeps every one of them.
 
     Live images (``<name>/live/...``) are drawn at the second capture (the first that has a
     previous one), at the first capture past each of ``live_fractions`` (or, when the
-    fraction of training is unknown, at the 2nd, 4th, 8th, ... capture), and at the capture
-    marked ``final=True``; one slot is kept for that last one.
+    fraction of training is unknown, at the 2nd, 4th, 8th, ... capture) at which some layer
+    moved since the last image (a similarity to the previous capture below ``1 -
+    min_change``), and at the capture marked ``final=True``; one slot is kept for that last
+    one. Heatmap titles name the step, the fraction of training and the layers frozen by
+    then with their freeze steps (from :meth:`log_freeze`); curves mark each freeze.
 
     Args:
         writer: a ``SummaryWriter`` (or anything with ``add_image``, ``add_scalar``,
@@ -203,7 +257,10 @@ class BoardLogger:
         max_images: images per image tag (TensorBoard keeps 10 by default; raise it only
             together with ``--samples_per_plugin images=N``).
         live_fractions: fractions of training at which the live images are refreshed.
-        fractions: the panels of the paper's grid.
+        fractions: ``None`` (default): the grid image and the heatmaps are chosen where the
+            curves change (:func:`grid_checkpoints`); the paper's ``DEFAULT_FRACTIONS``
+            (0/35/75/100%) or other fractions: the grid shows the checkpoint nearest each,
+            and the heatmaps include them.
         min_change: matrices within this largest cell difference count as alike (see
             :func:`select_checkpoints`).
         dpi: pixels per inch of the images (figures are at least 6.4 in wide: >= 640 px at 100).
@@ -212,6 +269,9 @@ class BoardLogger:
             0.5), so the default 18 (25 px) shows 10 to 12 px high.
         keep: SVD truncation used when :meth:`log_capture` gets raw activations
             ``(datapoints, neurons)`` instead of reduced bases.
+        layer_runs: write the per-layer scalars to one run per layer (one chart per signal,
+            a line per layer; default when ``writer`` is a ``SummaryWriter``); ``False``:
+            one tag per layer in ``writer``'s run.
     """
 
     def __init__(
@@ -223,11 +283,12 @@ class BoardLogger:
         total_steps: Optional[int] = None,
         max_images: int = TENSORBOARD_IMAGES_PER_TAG,
         live_fractions: Sequence[float] = LIVE_FRACTIONS,
-        fractions: Sequence[float] = DEFAULT_FRACTIONS,
+        fractions: Optional[Sequence[float]] = None,
         min_change: float = 0.01,
         dpi: int = 100,
         font_size: float = 18.0,
         keep: Union[int, float] = 0.99,
+        layer_runs: Optional[bool] = None,
     ) -> None:
         missing = [m for m in ("add_image", "add_scalar", "add_text", "add_custom_scalars") if not hasattr(writer, m)]
         if missing:
@@ -245,8 +306,8 @@ class BoardLogger:
         self.max_images = check_positive_int(max_images, "max_images", minimum=2)  # live images and the last
         self.live_fractions = sorted(check_fraction(f, "live_fractions[i]", low_inclusive=True, high_inclusive=True)
                                      for f in live_fractions)
-        self.fractions = [check_fraction(f, "fractions[i]", low_inclusive=True, high_inclusive=True)
-                          for f in fractions]
+        self.fractions = None if fractions is None else [
+            check_fraction(f, "fractions[i]", low_inclusive=True, high_inclusive=True) for f in fractions]
         self.min_change = check_fraction(min_change, "min_change", low_inclusive=True, high_inclusive=True)
         self.dpi = check_positive_int(dpi, "dpi")
         self.font_size = float(font_size)
@@ -258,9 +319,21 @@ class BoardLogger:
             n: f"{i:0{width}d}_{_tag_safe(s)}" for i, (n, s) in enumerate(zip(layers, self.short_names))}
         #: tag -> steps of the images written to it (each tag holds at most ``max_images``).
         self.images_written: Dict[str, List[int]] = {}
+        #: layer -> the step it was frozen at (from :meth:`log_freeze`)
+        self.frozen_at: Dict[str, int] = {}
         self._history: List[Dict[str, Any]] = []  # one entry per capture: step, fraction, to_previous
         self._targets = list(self.live_fractions)
         self._header = False
+        log_dir = getattr(writer, "log_dir", None)
+        if layer_runs is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            layer_runs = isinstance(writer, SummaryWriter) and isinstance(log_dir, str)
+        elif layer_runs and not isinstance(log_dir, str):
+            raise ValueError("`layer_runs=True` needs a writer with a `log_dir` (a torch SummaryWriter) to put the "
+                             "per-layer runs in.")
+        self.layer_runs = bool(layer_runs)
+        self._runs: Dict[str, Any] = {}  # run name -> its SummaryWriter
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -268,7 +341,7 @@ class BoardLogger:
         of the images written, the capture history (to-previous curves) and the live schedule."""
         return {"images_written": {k: list(v) for k, v in self.images_written.items()},
                 "history": [dict(h, to_previous=dict(h["to_previous"])) for h in self._history],
-                "targets": list(self._targets)}
+                "targets": list(self._targets), "frozen_at": dict(self.frozen_at)}
 
     def load_state_dict(self, state: Mapping[str, Any], resume_step: Optional[int] = None) -> None:
         """Restore :meth:`state_dict` in a resumed run.
@@ -285,6 +358,7 @@ class BoardLogger:
         keep = (lambda st: True) if resume_step is None else (lambda st: st <= int(resume_step))
         self._history = [dict(h, to_previous=dict(h["to_previous"])) for h in state.get("history", [])
                          if keep(h["step"])]
+        self.frozen_at = {k: int(v) for k, v in state.get("frozen_at", {}).items() if keep(int(v))}
         last = self._history[-1]["fraction"] if self._history else None
         self._targets = [f for f in state.get("targets", self.live_fractions) if last is None or f > last]
         if resume_step is not None and last is not None:
@@ -296,29 +370,70 @@ class BoardLogger:
         return "/".join((self.name,) + parts)
 
     def layer_tag(self, kind: str, layer: str) -> str:
-        """``<name>/<kind>/NN_short`` of one layer, e.g. ``svcca/to_previous/00_block1``."""
+        """``<name>/<kind>/NN_short`` of one layer, e.g. ``svcca/to_previous/00_block1`` (the
+        tag a writer without per-layer runs gets; see :meth:`log_layer_scalar`)."""
         if layer not in self.layer_tags:
             raise ValueError(f"`layer` {layer!r} is not one of the layers {self.layers}.")
         return self.tag(kind, self.layer_tags[layer])
 
+    def layer_run(self, layer: str) -> str:
+        """The run folder of one layer's scalars, relative to the writer's: ``<name>/NN_short``
+        (a name not among the layers, e.g. a freeze group: ``<name>/group_<name>``)."""
+        return f"{self.name}/{self.layer_tags.get(layer) or 'group_' + _tag_safe(layer)}"
+
+    def log_layer_scalar(self, kind: str, layer: str, value: float, step: int) -> None:
+        """One layer's value of a per-layer signal (``to_previous``, ``to_final``,
+        ``freeze_signal``): tag ``<name>/<kind>`` in the layer's run (:meth:`layer_run`), so
+        that one chart shows every layer, each in its own colour; without per-layer runs the
+        tag ``<name>/<kind>/NN_short`` (a layer) or ``<name>/<kind>/<group>``."""
+        if not math.isfinite(float(value)):
+            return
+        if not self.layer_runs:
+            tag = self.layer_tag(kind, layer) if layer in self.layer_tags else self.tag(kind, _tag_safe(layer))
+            self.writer.add_scalar(tag, float(value), int(step))
+            return
+        run = self.layer_run(layer)
+        w = self._runs.get(run)
+        if w is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            w = self._runs[run] = SummaryWriter(os.path.join(self.writer.log_dir, *run.split("/")))
+        w.add_scalar(self.tag(kind), float(value), int(step))
+
+    def flush(self) -> None:
+        """Write what is buffered (the writer and the per-layer runs) to disk."""
+        for w in [self.writer, *self._runs.values()]:
+            if hasattr(w, "flush"):
+                w.flush()
+
+    def close(self) -> None:
+        """Flush, and close the per-layer runs' writers (the caller's writer stays open)."""
+        self.flush()
+        for w in self._runs.values():
+            w.close()
+        self._runs = {}
+
     def layout(self) -> Dict[str, Dict[str, List[Any]]]:
-        """Custom-scalars layout: one chart per layer (titled ``NN short``, bottom-up) for the
-        similarity to the previous capture and to the final state, and the freeze count and
-        fraction in separate charts. (TensorBoard draws all lines of one chart in the run's
-        colour, so one line per chart is what keeps layers apart; the image
-        ``<name>/live/to_previous_curves`` shows all layers in one plot, coloured by depth.)"""
-        out: Dict[str, Dict[str, List[Any]]] = {}
-        for kind, what in (("to_previous", "similarity to previous capture"),
-                           ("to_final", "similarity to final state")):
-            out[f"{self.name}: {what}, per layer (bottom-up)"] = {
-                f"{self.layer_tags[n].replace('_', ' ', 1)} ({n})": [
-                    "Multiline", [f"^{self.layer_tag(kind, n)}$"]] for n in self.layers}
-        out[f"{self.name}: freeze training"] = {
-            "frozen layer groups (count)": ["Multiline", [f"^{self.tag('freeze', 'frozen_groups')}$"]],
-            "backward FLOPs saved (fraction of one backward pass)": [
-                "Multiline", [f"^{self.tag('freeze', 'backward_flops_saved')}$"]],
+        """Custom-scalars layout: one chart per per-layer signal with a line per layer (each
+        layer's run, coloured apart; without per-layer runs, every ``NN_short`` tag in one
+        chart, told apart by marker), and the freeze count and fraction in separate charts."""
+        def lines(kind: str) -> List[Any]:
+            return ["Multiline", [f"^{self.tag(kind)}$" if self.layer_runs else f"^{self.tag(kind)}/"]]
+
+        where = (f"one line per layer: runs {self.name}/NN_short, bottom-up" if self.layer_runs
+                 else "one line per layer")
+        return {
+            f"{self.name}: per layer ({where})": {
+                "similarity to previous capture": lines("to_previous"),
+                "similarity to final state (written at the end)": lines("to_final"),
+                "freeze signal: similarity to one window earlier": lines("freeze_signal"),
+            },
+            f"{self.name}: freeze training": {
+                "frozen layer groups (count)": ["Multiline", [f"^{self.tag('freeze', 'frozen_groups')}$"]],
+                "backward FLOPs saved (fraction of one backward pass)": [
+                    "Multiline", [f"^{self.tag('freeze', 'backward_flops_saved')}$"]],
+            },
         }
-        return out
 
     def _write_header(self, step: int) -> None:
         if self._header:
@@ -330,8 +445,13 @@ class BoardLogger:
             merged = {}
         merged.update(self.layout())
         self.writer.add_custom_scalars(dict(merged))
-        rows = "\n".join(f"| `{self.layer_tags[n]}` | `{n}` |" for n in self.layers)
-        self.writer.add_text(self.tag("layers"), f"| tag | layer |\n|---|---|\n{rows}", step)
+        if self.layer_runs:
+            rows = "\n".join(f"| `{self.layer_run(n)}` | `{n}` |" for n in self.layers)
+            table = f"| run (per-layer scalars) | layer |\n|---|---|\n{rows}"
+        else:
+            rows = "\n".join(f"| `{self.layer_tags[n]}` | `{n}` |" for n in self.layers)
+            table = f"| tag | layer |\n|---|---|\n{rows}"
+        self.writer.add_text(self.tag("layers"), table, step)
 
     # ------------------------------------------------------------------ images
     def _room(self, tag: str, step: int) -> bool:
@@ -370,14 +490,34 @@ class BoardLogger:
         if used >= self.max_images - 1:  # the last slot is the final capture's
             return False
         with_previous = sum(1 for h in self._history if h["to_previous"])
-        due = with_previous == 1
+        if with_previous == 1:
+            if fraction is not None:  # the points up to here are covered by this first image
+                self._targets = [f for f in self._targets if f > fraction]
+            return True
+        due = False
         if fraction is not None:
             while self._targets and fraction >= self._targets[0]:
                 self._targets.pop(0)
                 due = True
         elif with_previous & (with_previous - 1) == 0:  # 1, 2, 4, 8, ... captures with a previous
             due = True
-        return due
+        return due and self._moved_since_last_image()
+
+    def _moved_since_last_image(self) -> bool:
+        """Whether some layer moved (a similarity to its previous capture below ``1 -
+        min_change``) at a capture after the last live image: a new image shows a change."""
+        last = (self.images_written.get(self.tag("live", "to_previous_curves")) or [-1])[-1]
+        return any(v < 1.0 - self.min_change for h in self._history if h["step"] > last
+                   for v in h["to_previous"].values() if math.isfinite(v))
+
+    def _frozen_by(self, step: int) -> List[str]:
+        """The layers frozen at or before ``step``, bottom-up."""
+        return [n for n in self.layers if n in self.frozen_at and self.frozen_at[n] <= step]
+
+    def _title(self, head: str, step: Optional[int]) -> str:
+        """``head`` and, on a second line, the layers frozen by ``step`` with their freeze steps."""
+        note = freeze_note(self.frozen_at, self.layers, self.short_names, step=step, limit=3)
+        return head + ("\n" + note if note else "")
 
     def _live_curves(self) -> Tuple[LayerCurves, bool]:
         rows = self._history
@@ -458,24 +598,25 @@ class BoardLogger:
             prev_step = self._history[-1]["step"] if self._history else None
             self._history.append({"step": step, "fraction": f, "to_previous": sims})
             for n in self.layers:
-                if n in sims and math.isfinite(sims[n]):
-                    self.writer.add_scalar(self.layer_tag("to_previous", n), sims[n], step)
+                if n in sims:
+                    self.log_layer_scalar("to_previous", n, sims[n], step)
         if not images or not sims or not self._live_due(f, final):
+            self.flush()  # the scalars on disk now: visible at once
             return False
-        when = f"step {step}" if f is None else f"step {step} ({100 * f:.0f}%)"
+        when = checkpoint_label(step, f)
         if matrix is None and previous is not None and current is not None:
             matrix = self._matrix(previous, current)
         if matrix is not None:
             m = torch.as_tensor(matrix)
             self._add_image(self.tag("live", "to_previous_matrix"), lambda: plot_similarity_matrix(
-                m, self.layers, title=f"{when} vs step {prev_step}",
-                xlabel=f"layer at step {prev_step} (previous capture)", ylabel=f"layer at step {step}"), step)
+                m, self.layers, title=self._title(f"{when} vs step {prev_step}", step),
+                xlabel=f"layer at step {prev_step} (previous capture)", ylabel=f"layer at step {step}",
+                frozen_layers=self._frozen_by(step)), step)
         curves, known = self._live_curves()
         drawn = self._add_image(self.tag("live", "to_previous_curves"), lambda: plot_convergence(
             curves, x="fraction" if known else "step", ylabel="SVCCA similarity",
-            title=f"vs previous capture, to {when}"), step)
-        if drawn and hasattr(self.writer, "flush"):
-            self.writer.flush()  # on disk now: visible at once, and kept if training crashes later
+            title=f"vs previous capture, to {when}", freeze_steps=self.frozen_at), step)
+        self.flush()  # on disk now: visible at once, and kept if training crashes later
         return drawn
 
     def log_freeze(
@@ -487,32 +628,48 @@ class BoardLogger:
         frozen_parameters: Optional[int] = None,
         newly_frozen: Sequence[str] = (),
         n_groups: Optional[int] = None,
+        frozen_layers: Optional[Sequence[str]] = None,
     ) -> None:
-        """Log the freeze state at ``step``: call it at every capture from step 0 (0 frozen)
-        and whenever groups are frozen, in increasing step order.
+        """Log the freeze state at ``step``: call it at every capture and every freeze window
+        from step 0 (0 frozen) and whenever groups are frozen, in increasing step order (a
+        step function logged often reads right under TensorBoard's default smoothing).
 
         Args:
             step: the training step.
             frozen_groups: how many layer groups are frozen (count chart).
             backward_flops_saved: fraction of one backward pass's FLOPs no longer spent
                 (fraction chart; 0.0 before anything is frozen).
-            frozen_parameters: how many parameters are frozen.
+            frozen_parameters: how many parameters are frozen (in the events text).
             newly_frozen: names of the groups frozen at this step (written as text).
             n_groups: how many groups there are (for the text).
+            frozen_layers: the recorded layers of the groups frozen at this step (default:
+                the ``newly_frozen`` names that are layers): their freeze step goes into
+                titles and curves.
         """
         step = int(step)
         self._write_header(step)
         self.writer.add_scalar(self.tag("freeze", "frozen_groups"), float(frozen_groups), step)
         if backward_flops_saved is not None:
             self.writer.add_scalar(self.tag("freeze", "backward_flops_saved"), float(backward_flops_saved), step)
-        if frozen_parameters is not None:
-            self.writer.add_scalar(self.tag("freeze", "frozen_parameters"), float(frozen_parameters), step)
+        layers = [n for n in newly_frozen if n in self.layer_tags] if frozen_layers is None else list(frozen_layers)
+        for n in layers:
+            if n in self.layer_tags:
+                self.frozen_at.setdefault(n, step)
         if newly_frozen:
             of = f" of {n_groups}" if n_groups is not None else ""
             saved = "" if backward_flops_saved is None else f", {100 * backward_flops_saved:.0f}% of backward FLOPs saved"
+            params = "" if frozen_parameters is None else f", {int(frozen_parameters):,} parameters"
             self.writer.add_text(self.tag("freeze", "events"),
-                                 f"step {step}: froze {', '.join(newly_frozen)} ({frozen_groups}{of} groups frozen{saved})",
-                                 step)
+                                 f"step {step}: froze {', '.join(newly_frozen)} ({frozen_groups}{of} groups frozen"
+                                 f"{params}{saved})", step)
+
+    def log_signal(self, step: int, similarity: Mapping[str, float]) -> None:
+        """The adaptive freeze signal at ``step``: ``{group: similarity to one window
+        earlier}`` (a group named after a recorded layer is drawn as that layer)."""
+        step = int(step)
+        self._write_header(step)
+        for g, v in similarity.items():
+            self.log_layer_scalar("freeze_signal", str(g), float(v), step)
 
     def log_freeze_note(self, step: int, text: str) -> None:
         """A line of the freeze-events text at ``step`` (e.g. what the frozen-output cache skipped)."""
@@ -520,16 +677,19 @@ class BoardLogger:
         self._write_header(step)
         self.writer.add_text(self.tag("freeze", "events"), f"step {step}: {text}", step)
 
-    def log_final(self, dynamics: LearningDynamics, save_dir: Optional[Union[str, Path]] = None
-                  ) -> Dict[str, List[int]]:
+    def log_final(self, dynamics: LearningDynamics, save_dir: Optional[Union[str, Path]] = None, *,
+                  freeze_steps: Optional[Mapping[str, int]] = None) -> Dict[str, List[int]]:
         """Log the end-of-training views from the learning-dynamics matrices.
 
-        Writes ``<name>/to_final/NN_layer`` at every capture's step, the chosen
+        Writes ``<name>/to_final`` (one line per layer) at every capture's step, the chosen
         ``<name>/dynamics/to_final_matrix`` heatmaps (:func:`select_checkpoints` among the
-        checkpoints with a full matrix), the paper's grid and the depth-coloured convergence
-        curves at the final step, and the last live curves if the final capture was not
-        logged with ``final=True`` and more than one capture was compared with a previous
-        one (a single comparison is the first point of the to-final curves).
+        checkpoints with a full matrix: where the curves change, plus ``fractions`` when
+        given), the grid image (:func:`grid_checkpoints`: 4 of those heatmaps, 2x2) and the
+        depth-coloured convergence curves at the final step, and the last live curves if the
+        final capture was not logged with ``final=True`` and more than one capture was
+        compared with a previous one (a single comparison is the first point of the to-final
+        curves). Titles carry each checkpoint's step and fraction of training and the layers
+        frozen by then (with their freeze steps); the curves mark each freeze.
 
         Args:
             dynamics: from :func:`svcca_torch.dynamics.learning_dynamics` over the run's store;
@@ -539,6 +699,8 @@ class BoardLogger:
             save_dir: also write the grid and the curves, as logged, to
                 ``learning_dynamics.png`` and ``convergence.png`` in this folder (drawn once
                 for both; :class:`~svcca_torch.callbacks.SVCCACallback` passes its run folder).
+            freeze_steps: ``{layer: step it was frozen}`` (default: what :meth:`log_freeze`
+                was told).
 
         Returns:
             ``{image tag: steps written}`` for the tags written here.
@@ -549,37 +711,42 @@ class BoardLogger:
         unknown = [n for n in dynamics.layers if n not in self.layer_tags]
         if unknown:
             raise ValueError(f"`dynamics` has layers {unknown} that are not among {self.layers}.")
+        if freeze_steps is not None:
+            self.frozen_at.update({n: int(st) for n, st in freeze_steps.items() if n in self.layer_tags})
+        frozen = dict(self.frozen_at)
         final_step = int(dynamics.steps[-1])
         self._write_header(int(dynamics.steps[0]))
         tf = dynamics.to_final()
         for c, step in enumerate(dynamics.steps):
             for j, n in enumerate(dynamics.layers):
-                v = float(tf[c, j])
-                if math.isfinite(v):
-                    self.writer.add_scalar(self.layer_tag("to_final", n), v, int(step))
+                self.log_layer_scalar("to_final", n, float(tf[c, j]), int(step))
         written: Dict[str, List[int]] = {}
         tag = self.tag("dynamics", "to_final_matrix")
         # only checkpoints with a full matrix can be heatmaps: choose among them (all when full is None)
         cands = list(range(len(dynamics.steps))) if dynamics.full is None else sorted(dynamics.full)
-        picked = select_checkpoints(dynamics.matrices[cands], [dynamics.fractions[c] for c in cands],
-                                    max_images=self.max_images, anchors=self.fractions,
-                                    min_change=self.min_change) if cands else []
-        for c in (cands[i] for i in picked):
+        picked = [cands[i] for i in select_checkpoints(
+            dynamics.matrices[cands], [dynamics.fractions[c] for c in cands], max_images=self.max_images,
+            anchors=self.fractions or (), min_change=self.min_change)] if cands else []
+        for c in picked:
             s = int(dynamics.steps[c])
             if self._add_image(tag, lambda: plot_similarity_matrix(
                     dynamics.matrices[c], dynamics.layers,
-                    title=f"step {s} ({100 * dynamics.fractions[c]:.0f}%) vs end of training",
-                    xlabel=f"layer at end (step {final_step})", ylabel=f"layer at step {s}"), s):
+                    title=self._title(f"{checkpoint_label(s, dynamics.fractions[c])} vs end of training", s),
+                    xlabel=f"layer at end (step {final_step})", ylabel=f"layer at step {s}",
+                    frozen_layers=[n for n in dynamics.layers if n in frozen and frozen[n] <= s]), s):
                 written.setdefault(tag, []).append(s)
         folder = None if save_dir is None else Path(save_dir)
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
-        if self._add_image(self.tag("dynamics", "grid"), lambda: plot_learning_dynamics(
-                dynamics, self.fractions, ncols=2, panel_size=3.6), final_step,
+        grid = (grid_checkpoints(dynamics, fractions=self.fractions) if self.fractions is not None else
+                grid_checkpoints(dynamics, candidates=picked, min_change=self.min_change) if picked else [])
+        if grid and self._add_image(self.tag("dynamics", "grid"), lambda: plot_learning_dynamics(
+                dynamics, checkpoints=grid, ncols=2, panel_size=2.4, freeze_steps=frozen), final_step,
                 save_as=None if folder is None else folder / "learning_dynamics.png"):
             written[self.tag("dynamics", "grid")] = [final_step]
         if self._add_image(self.tag("dynamics", "to_final_curves"), lambda: plot_convergence(
-                dynamics.curves(), ylabel="SVCCA similarity", title="similarity to own final state"), final_step,
+                dynamics.curves(), ylabel="SVCCA similarity", title="similarity to own final state",
+                freeze_steps=frozen), final_step,
                 save_as=None if folder is None else folder / "convergence.png"):
             written[self.tag("dynamics", "to_final_curves")] = [final_step]
         live = self.tag("live", "to_previous_curves")
@@ -592,8 +759,7 @@ class BoardLogger:
             lc, known = self._live_curves()
             if self._add_image(live, lambda: plot_convergence(
                     lc, x="fraction" if known else "step", ylabel="SVCCA similarity",
-                    title="similarity to previous capture, whole run"), last["step"]):
+                    title="similarity to previous capture, whole run", freeze_steps=frozen), last["step"]):
                 written[live] = [last["step"]]
-        if hasattr(self.writer, "flush"):
-            self.writer.flush()
+        self.flush()
         return written

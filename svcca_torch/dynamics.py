@@ -607,3 +607,115 @@ def class_sensitivity(
     tb = svd_reduce(t, 1)
     m = similarity_matrix(list(reps.values()), [tb])
     return ClassSensitivity(list(reps), m[:, 0])
+
+
+# ----------------------------------------------------------------------------------- convergence order
+#: Similarity to the final state counted as converged by :func:`convergence_order`.
+CONVERGED = 0.95
+
+
+def _ranks(v: Sequence[float]) -> torch.Tensor:
+    """Ranks from 0, ties sharing their mean rank."""
+    t = torch.tensor([float(a) for a in v], dtype=torch.float64)
+    r = torch.empty_like(t)
+    r[torch.argsort(t, stable=True)] = torch.arange(len(t), dtype=torch.float64)
+    for val in torch.unique(t):
+        m = t == val
+        r[m] = r[m].mean()
+    return r
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    if len(x) < 2:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = float(rx.norm() * ry.norm())
+    return float((rx * ry).sum()) / den if den > 0 else None
+
+
+def _permutation_p(x: Sequence[float], y: Sequence[float], rho: float, draws: int = 20000) -> float:
+    """One-sided p-value of a Spearman rho at least ``rho`` under random orders of ``y``:
+    exact up to 8 values, else ``draws`` seeded random permutations."""
+    import itertools
+
+    n = len(y)
+    if n <= 8:
+        perms = list(itertools.permutations(range(n)))
+    else:
+        g = torch.Generator().manual_seed(0)
+        perms = [torch.randperm(n, generator=g).tolist() for _ in range(draws)]
+    hits = sum(1 for p in perms if (_spearman(x, [y[i] for i in p]) or 0.0) >= rho - 1e-12)
+    return hits / len(perms)
+
+
+def convergence_order(curves: LayerCurves, *, threshold: float = CONVERGED,
+                      freeze_steps: Optional[Mapping[str, int]] = None) -> Dict[str, Any]:
+    """When each layer converged, and how strongly that follows depth (the paper's "lower
+    layers converge first"), stated with its statistic.
+
+    A layer converged at the first capture from which its similarity to its own final state
+    stays ``>= threshold``. A frozen layer is judged on its captures before its freeze step
+    only (from its freeze on it equals its final state by construction); one that had not
+    reached ``threshold`` by then is left out (freezing, not training, settled it). The order
+    is Spearman's rho between depth (the layers' order) and the convergence steps, ties at
+    their mean rank, with a one-sided permutation p-value (exact up to 8 layers).
+
+    Args:
+        curves: the to-final curves, e.g. :meth:`LearningDynamics.curves`.
+        threshold: similarity counted as converged (0.95).
+        freeze_steps: ``{layer: step it was frozen}``.
+
+    Returns:
+        ``{"threshold", "steps": {layer: step or None}, "excluded": {layer: why},
+        "spearman", "n_layers", "tied_layers", "p_value", "lower_first", "statement"}``;
+        ``lower_first`` is True only at rho > 0 with p < 0.05, None with fewer than 3 layers.
+    """
+    if not isinstance(curves, LayerCurves):
+        raise ValueError(f"`curves` must be a LayerCurves (LearningDynamics.curves()), got {type(curves).__name__}.")
+    threshold = float(threshold)
+    frozen = {n: int(s) for n, s in (freeze_steps or {}).items()}
+    steps: Dict[str, Optional[int]] = {}
+    excluded: Dict[str, str] = {}
+    for j, name in enumerate(curves.layers):
+        cut = frozen.get(name)
+        rows = [(int(st), float(curves.values[c, j])) for c, st in enumerate(curves.steps)
+                if (cut is None or st < cut) and math.isfinite(float(curves.values[c, j]))]
+        at: Optional[int] = None
+        for k in range(len(rows) - 1, -1, -1):
+            if rows[k][1] < threshold:
+                break
+            at = rows[k][0]
+        if cut is not None and (at is None or len(rows) < 2):
+            excluded[name] = (f"frozen at step {cut} before its captures showed it at {threshold:g}: freezing, "
+                              "not training, settled it")
+            steps[name] = None
+            continue
+        if at is None:
+            excluded[name] = "no finite similarity to its final state"
+        steps[name] = at
+    used = [(d, steps[n]) for d, n in enumerate(curves.layers) if steps[n] is not None]
+    depth, when = [d for d, _ in used], [float(s) for _, s in used]  # type: ignore[misc]
+    rho = _spearman(depth, when) if len(used) >= 3 else None
+    tied = sum(1 for s in when if when.count(s) > 1)
+    p = _permutation_p(depth, when, rho) if rho is not None else None
+    lower_first = None if rho is None else bool(rho > 0 and p is not None and p < 0.05)
+    if rho is None and len(used) >= 3:
+        statement = (f"convergence order: all {len(used)} layers reached {threshold:g} at the same capture (step "
+                     f"{int(when[0])}), so the captures cannot order them")
+    elif rho is None:
+        statement = (f"convergence order: too few layers to judge ({len(used)} with a convergence step of their "
+                     f"own; at least 3 needed)")
+    else:
+        strength = ("no evidence that lower layers converge first" if rho <= 0 else
+                    "strong evidence" if rho >= 0.7 and p < 0.05 else
+                    "moderate evidence" if rho >= 0.4 and p < 0.1 else "weak evidence")
+        if rho > 0:
+            strength += " that lower layers converge first"
+        statement = (f"convergence order (first capture from which the similarity to the final state stays >= "
+                     f"{threshold:g}): Spearman rho(depth, step) = {rho:+.2f} over {len(used)} layers"
+                     + (f" ({tied} share a step)" if tied else "") + f", one-sided permutation p = {p:.2g}: {strength}")
+    if excluded:
+        statement += "; left out: " + ", ".join(f"{n} ({why})" for n, why in excluded.items())
+    return {"threshold": threshold, "steps": steps, "excluded": excluded, "spearman": rho, "n_layers": len(used),
+            "tied_layers": tied, "p_value": p, "lower_first": lower_first, "statement": statement}

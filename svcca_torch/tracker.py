@@ -17,11 +17,14 @@ It owns four things:
 * the **capture schedule**: a capture records every chosen layer on the fixed probe set,
   reduces it (:func:`~svcca_torch.svd_reduce`) into a
   :class:`~svcca_torch.store.RepresentationStore` and measures each layer's similarity to
-  the previous capture. Captures are taken at step 0, at the end, and in between when the
-  schedule (``every_n_steps``, or the caller's ``request``) asks, but only while the time
-  the tracker has spent stays within ``max_overhead`` of the training time measured so far
-  (keeping enough in reserve for the final capture and analysis). With no schedule the
-  budget alone spaces the captures.
+  the previous capture. Captures are taken at step 0, at the end, and in between: at every
+  point of an explicit schedule (``every_n_steps``, or the caller's ``request``), all of
+  them; with none, the tracker's own schedule within ``max_overhead`` of the training time
+  (keeping enough in reserve for the final capture and analysis): front-loaded points at
+  :data:`LADDER` (1% to 90% of training, log-spaced, where representations change most),
+  each taken when the run's projected budget affords it, and in between captures spaced by
+  the budget of the training time so far. Every capture the budget skips is counted and
+  explained in :meth:`schedule_report` and ``svcca_summary.json`` (``"schedule"``).
 * the **freeze signal** (``freeze="adaptive"``): every ``freeze_window`` optimizer steps
   (a grid fixed in training steps, independent of the capture schedule) it records only
   the layers of the lowest two still-trained groups (the forward stops after the highest
@@ -98,6 +101,16 @@ _FLOPS_EXAMPLES = 2
 #: Seconds the capture budget holds back per end-of-run figure (drawing one 720 x 540 px
 #: figure with Agg took 0.11 to 0.39 s on one CPU thread of the development machine).
 FIGURE_SECONDS = 0.3
+#: The default capture schedule's front-loaded points, as fractions of training: log-spaced
+#: (ratio sqrt 2) from 1% to 90%, so that captures land where representations change most
+#: (early), half of them in the first 10%. Each is taken when the whole run's budget
+#: (``max_overhead`` of the training time projected from the steps so far) affords it.
+LADDER = tuple(0.01 * 2 ** (k / 2) for k in range(14))
+#: On a run projected to train for less than this (seconds), the ladder points nearest 1%, 3%
+#: and 8% of training are taken even when the budget cannot afford them (a short run's 5% is
+#: less than the figures drawn at its end); what they cost is reported at the end.
+SHORT_RUN_SECONDS = 300.0
+FLOOR = (LADDER[0], LADDER[3], LADDER[6])
 
 Groups = Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]]
 
@@ -230,10 +243,13 @@ class DynamicsTracker:
         run_dir: folder for the store (``<run_dir>/store``), figures and summary JSON.
         keep, max_directions: SVD truncation of the stored representations.
         grid, max_datapoints, batch_size: recorder settings.
-        every_n_steps: capture every n optimizer steps (subject to ``max_overhead``); None:
-            the budget alone spaces captures (or the caller passes ``request``).
-        max_overhead: most time spent on captures, as a fraction of training time measured
-            so far (default 0.05); ``None``: no budget (every scheduled capture is taken).
+        every_n_steps: capture every n optimizer steps, every one of them (an explicit
+            schedule is honoured: ``max_overhead`` does not thin it; the end-of-run report says
+            what it cost). None (default): the tracker schedules the captures itself (front-
+            loaded, within ``max_overhead``: see :meth:`maybe_capture`), or the caller passes
+            ``request``.
+        max_overhead: the default schedule's time budget, as a fraction of training time
+            (default 0.05); ``None``: no budget (every front-loaded point is taken).
         freeze: ``False``, ``"adaptive"`` (or ``True``) or ``"schedule"``.
         freeze_groups: explicit groups (default: one per recorded layer,
             :func:`svcca_torch.freeze.default_layer_groups`).
@@ -251,9 +267,13 @@ class DynamicsTracker:
         total_steps: training length, when known (the schedule policy needs it).
         final_analysis: compute the learning-dynamics matrices and figures in :meth:`finish`.
         final_heatmaps: how many captures get a full layers x layers matrix (a heatmap) at the
-            end, the paper's grid at 0/35/75/100% included, the rest where the to-final curves
-            change most (:func:`shown_dynamics`). Each costs about what a naive analysis
-            spends per capture; every capture gets its to-final curves whatever this is.
+            end: step 0, the end, the rest where the to-final curves change most
+            (:func:`shown_dynamics`). Each costs about what a naive analysis spends per
+            capture; every capture gets its to-final curves whatever this is.
+        grid_fractions: the grid figure's panels: ``None`` (default) 4 of those heatmaps,
+            where the curves change (:func:`svcca_torch.board.grid_checkpoints`); fractions
+            of training, e.g. the paper's ``(0, 0.35, 0.75, 1)``: the capture nearest each
+            (given a full matrix too).
         figures: write ``learning_dynamics.png`` and ``convergence.png`` (and, with freeze
             training, ``to_previous.png``) in :meth:`finish`; ``False`` when a caller draws
             them itself (:class:`~svcca_torch.callbacks.SVCCACallback` with TensorBoard
@@ -305,6 +325,7 @@ class DynamicsTracker:
         total_steps: Optional[int] = None,
         final_analysis: bool = True,
         final_heatmaps: int = 6,
+        grid_fractions: Optional[Sequence[float]] = None,
         figures: bool = True,
         progress: bool = False,
         is_writer: bool = True,
@@ -347,6 +368,8 @@ class DynamicsTracker:
         self.total_steps = None if total_steps is None else check_positive_int(total_steps, "total_steps")
         self.final_analysis = check_bool(final_analysis, "final_analysis")
         self.final_heatmaps = check_positive_int(final_heatmaps, "final_heatmaps", minimum=2)
+        self.grid_fractions = None if grid_fractions is None else [
+            check_fraction(f, "grid_fractions[i]", low_inclusive=True, high_inclusive=True) for f in grid_fractions]
         self.figures = check_bool(figures, "figures")
         self.progress = bool(progress)
         self.is_writer = bool(is_writer)
@@ -381,6 +404,11 @@ class DynamicsTracker:
         self._capture_cost: Optional[float] = None
         self._analysis_cost = 0.0
         self._warned: set = set()
+        # the default schedule: front-loaded fractions still ahead; what each capture was for
+        self._ladder: List[float] = list(LADDER)
+        #: a caller's explicit schedule in words (e.g. ``"every 2 epochs"``), for the report
+        self.explicit_schedule: Optional[str] = None
+        self.schedule_log: Dict[str, List[Any]] = _empty_schedule_log()
         self.frozen_cache_stats: Optional[Dict[str, Any]] = None  # the frozen-output cache's, at the end
         #: what :meth:`finish` could not record or analyse (data errors): ``{"step", "layer", "kind", "message"}``
         self.failures: List[Dict[str, Any]] = []
@@ -512,6 +540,8 @@ class DynamicsTracker:
             if self.freeze and self.baseline_backward_flops is None and self.is_writer:
                 self.baseline_backward_flops = self._backward_flops(all_trainable=True)
             events = TrackerEvents(step)
+            done = step / self.total_steps if self.total_steps else 0.0
+            self._ladder = [f for f in LADDER if f > done]  # the front-loaded points still ahead
             if step not in self.captured_steps:
                 events.capture = self.capture(step, epoch)
             if self.freeze == "adaptive" and step % self.freeze_window == 0:  # type: ignore[operator]
@@ -529,8 +559,21 @@ class DynamicsTracker:
             step: optimizer steps done (the step just taken).
             progress: fraction of training done, if known (default ``step / total_steps``).
             epoch: the epoch, stored with a capture.
-            request: ``True`` asks for a capture now (e.g. at an epoch end), ``False`` for
-                none; default: ``every_n_steps``, or the budget alone when it is None.
+            request: ``True`` asks for a capture now (e.g. at an epoch end; taken, whatever
+                the budget), ``False`` for none; default: ``every_n_steps`` (every multiple
+                taken), or, when that is None, the tracker's own schedule:
+
+                * the front-loaded points :data:`LADDER` (1% to 90% of training, log-spaced),
+                  known from ``progress`` or ``total_steps``: each taken when one more
+                  capture, with the final capture and analysis in reserve, keeps the
+                  tracker's time within ``max_overhead`` of the training time projected for
+                  the whole run (time so far / fraction done); on a run projected shorter
+                  than :data:`SHORT_RUN_SECONDS` the points nearest 1%, 3% and 8% are taken
+                  even over budget (reported);
+                * at other steps, a capture whenever it fits within ``max_overhead`` of the
+                  training time so far (none without a budget).
+
+                Points the budget skipped are listed by :meth:`schedule_report`.
         """
         if not self._started:
             raise RuntimeError(f"{type(self).__name__}.maybe_capture: call start() once before the first step.")
@@ -547,14 +590,84 @@ class DynamicsTracker:
             if self.freeze == "adaptive" and step % self.freeze_window == 0:  # type: ignore[operator]
                 events.signal = self._signal(step)
                 events.freeze = self._apply_frozen(step)
-            if request is None:
-                if self.every_n_steps is not None:
-                    request = step % self.every_n_steps == 0
-                else:
-                    request = self.max_overhead is not None
+            if request is None and self.every_n_steps is not None:
+                request = step % self.every_n_steps == 0
             if request:
-                events.capture = self.capture_if_affordable(step, epoch)
+                events.capture = self.capture_requested(step, epoch)
+            elif request is None:
+                fraction = progress if progress is not None else (
+                    min(1.0, step / self.total_steps) if self.total_steps else None)
+                events.capture = self._scheduled_capture(step, fraction, epoch)
             return events
+
+    def capture_requested(self, step: int, epoch: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """Take the capture an explicit schedule asks for at ``step`` (``every_n_steps``, an
+        epoch end, the caller's ``request=True``), whatever the budget; None when ``step``
+        is captured already."""
+        if step in self.captured_steps:
+            return None
+        self.schedule_log["requested"].append(int(step))
+        return self.capture(step, epoch)
+
+    def _scheduled_capture(self, step: int, fraction: Optional[float], epoch: Optional[int]
+                           ) -> Optional[Dict[str, Any]]:
+        """The tracker's own schedule at ``step`` (see :meth:`maybe_capture`): a front-loaded
+        point when ``fraction`` passes one, else a capture when the budget so far affords it."""
+        if step in self.captured_steps:
+            return None
+        passed: List[float] = []
+        if fraction is not None:
+            passed = [f for f in self._ladder if f <= fraction]
+            self._ladder = [f for f in self._ladder if f > fraction]
+            if fraction >= 1.0:
+                passed = []  # the end of training: the final capture is taken anyway
+        if not passed and self.max_overhead is None:
+            return None  # nothing due, on every rank alike
+        with self._timed():
+            decision = None
+            if self.is_writer:
+                if passed:
+                    decision = self._ladder_decision(fraction, any(f in FLOOR for f in passed))  # type: ignore[arg-type]
+                    if decision[0] is None:
+                        self.schedule_log["skipped"].append(
+                            {"step": int(step), "fraction": round(float(fraction), 6),  # type: ignore[arg-type]
+                             "reason": decision[1]})
+                elif self.max_overhead is not None and self._affordable():
+                    decision = ("budget", None)
+            kind = self._broadcast(None if decision is None else decision[0])
+            if kind is None:
+                return None
+            out = self.capture(step, epoch)
+            log = self.schedule_log["over_budget" if kind == "floor" else kind]
+            log.append(int(step))
+            if kind == "floor":
+                self.schedule_log["front_loaded"].append(int(step))
+            return out
+
+    def _budget(self) -> Tuple[float, float, float]:
+        """(own time so far, training time so far, the reserve: the final capture, the
+        end-of-run analysis and its figures), in seconds."""
+        now = time.perf_counter()
+        spent = self._own + (now - self._t_outer if self._depth else 0.0)
+        train = now - (self._origin if self._origin is not None else now) - spent
+        cost = self._capture_cost or 0.0
+        reserve = (2 * cost + (len(self.captured_steps) + 2) * self._analysis_cost
+                   + (self.final_heatmaps + 3) * FIGURE_SECONDS)
+        return spent, train, reserve
+
+    def _ladder_decision(self, fraction: float, floor: bool) -> Tuple[Optional[str], Optional[str]]:
+        """("front_loaded" | "floor" | None, why not): whether a front-loaded point is taken."""
+        if self.max_overhead is None or self._origin is None or self._capture_cost is None:
+            return "front_loaded", None
+        spent, train, reserve = self._budget()
+        projected = train / fraction if fraction > 0 else math.inf
+        if spent + self._capture_cost + reserve <= self.max_overhead * projected:
+            return "front_loaded", None
+        if floor and projected < SHORT_RUN_SECONDS:
+            return "floor", None
+        return None, (f"a capture ({self._capture_cost:.2g} s) did not fit in max_overhead={self.max_overhead:g} of "
+                      f"the training time projected for the run ({projected:.3g} s), with {spent:.2g} s spent and "
+                      f"{reserve:.2g} s held for the final capture and analysis")
 
     def capture_if_affordable(self, step: int, epoch: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """Take a capture at ``step`` unless it is taken already or would exceed the
@@ -566,6 +679,68 @@ class DynamicsTracker:
                 return None
             return self.capture(step, epoch)
 
+    def schedule_summary(self) -> Dict[str, Any]:
+        """What the capture schedule did (``svcca_summary.json``'s ``"schedule"``): the
+        captures by kind (``front_loaded``, ``budget``: spaced by the budget of the training
+        time so far, ``requested``: an explicit schedule, ``over_budget``: the short-run
+        floor), the front-loaded points the budget ``skipped`` and why, the own time and the
+        training time so far (seconds), and ``message``: :meth:`schedule_report`."""
+        log = self.schedule_log
+        spent, train, _ = self._budget()
+        explicit = self.every_n_steps is not None or log["requested"] or self.explicit_schedule
+        return {"mode": "explicit" if explicit else "default",
+                "every_n_steps": self.every_n_steps, "max_overhead": self.max_overhead,
+                "captures": len(self.captured_steps), "front_loaded": list(log["front_loaded"]),
+                "budget": list(log["budget"]), "requested": list(log["requested"]),
+                "over_budget": list(log["over_budget"]), "skipped": [dict(e) for e in log["skipped"]],
+                "own_seconds": round(spent, 4), "training_seconds": round(train, 4),
+                "overhead": None if train <= 0 else round(spent / train, 5), "message": self.schedule_report()}
+
+    def schedule_report(self) -> str:
+        """One paragraph: how many captures of which kind, what the budget skipped or thinned
+        and why, and what the captures cost (own time against training time so far)."""
+        log = self.schedule_log
+        n = len(self.captured_steps)
+        spent, train, _ = self._budget()
+        frac = (lambda st: "" if not self.total_steps else f" ({100 * st / self.total_steps:.2g}%)")
+        scheduled = {int(x) for k in ("front_loaded", "budget", "requested") for x in log[k]}
+        ends = ["step 0"] + (["the end"] if len(self.captured_steps) > 1 and self.captured_steps[-1] not in scheduled
+                             else [])
+        parts: List[str] = []
+        if self.every_n_steps is not None or log["requested"] or self.explicit_schedule:
+            every = ("every step" if self.every_n_steps == 1 else f"every {self.every_n_steps} steps")
+            how = f"{len(log['requested'])} " + (every if self.every_n_steps is not None
+                                                 else self.explicit_schedule or "as requested")
+            parts.append(f"{n} captures ({', '.join(ends[:1] + [how] + ends[1:])}), every one taken (an explicit "
+                         "schedule is not thinned by max_overhead)")
+        else:
+            front, budget = log["front_loaded"], log["budget"]
+            what = [f"{len(front)} front-loaded" + (f" at steps {front[0]}{frac(front[0])} to {front[-1]}"
+                                                     f"{frac(front[-1])}" if front else "")]
+            if self.max_overhead is not None:
+                what.append(f"{len(budget)} spaced by the time budget (max_overhead={self.max_overhead:g} of the "
+                            "training time so far)")
+            parts.append(f"{n} captures ({', '.join(ends[:1] + what + ends[1:])})")
+            skipped = log["skipped"]
+            if skipped:
+                steps = ", ".join(str(e["step"]) for e in skipped[:6]) + (", ..." if len(skipped) > 6 else "")
+                parts.append(f"the budget skipped {len(skipped)} front-loaded point{'s' if len(skipped) > 1 else ''} "
+                             f"(steps {steps}): {skipped[-1]['reason']}")
+            if log["over_budget"]:
+                parts.append(f"{len(log['over_budget'])} early captures (steps "
+                             + ", ".join(map(str, log["over_budget"])) + ") were taken over the budget: a run "
+                             f"projected under {SHORT_RUN_SECONDS:.0f} s cannot afford them at "
+                             f"max_overhead={self.max_overhead:g}")
+            if not self.total_steps and self.max_overhead is not None and not front:
+                parts.append("no front-loaded captures: the training length is unknown (pass total_steps)")
+        explicit = self.every_n_steps is not None or log["requested"] or self.explicit_schedule
+        if train > 0:
+            parts.append(f"own time {spent:.3g} s, {100 * spent / train:.1f}% of {train:.3g} s of training"
+                         + (f" (max_overhead={self.max_overhead:g} is met on runs of {SHORT_RUN_SECONDS / 60:.0f} "
+                            "minutes or more)" if not explicit and self.max_overhead is not None
+                            and spent > self.max_overhead * train else ""))
+        return "; ".join(parts) + "."
+
     def _affordable(self) -> bool:
         """Whether one more capture keeps the tracker's time within ``max_overhead`` of the
         training time so far, with the final capture and analysis held in reserve."""
@@ -573,12 +748,7 @@ class DynamicsTracker:
             return True
         if self._origin is None or self._capture_cost is None:
             return True
-        now = time.perf_counter()
-        spent = self._own + (now - self._t_outer if self._depth else 0.0)
-        train = now - self._origin - spent
-        # the final capture, the end-of-run analysis and its figures (heatmaps, grid, curves)
-        reserve = (2 * self._capture_cost + (len(self.captured_steps) + 2) * self._analysis_cost
-                   + (self.final_heatmaps + 3) * FIGURE_SECONDS)
+        spent, train, reserve = self._budget()
         return spent + self._capture_cost + reserve <= self.max_overhead * train
 
     def capture(self, step: int, epoch: Optional[int] = None) -> Dict[str, Any]:
@@ -960,6 +1130,17 @@ class DynamicsTracker:
                 + "\n".join(f"  - {f['message']}" for f in self.failures), UserWarning, stacklevel=2)
         return result
 
+    @property
+    def freeze_steps(self) -> Dict[str, int]:
+        """``{group: the step it was frozen at}`` (bottom-up; from the freeze log)."""
+        return {g: int(e["step"]) for e in self.freeze_log for g in e["groups"]}
+
+    @property
+    def layer_freeze_steps(self) -> Dict[str, int]:
+        """``{recorded layer: the step its group was frozen at}``."""
+        steps = self.freeze_steps
+        return {n: steps[g] for g in steps for n in self.group_layers.get(g, [])}
+
     def _analysis_on(self) -> torch.device:
         if self.analysis_device is not None:
             return self.analysis_device
@@ -977,10 +1158,13 @@ class DynamicsTracker:
         with a full matrix. Figures: ``learning_dynamics.png``, ``convergence.png`` and, with
         freeze training, ``to_previous.png``.
         """
-        from .plotting import DEFAULT_FRACTIONS, plot_convergence, plot_learning_dynamics
+        from .board import grid_checkpoints
+        from .dynamics import convergence_order
+        from .plotting import plot_convergence, plot_learning_dynamics
 
         assert self.store is not None
         run_dir = self.run_dir
+        frozen_at = self.layer_freeze_steps
         summary: Dict[str, Any] = {
             "layers": self.store.layers,
             "captured_steps": list(self.captured_steps),
@@ -991,7 +1175,9 @@ class DynamicsTracker:
             "freeze": {"policy": self.freeze or None, "window": self.freeze_window,
                        "groups": [{"name": g.name, "modules": g.module_names} for g in self.groups],
                        "events": self.freeze_log, "signal": self.signal_log,
+                       "freeze_steps": self.freeze_steps, "layer_freeze_steps": frozen_at,
                        "policy_state": self.policy.state_dict() if self.policy is not None else None},
+            "schedule": self.schedule_summary(),
         }
         result = None
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1002,7 +1188,7 @@ class DynamicsTracker:
                 online = self._online_previous()
                 try:
                     dyn = shown_dynamics(self.store, device=device, progress=self.progress, previous=online is None,
-                                         max_images=self.final_heatmaps)
+                                         max_images=self.final_heatmaps, grid=self.grid_fractions or ())
                 except (ZeroVarianceError, NonFiniteError) as err:  # about the data: recorded, the rest written
                     self.failures.append({"step": None, "layer": None, "kind": "final analysis",
                                           "message": f"final analysis: {err}"})
@@ -1014,14 +1200,17 @@ class DynamicsTracker:
                 summary.update(steps=dyn.steps, fractions=dyn.fractions, full_steps=shown,
                                matrices=_nan_to_none(dyn.matrices.tolist()), to_final=_nan_to_none(fin.values.tolist()),
                                to_previous=_nan_to_none(prev.values.tolist()))
+                # judged on each layer before it froze, with its statistic
+                summary["convergence"] = convergence_order(fin, freeze_steps=frozen_at)
                 result = FinalAnalysis(dyn, fin, prev, summary)
                 if self.figures:
-                    plot_learning_dynamics(dyn, list(DEFAULT_FRACTIONS)).savefig(run_dir / "learning_dynamics.png",
-                                                                                  dpi=110)
-                    plot_convergence(fin).savefig(run_dir / "convergence.png", dpi=110)
+                    grid = grid_checkpoints(dyn, fractions=self.grid_fractions)
+                    plot_learning_dynamics(dyn, checkpoints=grid, ncols=2, freeze_steps=frozen_at).savefig(
+                        run_dir / "learning_dynamics.png", dpi=110)
+                    plot_convergence(fin, freeze_steps=frozen_at).savefig(run_dir / "convergence.png", dpi=110)
                 if self.freeze and len(self.store) > 1:
-                    plot_convergence(prev, ylabel="SVCCA similarity to previous capture").savefig(
-                        run_dir / "to_previous.png", dpi=110)
+                    plot_convergence(prev, ylabel="SVCCA similarity to previous capture",
+                                     freeze_steps=frozen_at).savefig(run_dir / "to_previous.png", dpi=110)
         finally:
             summary["failures"] = [dict(f) for f in self.failures]
             tmp = run_dir / ".svcca_summary.json.tmp"
@@ -1059,6 +1248,7 @@ class DynamicsTracker:
             "freeze_log": [dict(e) for e in self.freeze_log],
             "signal_log": [dict(e) for e in self.signal_log],
             "baseline_backward_flops": self.baseline_backward_flops,
+            "schedule": {k: [dict(e) if isinstance(e, dict) else e for e in v] for k, v in self.schedule_log.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1070,6 +1260,10 @@ class DynamicsTracker:
         self.freeze_log = [dict(e) for e in state.get("freeze_log", [])]
         self.signal_log = [dict(e) for e in state.get("signal_log", [])]
         self.baseline_backward_flops = state.get("baseline_backward_flops")
+        self.schedule_log = _empty_schedule_log()
+        for k, v in state.get("schedule", {}).items():
+            if k in self.schedule_log:
+                self.schedule_log[k] = [dict(e) if isinstance(e, dict) else e for e in v]
 
     def _restore(self, step: int) -> None:
         self._reuse = PrefixReuse()  # kept outputs came from weights this start may replace
@@ -1082,6 +1276,8 @@ class DynamicsTracker:
         self.to_previous = [e for e in self.to_previous if e["step"] <= step]
         self.signal_log = [e for e in self.signal_log if e["step"] <= step]
         self.freeze_log = [e for e in self.freeze_log if e["step"] <= step]
+        self.schedule_log = {k: [e for e in v if (e["step"] if isinstance(e, dict) else e) <= step]
+                             for k, v in self.schedule_log.items()}
         if state.get("policy") is not None:
             if self.policy is None:
                 raise ValueError(
@@ -1098,32 +1294,41 @@ class DynamicsTracker:
 
 
 def shown_dynamics(store: RepresentationStore, *, device: Optional[Union[str, torch.device]] = None,
-                   progress: bool = False, max_images: int = 6, previous: bool = False) -> LearningDynamics:
+                   progress: bool = False, max_images: int = 6, previous: bool = False,
+                   grid: Sequence[float] = ()) -> LearningDynamics:
     """The learning dynamics of a run with full matrices only where they are shown.
 
     One pass over ``store`` compares every capture with the final one layer by layer (the
-    to-final curves) and, for the captures of the paper's grid (nearest 0/35/75/100%, known
-    before any comparison), layers x layers. :func:`svcca_torch.board.full_checkpoints` then
-    picks from the curves the heatmaps shown (at most ``max_images``: step 0, the end, the
-    grid's 35% and 75% unless alike, then where the curves change most), and only those not
-    in the grid are loaded again for a full matrix: at most ``max_images + 2`` full matrices
-    in all. Off-diagonal entries of the other captures are NaN; ``.full`` lists the computed
-    ones. ``previous=True`` also fills ``.previous`` (each layer against the capture before
-    it) in the first pass. Bases are compared on ``device`` (default CPU); the result is on
-    the CPU.
+    to-final curves) and, for the first and the last capture (and the captures nearest the
+    ``grid`` fractions, e.g. the paper's 0/35/75/100%, when given), layers x layers.
+    :func:`svcca_torch.board.full_checkpoints` then picks from the curves the heatmaps shown
+    (at most ``max_images``: step 0, the end, then where the curves change most; the grid
+    image's panels are among them), and only those not computed yet are loaded again for a
+    full matrix. Off-diagonal entries of the other captures are NaN; ``.full`` lists the
+    computed ones. ``previous=True`` also fills ``.previous`` (each layer against the capture
+    before it) in the first pass. Bases are compared on ``device`` (default CPU); the result
+    is on the CPU.
     """
     from .board import full_checkpoints
-    from .plotting import DEFAULT_FRACTIONS
 
-    grid = sorted({store.nearest(f).step for f in DEFAULT_FRACTIONS})
-    dyn = learning_dynamics(store, full=grid, progress=progress, device=device, previous=previous)
-    full = full_checkpoints(dyn.curves(), grid=DEFAULT_FRACTIONS, max_images=max_images)
+    first = sorted({store.checkpoints[0].step, store.checkpoints[-1].step}
+                   | {store.nearest(f).step for f in grid})
+    dyn = learning_dynamics(store, full=first, progress=progress, device=device, previous=previous)
+    full = full_checkpoints(dyn.curves(), grid=grid, max_images=max_images)
     extra = [c for c in full if c not in (dyn.full or [])]
     if extra:
         steps = [dyn.steps[c] for c in extra]
         dyn.matrices[extra] = learning_dynamics(store, steps, full=steps, device=device).matrices
-    dyn.full = full
+    dyn.full = sorted(set(full) | set(dyn.full or []))
     return dyn
+
+
+def _empty_schedule_log() -> Dict[str, List[Any]]:
+    """Steps captured by kind: ``front_loaded`` (:data:`LADDER` points, ``over_budget``
+    ones included), ``over_budget`` (the short-run floor), ``budget`` (spaced by the budget of
+    the training time so far), ``requested`` (an explicit schedule); ``skipped``:
+    ``{"step", "fraction", "reason"}`` of the front-loaded points the budget did not afford."""
+    return {"front_loaded": [], "over_budget": [], "budget": [], "requested": [], "skipped": []}
 
 
 def _nan_to_none(x: Any) -> Any:

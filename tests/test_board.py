@@ -34,6 +34,11 @@ def _accumulate(logdir: Path) -> EventAccumulator:
     return acc
 
 
+def _layer_steps(logdir: Path, run: str, tag: str) -> List[int]:
+    """The steps of ``tag`` in one layer's run (``<logdir>/<name>/NN_short``)."""
+    return [e.step for e in _accumulate(logdir / run).Tensors(tag)]
+
+
 def _by_plugin(acc: EventAccumulator) -> Dict[str, List[str]]:
     out: Dict[str, List[str]] = {}
     for tag in acc.Tags()["tensors"]:
@@ -86,7 +91,7 @@ def run(tmp_path_factory):
     board.log_freeze_note(steps[-1], "frozen-output cache: the frozen forward was skipped for 10 of 12 samples")
     writer.close()
     return {"acc": _accumulate(root / "tb"), "mid": mid_training, "board": board, "steps": steps, "dyn": dyn,
-            "written": written}
+            "written": written, "logdir": root / "tb"}
 
 
 def test_every_image_tag_keeps_exactly_what_was_chosen(run):
@@ -115,10 +120,11 @@ def test_to_final_heatmaps_start_at_step_0_and_end_at_the_final_state(run):
         for b in chosen:
             if a < b:
                 assert float((dyn.matrices[a] - dyn.matrices[b]).abs().max()) > 0.01
-    # the paper's fractions are there, unless alike one shown (here 75% = the converged final state)
-    assert dyn.steps[dyn.nearest(0.35)] in shown
+    # chosen where the values change: the layers settle by 60% of training, so every
+    # heatmap but the final state's is of the first 60%
+    assert all(s <= 0.6 * TOTAL for s in shown[:-1])
     late = dyn.nearest(0.75)
-    assert dyn.steps[late] not in shown
+    assert dyn.steps[late] not in shown  # 75% is the converged final state again
     assert float((dyn.matrices[late] - dyn.matrices[-1]).abs().max()) <= 0.01
     assert [e.step for e in acc.Tensors("svcca/dynamics/grid")] == [steps[-1]]
     assert [e.step for e in acc.Tensors("svcca/dynamics/to_final_curves")] == [steps[-1]]
@@ -141,16 +147,25 @@ def test_live_images_appear_while_training_runs(run):
     assert curves[-1] == run["steps"][-1] and len(curves) <= 10
 
 
-def test_tags_under_the_name_sorted_by_depth_with_short_names(run):
-    acc = run["acc"]
+def test_per_layer_signals_are_one_chart_with_a_run_per_layer(run):
+    """Few tags: each per-layer signal is one tag, written by every layer to its own run
+    (``svcca/NN_short``, sorted by depth), so that TensorBoard draws one chart with a line per
+    layer, coloured apart; the main run holds the images and the freeze charts."""
+    acc, logdir, steps = run["acc"], run["logdir"], run["steps"]
     tags = [t for ts in _by_plugin(acc).values() for t in ts if t != "custom_scalars__config__"]
     assert tags and all(t.startswith("svcca/") for t in tags)
     scalars = _by_plugin(acc)["scalars"]
-    for kind in ("to_previous", "to_final"):
-        per_layer = sorted(t for t in scalars if t.startswith(f"svcca/{kind}/"))
-        assert per_layer == [f"svcca/{kind}/{i:02d}_{s}" for i, s in enumerate(SHORT)]
+    assert sorted(scalars) == ["svcca/freeze/backward_flops_saved", "svcca/freeze/frozen_groups"]
+    runs = sorted(p.name for p in (logdir / "svcca").iterdir())
+    assert runs == [f"{i:02d}_{s}" for i, s in enumerate(SHORT)]
+    for r in runs:
+        layer_acc = _accumulate(logdir / "svcca" / r)
+        assert sorted(_by_plugin(layer_acc)["scalars"]) == ["svcca/to_final", "svcca/to_previous"]
+        assert [e.step for e in layer_acc.Tensors("svcca/to_previous")] == steps[1:]
+        assert [e.step for e in layer_acc.Tensors("svcca/to_final")] == steps
     text = [t for t in _by_plugin(acc)["text"] if t.startswith("svcca/layers")]
-    assert text
+    table = acc.Tensors(text[0])[0].tensor_proto.string_val[0].decode()
+    assert "| `svcca/00_block1` | `net.features.block1` |" in table
 
 
 def test_freeze_scalars_from_step_0_count_and_fraction_apart(run):
@@ -165,11 +180,12 @@ def test_freeze_scalars_from_step_0_count_and_fraction_apart(run):
     assert len(freeze) == 2 and all(len(chart[1]) == 1 for chart in freeze.values())
 
 
-def test_layout_one_chart_per_layer_in_depth_order(run):
+def test_layout_one_multiline_chart_per_signal(run):
     layout = run["board"].layout()
-    charts = layout["svcca: similarity to previous capture, per layer (bottom-up)"]
-    assert [title.split(" ")[1] for title in charts] == SHORT
-    assert [c[1] for c in charts.values()] == [[f"^svcca/to_previous/{i:02d}_{s}$"] for i, s in enumerate(SHORT)]
+    (per_layer,) = [v for k, v in layout.items() if k.startswith("svcca: per layer")]
+    assert [c for c in per_layer.values()] == [["Multiline", ["^svcca/to_previous$"]],
+                                                ["Multiline", ["^svcca/to_final$"]],
+                                                ["Multiline", ["^svcca/freeze_signal$"]]]
 
 
 def test_live_images_bounded_without_known_fractions(tmp_path):
@@ -281,7 +297,7 @@ def test_the_same_capture_twice_logs_once_and_draws_the_final(tmp_path):
     assert board.log_capture(300, {"a": 0.5, "b": 0.7}, matrix=m, final=True)  # end of training, same step
     writer.close()
     acc = _accumulate(tmp_path)
-    assert [e.step for e in acc.Tensors("s/to_previous/00_a")] == [100, 200, 300]  # not twice at 300
+    assert _layer_steps(tmp_path, "s/00_a", "s/to_previous") == [100, 200, 300]  # not twice at 300
     assert [e.step for e in acc.Tensors("s/live/to_previous_curves")][-1] == 300
 
 
@@ -295,9 +311,12 @@ def test_full_checkpoints_are_chosen_from_the_cheap_curves(run, tmp_path):
     full = full_checkpoints(dyn.curves())
     n = len(steps)
     assert full == sorted(set(full)) and full[0] == 0 and full[-1] == n - 1
-    assert len(full) <= 10 + 2  # the heatmaps plus, at most, the grid's 35% and 75% when alike
-    for f in (0.0, 0.35, 0.75, 1.0):  # the paper's grid always has its full matrices
-        assert min(range(n), key=lambda i: abs(dyn.fractions[i] - f)) in full
+    assert len(full) <= 10  # the heatmaps (the grid image's panels are among them)
+    # the paper's grid as an option: its checkpoints get full matrices too
+    paper = full_checkpoints(dyn.curves(), grid=(0.0, 0.35, 0.75, 1.0))
+    assert len(paper) <= 10 + 2
+    for f in (0.0, 0.35, 0.75, 1.0):
+        assert min(range(n), key=lambda i: abs(dyn.fractions[i] - f)) in paper
     # the same from a plain (checkpoints, layers) tensor with fractions
     assert full_checkpoints(dyn.to_final(), dyn.fractions) == full
     with pytest.raises(ValueError, match="fractions"):
@@ -350,10 +369,101 @@ def test_scalars_only_capture_and_the_end_views(tmp_path, captures):
     written = board.log_final(learning_dynamics(store))
     writer.close()
     acc = _accumulate(tmp_path / "tb")
-    assert [e.step for e in acc.Tensors("s/to_previous/00_a")] == steps[1:]
+    assert _layer_steps(tmp_path / "tb", "s/00_a", "s/to_previous") == steps[1:]
     if captures == 3:
         assert [e.step for e in acc.Tensors("s/live/to_previous_curves")] == [50, 100]
         assert written["s/live/to_previous_curves"] == [100]
     else:
         assert "s/live/to_previous_curves" not in _by_plugin(acc)["images"]
         assert "s/live/to_previous_curves" not in written
+
+
+# ----------------------------------------------------------------------------------- issue 22: the views
+def test_live_images_skip_points_where_nothing_moved(tmp_path):
+    """Live images are refreshed at front-loaded points (1, 2, 5, 10% ...) only when some
+    layer moved since the last one: a run settled by 10% keeps its slots for the end."""
+    writer = SummaryWriter(str(tmp_path))
+    board = BoardLogger(writer, "s", ["a", "b"], total_steps=1000)
+    m = torch.eye(2, dtype=torch.float64)
+    for step in (0, 10, 20, 50, 100, 200, 350, 500, 750, 1000):
+        moving = step <= 100
+        board.log_capture(step, ({"a": 0.5, "b": 0.7} if moving else {"a": 1.0, "b": 0.999999}) if step else {},
+                          matrix=m, final=step == 1000)
+    writer.close()
+    assert board.images_written["s/live/to_previous_curves"] == [10, 20, 50, 100, 1000]
+
+
+def test_grid_is_chosen_where_the_curves_change_or_at_the_papers_fractions(run):
+    from svcca_torch.board import grid_checkpoints
+    from svcca_torch.plotting import DEFAULT_FRACTIONS
+
+    dyn, steps = run["dyn"], run["steps"]
+    grid = grid_checkpoints(dyn)
+    assert len(grid) == 4 and grid[0] == 0 and grid[-1] == len(steps) - 1
+    # every layer settles by 40% of training: the two middle panels are of that part
+    assert all(dyn.fractions[c] <= 0.4 for c in grid[1:-1])
+    paper = grid_checkpoints(dyn, fractions=DEFAULT_FRACTIONS)
+    assert [dyn.steps[c] for c in paper] == [0, 100, 220, 300]  # nearest 0/35/75/100% of 300 steps
+
+
+def test_titles_tell_captures_apart_and_name_each_freeze(tmp_path, monkeypatch):
+    """Issue 22: three early heatmaps were all titled "(0%)"; titles now carry the step and a
+    precise fraction, and, once layers are frozen, each one's freeze step; curves mark them."""
+    import svcca_torch.board as board_module
+    from svcca_torch.plotting import FROZEN_MARK, format_fraction
+
+    titles: Dict[str, List[str]] = {"matrix": [], "grid": []}
+    freezes: List[Dict[str, int]] = []
+    real = {k: getattr(board_module, k) for k in ("plot_similarity_matrix", "plot_convergence",
+                                                  "plot_learning_dynamics")}
+
+    def matrix(*args, **kwargs):
+        titles["matrix"].append(kwargs["title"])
+        return real["plot_similarity_matrix"](*args, **kwargs)
+
+    def curves(*args, **kwargs):
+        freezes.append(dict(kwargs.get("freeze_steps") or {}))
+        return real["plot_convergence"](*args, **kwargs)
+
+    def grid(*args, **kwargs):
+        fig = real["plot_learning_dynamics"](*args, **kwargs)
+        titles["grid"] += [ax.get_title() for ax in fig.axes if ax.images]
+        return fig
+
+    monkeypatch.setattr(board_module, "plot_similarity_matrix", matrix)
+    monkeypatch.setattr(board_module, "plot_convergence", curves)
+    monkeypatch.setattr(board_module, "plot_learning_dynamics", grid)
+    g = torch.Generator().manual_seed(0)
+    final = {n: torch.randn(200, 5 + 2 * i, generator=g) for i, n in enumerate(LAYERS)}
+    noise = {n: torch.randn(200, 5 + 2 * i, generator=g) for i, n in enumerate(LAYERS)}
+    store = RepresentationStore(tmp_path / "store")
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    total = 860
+    board = BoardLogger(writer, "svcca", LAYERS, total_steps=total)
+    prev = None
+    for step in (0, 1, 2, 4, 9, 17, 40, 90, 200, 430, 860):
+        bases = {n: svd_reduce(a, 0.99) for n, a in _activations(g, final, noise, min(1.0, 8 * step / total)).items()}
+        store.add(bases, step=step)
+        # a freeze at a capture's step comes first (the capture records the frozen network)
+        board.log_freeze(step, int(step >= 17) + int(step >= 40), newly_frozen=[LAYERS[0]] if step == 17 else
+                         [LAYERS[1]] if step == 40 else ())
+        board.log_capture(step, paired_similarity(prev, bases) if prev is not None else {}, previous=prev,
+                          current=bases, final=step == total)
+        prev = bases
+    board.log_final(learning_dynamics(store))
+    writer.close()
+    heads = [t.split("\n")[0] for t in titles["matrix"]]
+    assert "step 1 (0.12%) vs step 0" in heads and "step 9 (1.0%) vs step 4" in heads
+    early = [h for h in heads if h.endswith("vs end of training") and int(h.split()[1]) < 0.05 * total]
+    assert len(early) >= 3 and len(set(early)) == len(early)  # early heatmaps told apart (all were "(0%)")
+    for h in heads:
+        step = int(h.split()[1])
+        assert h.startswith(f"step {step} ({format_fraction(step / total)})")
+    for t in titles["matrix"] + titles["grid"]:
+        step = int(t.split()[1])
+        frozen = [s for s, at in (("block1", 17), ("block2", 40)) if at <= step]
+        if "vs" in t or "\n" in t:
+            assert all(s in t for s in frozen) and (FROZEN_MARK in t) == bool(frozen), t
+    assert any(f"{FROZEN_MARK} frozen: block1 at 17, block2 at 40" in t for t in titles["matrix"])
+    assert freezes[-1] == {LAYERS[0]: 17, LAYERS[1]: 40}  # the curves mark both freezes
+    assert board.state_dict()["frozen_at"] == {LAYERS[0]: 17, LAYERS[1]: 40}  # kept on resume

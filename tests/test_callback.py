@@ -107,15 +107,16 @@ def test_tensorboard_run_logs_live_and_final_views(tmp_path):
     ours = [t for t in acc.Tags()["tensors"] if t not in ("train_loss", "epoch", "custom_scalars__config__")]
     assert ours and all(t.startswith("svcca/") for t in ours), ours
     assert not any(t.startswith("freeze/") for t in acc.Tags()["tensors"])
-    # per-layer tags NN_short: sorted by name is sorted by depth
-    per_layer = sorted(t for t in scalars if t.startswith("svcca/to_final/"))
-    assert [t.rsplit("/", 1)[1] for t in per_layer] == [f"{i:02d}_{n.rsplit('.', 1)[1]}"
-                                                        for i, n in enumerate(model.layer_names)]
-    for tag in per_layer:
-        to_final = [(e.step, e.tensor_proto.float_val[0]) for e in acc.Tensors(tag)]
+    # per-layer signals: one tag each, a run per layer (svcca/NN_short: sorted by name is by depth)
+    assert not [t for t in scalars if t.startswith(("svcca/to_final", "svcca/to_previous"))]
+    runs = sorted(p.name for p in (Path(logger.log_dir) / "svcca").iterdir() if p.is_dir() and p.name[:2].isdigit())
+    assert runs == [f"{i:02d}_{n.rsplit('.', 1)[1]}" for i, n in enumerate(model.layer_names)]
+    for run in runs:
+        layer = _events(Path(logger.log_dir) / "svcca" / run)
+        to_final = [(e.step, e.tensor_proto.float_val[0]) for e in layer.Tensors("svcca/to_final")]
         assert [st for st, _ in to_final] == steps  # step 0 included, every capture
         assert to_final[-1][1] == pytest.approx(1.0, abs=1e-5)
-        assert [e.step for e in acc.Tensors(tag.replace("to_final", "to_previous"))] == steps[1:]
+        assert [e.step for e in layer.Tensors("svcca/to_previous")] == steps[1:]
     # images: at most 10 per tag (what TensorBoard keeps), in step order, heatmaps from step 0
     assert {"svcca/live/to_previous_matrix", "svcca/live/to_previous_curves", "svcca/dynamics/to_final_matrix",
             "svcca/dynamics/grid", "svcca/dynamics/to_final_curves"} <= set(images)
@@ -177,7 +178,8 @@ def test_start_and_end_captures_draw_no_repeated_views(tmp_path):
     assert not [t for t in images if "/live/" in t]
     assert [e.step for e in acc.Tensors("svcca/dynamics/to_final_matrix")] == [0, 20]
     assert {"svcca/dynamics/grid", "svcca/dynamics/to_final_curves"} <= set(images)
-    assert [e.step for e in acc.Tensors("svcca/to_previous/00_block1")] == [20]  # the scalars stay
+    layer = _events(Path(logger.log_dir) / "svcca" / "00_block1")
+    assert [e.step for e in layer.Tensors("svcca/to_previous")] == [20]  # the scalars stay
     grid = imread(Path(logger.log_dir) / "svcca" / "learning_dynamics.png")
     assert grid.shape[0] < 0.7 * grid.shape[1]  # one row of two panels, not a 2x2 grid of both twice
 
@@ -530,8 +532,8 @@ def test_failed_final_capture_is_reported_and_the_run_still_written(tmp_path):
     for name in ("learning_dynamics.png", "convergence.png"):  # drawn by the TensorBoard views
         assert (run_dir / name).stat().st_size > 0
     acc = _events(logger.log_dir)
-    tags = _plugin_tags(acc, "scalars")
-    assert any(t.startswith("svcca/to_final/") for t in tags) and "svcca/dynamics/grid" in _plugin_tags(acc, "images")
+    layer = _events(Path(logger.log_dir) / "svcca" / "00_block1")  # per-layer scalars: a run per layer
+    assert "svcca/to_final" in _plugin_tags(layer, "scalars") and "svcca/dynamics/grid" in _plugin_tags(acc, "images")
 
 
 def test_a_fit_that_raises_releases_the_store_and_the_models_forwards(tmp_path):
@@ -555,3 +557,83 @@ def test_a_fit_that_raises_releases_the_store_and_the_models_forwards(tmp_path):
     again = SVCCACallback(probe, run_dir=tmp_path / "run", final_analysis=False, progress=False)
     trainer(tmp_path, max_epochs=1, callbacks=[again]).fit(DigitsModule(), loader)
     assert again.tracker.captured_steps
+
+
+# ----------------------------------------------------------------------------------- issue 22: the schedule
+class _SettlesEarly(DigitsModule):
+    """A plain conv net at a high learning rate for its first 12 steps, then at 0: its layers
+    settle within the first 10% of a 192-step run and never change after."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.3, batch_norm=False)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        return {"optimizer": opt, "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if step < 12 else 0.0),
+            "interval": "step"}}
+
+
+def test_every_n_train_steps_is_honoured_whatever_the_budget(tmp_path):
+    """Issue 22: every_n_train_steps=6 on a 192-step run took 2 captures (the 5% budget
+    dropped the other 30 silently); an explicit schedule is taken in full and reported."""
+    loader, probe = digits_loaders(batch_size=10)  # 64 steps per epoch
+    cb = SVCCACallback(probe, every_n_train_steps=6, final_heatmaps=2, progress=False)  # max_overhead at 0.05
+    trainer(tmp_path, max_epochs=3, callbacks=[cb]).fit(DigitsModule(), loader)
+    assert cb.captured_steps == list(range(0, 193, 6))
+    schedule = json.loads((Path(cb.run_dir) / "svcca_summary.json").read_text())["schedule"]
+    assert schedule["mode"] == "explicit" and schedule["requested"] == list(range(6, 193, 6))
+    assert not schedule["skipped"]
+    assert schedule["message"].startswith("33 captures (step 0, 32 every 6 steps), every one taken")
+
+
+def test_fast_settling_run_at_the_defaults_captures_its_first_tenth(tmp_path):
+    """Issue 22: at the defaults a run whose layers settle within the first 10% of training
+    gets at least 3 captures there (the front-loaded schedule; on a run this short the points
+    at 1%, 3% and 8% even over the budget, and the cost is reported)."""
+    pl.seed_everything(0)
+    loader, probe = digits_loaders(batch_size=10)  # 64 steps per epoch, 192 in all
+    cb = SVCCACallback(probe, final_heatmaps=3, progress=False)
+    trainer(tmp_path, max_epochs=3, callbacks=[cb]).fit(_SettlesEarly(), loader)
+    early = [s for s in cb.captured_steps if 0 < s <= 0.1 * 192]
+    assert len(early) >= 3 and {2, 6, 16} <= set(early), cb.captured_steps
+    # the layers did settle in the first 10%: no change between later captures
+    late = [e for e in cb.to_previous if e["step"] > 19]
+    assert all(v > 0.999 for e in late for k, v in e.items() if k != "step")
+    summary = json.loads((Path(cb.run_dir) / "svcca_summary.json").read_text())
+    schedule = summary["schedule"]
+    assert set(early) <= set(schedule["front_loaded"]) and schedule["mode"] == "default"
+    assert "own time" in schedule["message"] and "% of" in schedule["message"]
+    for e in schedule["skipped"]:  # whatever the budget skipped is explained
+        assert "did not fit" in e["reason"]
+
+
+def test_freeze_is_visible_and_step_functions_are_logged_often(tmp_path):
+    """Issue 22: the freeze steps are in the summary JSON (per group and per layer), the
+    convergence order is stated with its statistic, judged on the layers before they froze;
+    in TensorBoard the freeze count (a step function) is logged at every freeze window as well
+    as every capture, and the per-layer signals are one tag each (a run per layer)."""
+    pl.seed_everything(0)
+    loader, probe = digits_loaders()
+    cb = SVCCACallback(probe, every_n_epochs=2, freeze_training=True, freeze_window=5, freeze_threshold=0.9,
+                       progress=False)
+    logger = TensorBoardLogger(str(tmp_path), name="tb", default_hp_metric=False)
+    trainer(tmp_path, logger=logger, max_epochs=4, callbacks=[cb]).fit(DigitsModule(), loader)
+    assert cb.captured_steps == [0, 20, 40] and cb.freeze_log
+    summary = json.loads((Path(logger.log_dir) / "svcca" / "svcca_summary.json").read_text())
+    freeze = summary["freeze"]
+    assert freeze["freeze_steps"] == {g: e["step"] for e in cb.freeze_log for g in e["groups"]}
+    assert freeze["layer_freeze_steps"] == {n: s for g, s in freeze["freeze_steps"].items()
+                                            for n in cb.tracker.group_layers[g]}
+    order = summary["convergence"]
+    assert set(order) >= {"spearman", "n_layers", "p_value", "excluded", "statement"}
+    assert order["lower_first"] in (True, False, None) and "convergence order" in order["statement"]
+    for name, why in order["excluded"].items():  # left out only for having been frozen first
+        assert name in freeze["layer_freeze_steps"] and "frozen at step" in why
+    acc = _events(logger.log_dir)
+    count = [e.step for e in acc.Tensors("svcca/freeze/frozen_groups")]
+    assert set(range(0, 41, 5)) <= set(count)  # every freeze window, not only the 3 captures
+    ours = sorted(t for t in _plugin_tags(acc, "scalars") if t.startswith("svcca/"))
+    assert ours == ["svcca/freeze/backward_flops_saved", "svcca/freeze/frozen_groups"]
+    signal = _events(Path(logger.log_dir) / "svcca" / "00_block1")
+    assert [e.step for e in signal.Tensors("svcca/freeze_signal")]  # block1's run holds its signal

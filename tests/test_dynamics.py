@@ -277,3 +277,37 @@ def test_compare_networks_warns_about_narrow_layers() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", NarrowLayerWarning)
         compare_networks({"w": acts["wide"], "e": acts["eleven"]}, {"w": acts["wide"]}, keep=1.0)
+
+
+def test_convergence_order_uses_layers_before_they_froze_and_states_its_statistic():
+    """Issue 22: "lower layers converged first: True" was printed at Spearman +0.23 with ties.
+    The order is judged on each layer before it froze (after a freeze its similarity to its
+    final state is 1 by construction) and stated with rho, the number of layers and p."""
+    from svcca_torch.dynamics import LayerCurves, convergence_order
+
+    steps = [0, 10, 20, 30, 40, 50]
+    v = torch.tensor([  # a, b, c, d: to-final similarity per capture
+        [0.2, 0.2, 0.2, 0.2],
+        [0.5, 0.3, 0.2, 0.3],
+        [1.0, 0.6, 0.4, 0.5],
+        [1.0, 1.0, 0.97, 0.6],
+        [1.0, 1.0, 0.99, 0.96],
+        [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    curves = LayerCurves(["a", "b", "c", "d"], steps, [s / 50 for s in steps], v)
+    free = convergence_order(curves)
+    assert free["steps"] == {"a": 20, "b": 30, "c": 30, "d": 40}
+    assert free["n_layers"] == 4 and free["tied_layers"] == 2 and 0.8 < free["spearman"] <= 1.0
+    assert "Spearman rho(depth, step) = +0.95 over 4 layers (2 share a step)" in free["statement"]
+    # a and b frozen at 20, c at 40: judged on the captures before, a and b never got there by
+    # themselves (a's 1.0 from step 20 on is the freeze), so they are left out; c got there at 30
+    frozen = convergence_order(curves, freeze_steps={"a": 20, "b": 20, "c": 40})
+    assert frozen["steps"]["c"] == 30
+    assert frozen["steps"]["a"] is None and frozen["steps"]["b"] is None and set(frozen["excluded"]) == {"a", "b"}
+    assert frozen["spearman"] is None and frozen["lower_first"] is None  # 2 layers: too few to judge
+    assert "too few layers to judge" in frozen["statement"] and "a (frozen at step 20" in frozen["statement"]
+    # ties and a weak order are said to be weak, not "True"
+    weak = LayerCurves(["a", "b", "c", "d", "e"], steps[:3], [0, 0.5, 1.0], torch.tensor(
+        [[0.1] * 5, [0.97, 0.5, 0.97, 0.5, 0.97], [1.0] * 5], dtype=torch.float64))
+    order = convergence_order(weak)
+    assert order["lower_first"] is False and abs(order["spearman"]) < 0.5
+    assert "no evidence" in order["statement"] or "weak evidence" in order["statement"]

@@ -93,8 +93,10 @@ def test_learning_dynamics_smoke_with_schedule_freezing(tmp_path):
     assert set(m["convergence_fraction"]) == set(CONVNET_LAYERS)
     assert all(v is None or 0.0 <= v <= 1.0 for v in m["convergence_fraction"].values())
     assert m["convergence_fraction"]["net.fc"] is not None  # the final capture is itself
-    assert isinstance(m["lower_layers_converged_first"], bool)
-    assert isinstance(m["hidden_layers"]["lower_layers_converged_first"], bool)
+    # stated with its statistic (issue 22), None when the captures cannot order the layers
+    assert m["lower_layers_converged_first"] in (True, False, None)
+    assert m["hidden_layers"]["lower_layers_converged_first"] in (True, False, None)
+    assert m["statement"].startswith("convergence order") and isinstance(m["n_layers"], int)
     assert m["spearman_depth_vs_convergence"] is None or -1.0 <= m["spearman_depth_vs_convergence"] <= 1.0
     # the schedule freezes the lowest group at 25% of training: compute is saved, and bounded
     assert m["freeze"]["events"] and m["freeze"]["events"][0]["groups"] == ["net.features.block1"]

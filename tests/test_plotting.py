@@ -40,13 +40,14 @@ def test_learning_dynamics_grid(store, tmp_path) -> None:
     panels = _heatmaps(fig)
     assert len(panels) == 4
     assert len(fig.axes) == 5  # four heatmaps and one shared colour bar
-    # nearest stored checkpoints to 0, 35, 75, 100 %
-    assert [ax.get_title().split("%")[0] for ax in panels] == ["0", "40", "80", "100"]
-    for ax in panels:
+    # nearest stored checkpoints to 0, 35, 75, 100 %, each titled with its step and fraction
+    assert [ax.get_title() for ax in panels] == ["step 0 (0%)", "step 20 (40%)", "step 30 (80%)", "step 40 (100%)"]
+    for k, ax in enumerate(panels):
         im = ax.images[0]
         assert im.origin == "lower" and im.get_clim() == (0.0, 1.0)
         assert [t.get_text() for t in ax.get_xticklabels()] == LAYERS
-        assert [t.get_text() for t in ax.get_yticklabels()] == LAYERS
+        # one row: layer names on the outer (left) panel only
+        assert [t.get_text() for t in ax.get_yticklabels()] == (LAYERS if k == 0 else [])
     # y = layer at the checkpoint, x = layer at the end: the image is matrices[c].T
     dyn = learning_dynamics(store)
     np.testing.assert_allclose(np.asarray(panels[1].images[0].get_array()), dyn.matrices[2].T.numpy())
@@ -66,7 +67,7 @@ def test_learning_dynamics_grid_shows_each_checkpoint_once(store) -> None:
     # a run captured at its start and end only: 0/35% are nearest step 0, 75/100% the end
     dyn = learning_dynamics(store, [0, 40])
     panels = _heatmaps(plot_learning_dynamics(dyn))
-    assert [ax.get_title() for ax in panels] == ["0% (step 0)", "100% (step 40)"]
+    assert [ax.get_title() for ax in panels] == ["step 0 (0%)", "step 40 (100%)"]
     np.testing.assert_allclose(np.asarray(panels[0].images[0].get_array()), dyn.matrices[0].T.numpy())
 
 
@@ -183,3 +184,62 @@ def test_heatmaps_of_one_kind_reuse_the_first_ones_layout() -> None:
     with rc_context({"font.size": 18}):
         big = plot_similarity_matrix(m, names, title="step 0 (0%) vs end", ylabel="layer at step 0")
     assert isinstance(big.get_layout_engine(), ConstrainedLayoutEngine)
+
+
+# ----------------------------------------------------------------------------------- issue 22: the views
+def test_fractions_are_precise_enough_to_tell_early_checkpoints_apart() -> None:
+    from svcca_torch.plotting import checkpoint_label, format_fraction
+
+    # three early heatmaps of an 860-step run were all titled "(0%)"
+    assert [format_fraction(s / 860) for s in (0, 1, 2, 21, 301, 860)] == [
+        "0%", "0.12%", "0.23%", "2.4%", "35%", "100%"]
+    assert checkpoint_label(21, 21 / 860) == "step 21 (2.4%)" and checkpoint_label(5, None) == "step 5"
+
+
+def _early_curves(freeze=None):
+    steps = [0, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
+    v = torch.tensor([[1 - 0.6 * np.exp(-s / (4 * (j + 1))) for j in range(4)] for s in steps], dtype=torch.float64)
+    return LayerCurves(LAYERS, steps, [s / 1000 for s in steps], v)
+
+
+def test_curves_use_a_symlog_axis_when_most_change_is_early() -> None:
+    early = plot_convergence(_early_curves())
+    assert early.axes[0].get_xscale() == "symlog"
+    assert "symlog" in early.axes[0].get_xlabel()
+    ticks = [t.get_text() for t in early.axes[0].get_xticklabels()]
+    assert ticks[0] == "0%" and "1%" in ticks and "100%" in ticks
+    # change spread over the run: linear; and the choice can be forced
+    steps = list(range(0, 101, 10))
+    even = LayerCurves(["a", "b"], steps, [s / 100 for s in steps],
+                       torch.tensor([[s / 100, s / 100] for s in steps], dtype=torch.float64))
+    assert plot_convergence(even).axes[0].get_xscale() == "linear"
+    assert plot_convergence(_early_curves(), xscale="linear").axes[0].get_xscale() == "linear"
+    with pytest.raises(ValueError, match="`xscale`"):
+        plot_convergence(even, xscale="log")
+
+
+def test_curves_and_grid_mark_each_freeze() -> None:
+    from svcca_torch.dynamics import LearningDynamics
+    from svcca_torch.plotting import FROZEN_MARK
+
+    curves = _early_curves()
+    fig = plot_convergence(curves, freeze_steps={"conv1": 16, "conv2": 64})
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert f"conv1 ({FROZEN_MARK} at step 16)" in labels and f"conv2 ({FROZEN_MARK} at step 64)" in labels
+    assert "fc1" in labels  # never frozen: its plain name
+    ax = fig.axes[0]
+    vlines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 2 and ln.get_xdata()[0] == ln.get_xdata()[1]]
+    assert sorted(round(float(ln.get_xdata()[0]), 4) for ln in vlines) == [0.016, 0.064]
+    # the grid at chosen checkpoints: the panels frozen by then say so in their titles
+    n = len(curves.steps)
+    m = torch.rand(n, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    dyn = LearningDynamics(LAYERS, curves.steps, curves.fractions, m)
+    grid = plot_learning_dynamics(dyn, checkpoints=[0, 3, 5, n - 1], ncols=2, freeze_steps={"conv1": 16,
+                                                                                             "conv2": 64})
+    titles = [ax.get_title() for ax in _heatmaps(grid)]
+    assert titles == ["step 0 (0%)", "step 8 (0.8%)", f"step 32 (3.2%)\n{FROZEN_MARK} conv1",
+                      f"step 1000 (100%)\n{FROZEN_MARK} conv1 to conv2"]
+    assert f"{FROZEN_MARK} frozen: conv1 at 16, conv2 at 64" in grid.get_suptitle()
+    with pytest.raises(ValueError, match="`checkpoints`"):
+        plot_learning_dynamics(dyn, checkpoints=[0, n])

@@ -73,12 +73,25 @@ def test_maybe_capture_before_start_is_a_clear_error(tmp_path):
         tracker.maybe_capture(1)
 
 
-def test_overhead_budget_spaces_captures(tmp_path):
-    # a budget no capture fits in: only the first and the final capture are taken
-    _, tight = _train(dict(every_n_steps=1, max_overhead=1e-9, final_analysis=False), tmp_path / "a", epochs=1)
-    assert tight.captured_steps == [0, STEPS_PER_EPOCH]
-    _, free = _train(dict(every_n_steps=1, max_overhead=None, final_analysis=False), tmp_path / "b", epochs=1)
-    assert free.captured_steps == list(range(STEPS_PER_EPOCH + 1))
+def test_explicit_schedule_is_honoured_and_the_budget_says_what_it_skipped(tmp_path):
+    # an explicit schedule is taken in full, whatever the budget, and the report says so
+    _, every = _train(dict(every_n_steps=1, max_overhead=1e-9, final_analysis=False), tmp_path / "a", epochs=1)
+    assert every.captured_steps == list(range(STEPS_PER_EPOCH + 1))
+    assert every.schedule_report().startswith("11 captures (step 0, 10 every step), every one taken")
+    # the default schedule with no budget: every front-loaded point (1% .. 90% of 10 steps)
+    _, free = _train(dict(max_overhead=None, total_steps=STEPS_PER_EPOCH, final_analysis=False), tmp_path / "b",
+                     epochs=1)
+    assert free.captured_steps == [0, 1, 2, 3, 4, 5, 7, 10]
+    # under a budget no capture fits in: the short-run floor (the points at 1..8% of training
+    # fall on step 1), the other front-loaded points skipped and counted, with the reason
+    _, tight = _train(dict(max_overhead=1e-9, total_steps=STEPS_PER_EPOCH), tmp_path / "c", epochs=1)
+    assert tight.captured_steps == [0, 1, 10]
+    schedule = json.loads((tmp_path / "c" / "svcca_summary.json").read_text())["schedule"]
+    assert schedule["over_budget"] == [1] and schedule["front_loaded"] == [1] and schedule["budget"] == []
+    assert [e["step"] for e in schedule["skipped"]] == [2, 3, 4, 5, 7]
+    assert all("did not fit in max_overhead=1e-09" in e["reason"] for e in schedule["skipped"])
+    assert "the budget skipped 5 front-loaded points (steps 2, 3, 4, 5, 7)" in schedule["message"]
+    assert "taken over the budget" in schedule["message"] and "of training" in schedule["message"]
 
 
 def test_freeze_decisions_do_not_depend_on_capture_frequency(tmp_path):
@@ -561,3 +574,80 @@ def test_non_finite_conv_layer_is_named_not_called_x(tmp_path):
     with pytest.raises(ValueError, match=rf"layer '{first}' has .* at step 40 \(capture\): the model diverged"):
         tracker.capture(40)
     tracker.close()
+
+
+# ----------------------------------------------------------------------------------- issue 22: the schedule
+class _Clock:
+    """A stand-in for ``time.perf_counter`` in the tracker: it advances only when told, so a
+    run's timing (training steps, capture cost) is set by the test, not by the machine."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _settling_run(run_dir, tracker_kwargs, monkeypatch, *, steps: int = 384, step_seconds: float = 1.0,
+                  capture_seconds: float = 1.0, settle: int = 12):
+    """A plain conv net on digits trained at a high learning rate for ``settle`` steps, then
+    at 0: its layers settle within the first ``settle`` steps and never change again. The
+    tracker's clock is fake: each training step takes ``step_seconds``, each recording
+    ``capture_seconds`` (``steps`` x 1 s: a 6.4-minute run)."""
+    import svcca_torch.tracker as tracker_module
+
+    clock = _Clock()
+    monkeypatch.setattr(tracker_module, "time", clock)
+    train, _ = load_digits_dataset()
+    x, y = train.tensors
+    probe = probe_set(train, 200, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(512, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    tracker = DynamicsTracker(model, probe, ["0", "2", "5"], run_dir=run_dir, total_steps=steps, **tracker_kwargs)
+    record = tracker._record
+
+    def slow_record(*args, **kwargs):
+        clock.now += capture_seconds
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(tracker, "_record", slow_record)
+    tracker.start()
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        if step <= settle:
+            idx = torch.randint(0, x.shape[0], (32,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        clock.now += step_seconds
+        tracker.maybe_capture(step)
+    tracker.finish(steps)
+    return tracker
+
+
+def test_default_schedule_captures_where_a_fast_settling_run_changes(tmp_path, monkeypatch):
+    """Issue 22: at the defaults, a run whose layers settle within its first 10% gets at
+    least 3 captures there (front-loaded), and a 6.4-minute run stays within the 5% budget."""
+    steps = 384
+    tracker = _settling_run(tmp_path, {}, monkeypatch, steps=steps)
+    early = [s for s in tracker.captured_steps if 0 < s <= 0.1 * steps]
+    assert len(early) >= 3, tracker.captured_steps
+    # the layers did settle in the first 10%: the captures after it see no change at all
+    late = [e for e in tracker.to_previous if e["step"] > 0.1 * steps]
+    assert late and all(v > 0.999 for e in late for k, v in e.items() if k != "step")
+    summary = json.loads((tmp_path / "svcca_summary.json").read_text())
+    schedule = summary["schedule"]
+    assert schedule["mode"] == "default" and set(early) <= set(schedule["front_loaded"])
+    assert not schedule["over_budget"]  # a run of 5 minutes or more: no capture over the budget
+    assert schedule["overhead"] <= 0.05
+    # what the budget could not afford is counted and explained
+    assert schedule["skipped"] and all("did not fit" in e["reason"] for e in schedule["skipped"])
+    assert f"the budget skipped {len(schedule['skipped'])} front-loaded point" in schedule["message"]
+
+
+def test_default_schedule_without_a_budget_takes_every_front_loaded_point(tmp_path, monkeypatch):
+    tracker = _settling_run(tmp_path, dict(max_overhead=None, final_analysis=False), monkeypatch, steps=200)
+    # 1%, 1.4%, 2%, 2.8%, 4%, 5.7%, 8%, 11%, 16%, 23%, 32%, 45%, 64%, 91% of 200 steps
+    assert tracker.captured_steps == [0, 2, 3, 4, 6, 8, 12, 16, 23, 32, 46, 64, 91, 128, 182, 200]
