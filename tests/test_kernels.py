@@ -395,6 +395,17 @@ def test_power_of_two_scaling_changes_nothing(scale):
     torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [2.0**63, 2.0**-63])
+def test_power_of_two_scaling_with_an_all_zero_neuron(scale):
+    """An all-zero neuron (a dead ReLU unit) has no magnitude to rescale: it must not set the
+    layer's scale, or a ~1e-19 float32 layer stays ~1e-19 and its kernel diagonal's float32
+    products go subnormal (debiased CKA was off by 3e-3 here before the fix)."""
+    x, y = (a.astype(np.float32) for a in correlated_pair())
+    x[:, 0] = 0.0
+    for name, f in KERNELS.items():
+        assert f(x * np.float32(scale), y) == pytest.approx(f(x, y), abs=1e-5), name
+
+
 @pytest.mark.parametrize("scale", [1e19, 1e-19])
 def test_huge_and_tiny_activations_give_the_float64_answer(scale):
     x, y = (torch.tensor(a, dtype=torch.float32) * scale for a in correlated_pair())

@@ -136,15 +136,21 @@ def _pow2_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax, dtype=torch.float64), -exp), 1.0)
 
 
-def centre_layer(x: torch.Tensor, gram_dtype: torch.dtype) -> CentredLayer:
+def centre_layer(x: torch.Tensor, gram_dtype: torch.dtype, neuron_gram: bool = True) -> CentredLayer:
     """Centre ``x`` ``(n, d)`` and form its Gram matrix in ``gram_dtype`` (the one pass of
     products over the data), rescaled by exact powers of two when its values are so large
-    or small (e.g. ~1e19 or ~1e-19) that the products would overflow or lose precision."""
+    or small (e.g. ~1e19 or ~1e-19) that the products would overflow or lose precision.
+
+    ``neuron_gram=False`` (a wide layer, see :func:`prefer_datapoint_gram`): no
+    ``(d, d)`` Gram is formed (``gram`` is None); the rescaling and dead-neuron decisions
+    are the same, taken on the column sums of squares (the Gram's diagonal), and the
+    caller works from the datapoints' ``(n, n)`` Gram (:func:`live_columns`,
+    :func:`datapoint_gram`)."""
     n = x.shape[0]
     mean = x.mean(0)
     xc = (x - mean).to(gram_dtype)
-    g = gram(xc)
-    diag = g.diagonal()
+    g = gram(xc) if neuron_gram else None
+    diag = g.diagonal() if neuron_gram else _column_squares(xc)
     lim = n * 2.0**_SAFE_LOG2
     rel, scale = None, 1.0
     small = diag < n * 2.0**-_SAFE_LOG2  # underflowing products, or a neuron that is exactly 0
@@ -152,17 +158,114 @@ def centre_layer(x: torch.Tensor, gram_dtype: torch.dtype) -> CentredLayer:
     if not rescale and bool(small.any()):
         rescale = bool((xc[:, small].abs().amax(0) > 0).any())  # only the few small columns are read
     if rescale:
-        col = _pow2_scale(xc.abs().amax(0))  # exact: powers of two
+        amax = xc.abs().amax(0)
+        col = _pow2_scale(amax)  # exact: powers of two
         xc = xc * col.to(xc.dtype)
-        g = gram(xc)
-        scale = float(col.min())  # the largest neuron's factor: relative factors are <= 1
+        if neuron_gram:
+            g = gram(xc)
+        else:
+            diag = _column_squares(xc)
+        # the largest neuron's factor, so relative factors of nonzero neurons are <= 1 and the
+        # layer at this scale has its largest value in [0.5, 1): an all-zero neuron's factor
+        # (1) does not count, or a tiny layer with one would stay tiny (float32 products of
+        # ~1e-19 values are subnormal)
+        nonzero = amax > 0
+        scale = float(col[nonzero].min()) if bool(nonzero.any()) else 1.0
         rel = scale / col
-    g64 = g.to(torch.float64)
-    sq = g64.diagonal() if rel is None else g64.diagonal() * rel**2
+    g64 = g.to(torch.float64) if neuron_gram else None
+    sq = g64.diagonal() if neuron_gram else diag.to(torch.float64)
+    if rel is not None:
+        sq = sq * rel**2
     live = live_mask(sq, mean * scale, n, torch.finfo(x.dtype).eps)
-    if not bool(live.all()):
+    if neuron_gram and not bool(live.all()):
         g64 = g64 * (live[:, None] & live[None, :])
     return CentredLayer(xc, mean, g64, rel, scale, live)
+
+
+def _column_squares(xc: torch.Tensor) -> torch.Tensor:
+    """Each column's sum of squares in its dtype: the Gram's diagonal, which overflows or
+    underflows exactly when the Gram's would."""
+    return xc.square().sum(0)
+
+
+# ------------------------------------------------------------------- the datapoints' side
+# A layer's centred activations A (n, d) have the same nonzero squared singular values as
+# eigenvalues of Aᵀ A (d, d, the neurons' Gram) and of A Aᵀ (n, n, the datapoints' Gram);
+# the left singular vectors are the eigenvectors of A Aᵀ and the right ones Aᵀ U / s. When
+# d > n the datapoints' side costs n² d for the product and n³ for the eigensolve, against
+# n d² and d³, with memory n² + n d against d²: a (1,024 x 8,320) layer is reduced from a
+# 1,024² Gram instead of an 8,320² one. The decisions are the same on both sides: dead
+# neurons are zero columns of A, the rank threshold is relative to the same largest
+# eigenvalue, and the rank on the correlation matrix D Aᵀ A D (D = diag(‖a_j‖)^-1) is that
+# of Z Zᵀ with Z = A D (unit-norm columns), the same nonzero eigenvalues.
+
+
+def prefer_datapoint_gram(n: int, d: int) -> bool:
+    """Whether a layer of ``n`` datapoints and ``d`` neurons is cheaper to decompose from the
+    ``(n, n)`` Gram of its datapoints than from the ``(d, d)`` Gram of its neurons: ``d > n``
+    (products ``n² d`` against ``n d²``, eigensolve ``n³`` against ``d³``)."""
+    return int(d) > int(n)
+
+
+def live_columns(c: CentredLayer) -> torch.Tensor:
+    """``(n, d)`` in ``c.data``'s dtype: the centred layer at its global scale,
+    ``(x - mean) * scale``, with dead neurons' columns zero (no copy when there is nothing
+    to change). Its neurons' Gram is ``c.gram`` mapped back by ``c.rel``."""
+    f = c.live.to(torch.float64) if c.rel is None else c.rel * c.live
+    if bool((f == 1).all()):
+        return c.data
+    return c.data * f.to(c.data.dtype)
+
+
+def datapoint_gram(a: torch.Tensor) -> torch.Tensor:
+    """``a aᵀ`` ``(n, n)``: the product in ``a``'s dtype (the one pass over the data, as the
+    neurons' Gram is), returned in float64 for the eigensolve."""
+    return (a @ a.mT).to(torch.float64)
+
+
+def unit_columns(c: CentredLayer) -> torch.Tensor:
+    """``(n, d)`` in ``c.data``'s dtype: each live neuron's centred column scaled to unit
+    norm, dead ones zero. Its datapoints' Gram has the nonzero eigenvalues of the layer's
+    correlation matrix (see :func:`equilibrated_whitener`); the global and per-column powers
+    of two cancel. The norms are taken on ``c.data``, whose columns are either rescaled to
+    [0.5, 1) at their largest or were left alone because their squares are representable."""
+    sq = _column_squares(c.data).to(torch.float64)
+    inv = torch.where(c.live & (sq > 0), sq.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)
+    return c.data * inv.to(c.data.dtype)
+
+
+def datapoint_rank(c: CentredLayer, rtol: float) -> int:
+    """:func:`numerical_rank` of the layer's neurons' Gram, decided on the datapoints' side:
+    the rank of its correlation matrix is that of ``Z Zᵀ`` (``Z`` = :func:`unit_columns`)."""
+    vals = torch.linalg.eigvalsh(datapoint_gram(unit_columns(c))).flip(-1)
+    return int(rank_mask(vals, rtol).sum())
+
+
+def datapoint_whitened(
+    c: CentredLayer, rtol: float, weights: bool = True
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    """The wide-layer counterpart of :func:`equilibrated_whitener`: the layer's whitened
+    directions over the datapoints ``U`` ``(n, r)`` (float64, orthonormal: the top
+    eigenvectors of ``Z Zᵀ``, ``Z`` = :func:`unit_columns`, with the rank decided on the
+    correlation matrix as there), the whitening map ``W`` ``(d, r)`` float64 with
+    ``A W = U`` for ``A = (x - mean) * scale`` (dead neurons' rows zero), and ``r``.
+
+    ``Z = A D`` (``D = diag(‖a_j‖)^-1``) and ``Z Zᵀ = U Λ Uᵀ`` give ``W = D Zᵀ U Λ^-1``:
+    ``A W = Z Zᵀ U Λ^-1 = U``, so ``Wᵀ Aᵀ A W = I_r``, the neuron-side whitener's property.
+    ``weights=False`` skips ``W`` (None; one ``(d, n, r)`` product less).
+    """
+    z = unit_columns(c)
+    e = eigh_desc(datapoint_gram(z))
+    mask = rank_mask(e.values, rtol)
+    u, lam = e.vectors[:, mask], e.values[mask]
+    if not weights:
+        return u, None, int(mask.sum())
+    norms = _column_squares(c.data).to(torch.float64).sqrt()
+    if c.rel is not None:
+        norms = norms * c.rel  # ‖a_j‖ at the global scale
+    dinv = torch.where(c.live & (norms > 0), 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    w = (z.mT @ u.to(z.dtype)).to(torch.float64) * dinv[:, None] / lam
+    return u, w, int(mask.sum())
 
 
 def unscale(g: torch.Tensor, rx: Optional[torch.Tensor], ry: Optional[torch.Tensor]) -> torch.Tensor:

@@ -16,7 +16,16 @@ from ..utils.validation import (
     warn_if_few_datapoints,
     zero_variance_error,
 )
-from ._linalg import centre_layer, default_rtol, equilibrated_whitener, gram, live_mask, unscale
+from ._linalg import (
+    centre_layer,
+    datapoint_whitened,
+    default_rtol,
+    equilibrated_whitener,
+    gram,
+    live_mask,
+    prefer_datapoint_gram,
+    unscale,
+)
 
 
 @dataclass(eq=False)
@@ -276,10 +285,72 @@ def cca(
     The result is symmetric in ``x`` and ``y`` and invariant to invertible linear maps of
     either side, and to the scale of the values. Nothing is inverted explicitly: both
     sides are whitened through the eigendecomposition of their Gram matrices. A layer with
-    no variance is an error.
+    more neurons than datapoints is whitened from its datapoints' ``(n, n)`` Gram instead
+    of its neurons' (same rank decision, on its correlation matrix), so no
+    ``(neurons, neurons)`` matrix is formed for it. A layer with no variance is an error.
     """
     xt, yt = prepare_pair(x, y, dtype, names=names)
     rtol = check_rtol(rtol)
-    res = cca_from_moments(moments(xt, yt, xt.dtype), rtol, names=check_names(names))
+    names = check_names(names)
+    n = int(xt.shape[0])
+    if prefer_datapoint_gram(n, xt.shape[1]) or prefer_datapoint_gram(n, yt.shape[1]):
+        res = _cca_by_sides(xt, yt, rtol, names)
+    else:
+        res = cca_from_moments(moments(xt, yt, xt.dtype), rtol, names=names)
     res._x, res._y = xt, yt
     return res
+
+
+class Side(NamedTuple):
+    """One layer prepared on its own for CCA or SVCCA, when it is not worth forming the
+    pair's :class:`Moments` (a layer wider than its datapoints).
+
+    ``data`` ``(n, r)``: orthonormal directions over the datapoints (whitened, or the kept
+    singular directions); ``w`` ``(d, r)`` float64 with ``A w = data`` for the centred
+    layer at its power-of-two scale ``A = (x - mean) * scale`` (dead neurons' rows zero);
+    ``mean`` ``(d,)`` at the given scale."""
+
+    data: torch.Tensor
+    w: torch.Tensor
+    mean: torch.Tensor
+    scale: float
+
+
+def whitened_side(z: torch.Tensor, name: str, rtol: float) -> Side:
+    """:class:`Side` of CCA: the layer whitened through the eigendecomposition of its
+    correlation matrix, from the smaller of its two Grams (see
+    :func:`_linalg.prefer_datapoint_gram`)."""
+    n, d = (int(v) for v in z.shape)
+    wide = prefer_datapoint_gram(n, d)
+    c = centre_layer(z, z.dtype, neuron_gram=not wide)
+    if not bool(c.live.any()):
+        raise zero_variance_error(name, d)
+    if wide:
+        u, w, _ = datapoint_whitened(c, rtol)
+        return Side(u, w, c.mean, c.scale)
+    g = unscale(c.gram, c.rel, c.rel)
+    live = live_neurons(g, c.mean * c.scale, n, name)
+    w, _ = equilibrated_whitener(sub_matrix(g, live, live), rtol)
+    w = _embed(w, live)
+    right = w if c.rel is None else w * c.rel[:, None]
+    return Side((c.data @ right.to(c.data.dtype)).to(torch.float64), w, c.mean, c.scale)
+
+
+def _cca_by_sides(xt: torch.Tensor, yt: torch.Tensor, rtol: Optional[float], names: Tuple[str, str]) -> CCAResult:
+    """:func:`cca` when a side is wider than the datapoints: each side whitened on its own
+    (its directions over the datapoints ``U``), the canonical correlations the singular
+    values of ``Uxᵀ Uy``, which is ``Wxᵀ Sxy Wy`` of :func:`cca_from_moments` without the
+    ``(neurons_x, neurons_y)`` cross Gram."""
+    rtol = default_rtol(xt.dtype) if rtol is None else rtol
+    a, b = names
+    sx, sy = whitened_side(xt, a, rtol), whitened_side(yt, b, rtol)
+    rx, ry = int(sx.data.shape[1]), int(sy.data.shape[1])
+    warn_if_few_datapoints(int(xt.shape[0]), max(rx, ry), f"{a} and {b}", stacklevel=4)
+    cross = sx.data.mT @ sy.data
+    root = (int(xt.shape[0]) - 1) ** 0.5
+    return CCAResult(
+        coefficients=canonical_correlations(cross)[: min(rx, ry)],
+        x_mean=sx.mean,
+        y_mean=sy.mean,
+        _whitened=(sx.w, cross, sy.w, root * sx.scale, root * sy.scale),
+    )

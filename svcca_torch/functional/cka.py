@@ -5,8 +5,8 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from ..utils.validation import check_bool, check_dtype, check_names
-from ._linalg import centre_layer, gram, unscale
+from ..utils.validation import check_bool, check_dtype, check_names, zero_variance_error
+from ._linalg import centre_layer, datapoint_gram, gram, live_columns, prefer_datapoint_gram, unscale
 from .cca import Moments, live_neurons, prepare_pair
 
 
@@ -52,7 +52,10 @@ def linear_cka(
 
     Symmetric, invariant to orthogonal transforms and isotropic scaling of either side,
     but not to general invertible linear maps (unlike CCA). Everything is computed from
-    ``(neurons, neurons)`` products, never an ``(n, n)`` kernel matrix.
+    ``(neurons, neurons)`` products, never an ``(n, n)`` kernel matrix -- unless a layer has
+    more neurons than datapoints: then from the two ``(n, n)`` kernels ``K = XXᵀ`` and
+    ``L = YYᵀ`` (``‖YᵀX‖²_F = ⟨K, L⟩_F``, ``‖XᵀX‖_F = ‖K‖_F``), the cheaper side, so no
+    ``(neurons, neurons)`` matrix is formed.
     """
     debiased = check_bool(debiased, "debiased")
     names = check_names(names)
@@ -60,6 +63,8 @@ def linear_cka(
     n = xt.shape[0]
     if debiased and n < 4:
         raise ValueError(f"`debiased=True` needs at least 4 datapoints, got {n}.")
+    if prefer_datapoint_gram(n, xt.shape[1]) or prefer_datapoint_gram(n, yt.shape[1]):
+        return _linear_cka_kernels(xt, yt, debiased, names)
     cx, cy = centre_layer(xt, xt.dtype), centre_layer(yt, yt.dtype)
     sxx, syy = unscale(cx.gram, cx.rel, cx.rel), unscale(cy.gram, cy.rel, cy.rel)
     live_neurons(sxx, cx.mean * cx.scale, n, names[0]), live_neurons(syy, cy.mean * cy.scale, n, names[1])
@@ -71,6 +76,23 @@ def linear_cka(
     hxx = _hsic_debiased(sxx.square().sum(), kx, kx, n)
     hyy = _hsic_debiased(syy.square().sum(), ky, ky, n)
     return float(hxy / (hxx * hyy).sqrt())
+
+
+def _linear_cka_kernels(xt: torch.Tensor, yt: torch.Tensor, debiased: bool, names: Tuple[str, str]) -> float:
+    """:func:`linear_cka` from the ``(n, n)`` kernels of the centred layers (at their
+    power-of-two scales, dead neurons zero): ``n² (d_x + d_y)`` products, cheaper than the
+    neurons' ``n (d_x² + d_y² + d_x d_y)`` once a side is wider than ``n``."""
+    n = int(xt.shape[0])
+    cx, cy = centre_layer(xt, xt.dtype, neuron_gram=False), centre_layer(yt, yt.dtype, neuron_gram=False)
+    for c, name, z in ((cx, names[0], xt), (cy, names[1], yt)):
+        if not bool(c.live.any()):
+            raise zero_variance_error(name, int(z.shape[1]))
+    k, l = datapoint_gram(live_columns(cx)), datapoint_gram(live_columns(cy))
+    kl, kk, ll = (k * l).sum(), k.square().sum(), l.square().sum()
+    if not debiased:
+        return float(kl / (kk * ll).sqrt())
+    kx, ky = k.diagonal(), l.diagonal()
+    return float(_hsic_debiased(kl, kx, ky, n) / (_hsic_debiased(kk, kx, kx, n) * _hsic_debiased(ll, ky, ky, n)).sqrt())
 
 
 def _kernel_diagonal(c) -> torch.Tensor:

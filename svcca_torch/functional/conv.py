@@ -25,7 +25,7 @@ from typing import Any, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ._linalg import canonical_from_grams, default_rtol
+from ._linalg import canonical_from_grams, default_rtol, eigh_desc, prefer_datapoint_gram, rank_mask
 from ..utils.validation import (
     check_activations,
     check_choice,
@@ -269,6 +269,33 @@ def _kept_period(lx: int, ly: int) -> int:
     return 2 * ((min(lx, ly) - 1) // 2) + 1
 
 
+def _canonical_from_datapoints(zx: torch.Tensor, zy: torch.Tensor, rtol: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Canonical correlations per frequency from the images' side, for channels outnumbering
+    the images: ``zx`` ``(F, N, Cx)``, ``zy`` ``(F, N, Cy)`` centred spectra.
+
+    Each side's ``Z Zᴴ`` ``(F, N, N)`` has the nonzero eigenvalues of its channel Gram
+    ``Zᴴ Z``, so :func:`_linalg.rank_mask` keeps the same directions as
+    :func:`_linalg.canonical_from_grams`' whitener; the kept eigenvectors ``U`` are the
+    whitened directions over the images, and the correlations are the singular values of
+    ``Uxᴴ Uy``. Returns ``rho`` ``(F, min(Cx, Cy))`` (zeros past the valid ones) and the
+    number valid per frequency, ``min(rank_x, rank_y)``, as that function does.
+    """
+    sides = []
+    for z in (zx, zy):
+        e = eigh_desc((z @ z.mH).to(torch.complex128))
+        mask = rank_mask(e.values, rtol)
+        sides.append((e.vectors * mask.unsqueeze(-2).to(e.vectors.dtype), mask.sum(-1)))
+    (ux, rx), (uy, ry) = sides
+    s = torch.linalg.svdvals(ux.mH @ uy)  # (F, N) descending
+    n_valid = torch.minimum(rx, ry)
+    r = min(int(zx.shape[-1]), int(zy.shape[-1]))
+    if s.shape[-1] < r:
+        s = torch.cat([s, s.new_zeros(s.shape[:-1] + (r - s.shape[-1],))], -1)
+    s = s[..., :r]
+    idx = torch.arange(r, device=s.device)
+    return torch.where(idx < n_valid.unsqueeze(-1), s.clamp(0.0, 1.0), 0.0), n_valid
+
+
 def _axis_index(q: int, length: int, device: torch.device) -> torch.Tensor:
     """Indices, in a length-``length`` FFT axis, of the ``q`` kept signed frequencies in FFT
     order (``0, 1, ..., then the negatives``)."""
@@ -293,6 +320,9 @@ def dft_cca(
     the ``N`` images are compared by CCA. All frequencies are solved in one batch (Grams
     ``(F, C, C)`` from one batched matmul, one batched eigen/SVD call): the cost is
     ``O(N H W C^2 + H W C^3)`` instead of ``O(N H W (C H W)^2 + (C H W)^3)`` for the flat CCA.
+    With more channels than images (``max(C_x, C_y) > N``) each frequency works from the
+    images' ``(N, N)`` Grams instead (same nonzero eigenvalues, same rank decision):
+    ``O(N^2 H W C + H W N^3)``, and no ``(F, C, C)`` array is formed.
 
     The statement (the paper's Theorem 1): if the dataset is translation invariant, i.e.
     closed under joint circular shifts of both maps, the DFT block-diagonalises the
@@ -362,12 +392,16 @@ def dft_cca(
         z -= z.mean(dim=1, keepdim=True)
     else:
         z[0] -= z[0].mean(dim=0, keepdim=True)
-    g = (z.mH @ z).to(torch.complex128)  # (F, Cx+Cy, Cx+Cy)
     if rtol is None:
         rtol = default_rtol(z.dtype)
-    res = canonical_from_grams(g[:, :cx, :cx], g[:, cx:, cx:], g[:, :cx, cx:], rtol)
-    rho = res.rho.to(real)  # (F, r)
-    valid = torch.arange(rho.shape[-1], device=rho.device) < res.n.unsqueeze(-1)
+    if prefer_datapoint_gram(n, max(cx, cy)):
+        rho, n_valid = _canonical_from_datapoints(z[..., :cx], z[..., cx:], rtol)
+    else:
+        g = (z.mH @ z).to(torch.complex128)  # (F, Cx+Cy, Cx+Cy)
+        res = canonical_from_grams(g[:, :cx, :cx], g[:, cx:, cx:], g[:, :cx, cx:], rtol)
+        rho, n_valid = res.rho, res.n
+    rho = rho.to(real)  # (F, r)
+    valid = torch.arange(rho.shape[-1], device=rho.device) < n_valid.unsqueeze(-1)
 
     # Column v of the half spectrum stands for v and -v, unless those coincide (v = 0, or
     # v = p/2 for even p, when the whole axis is kept): then it is its own mirror.

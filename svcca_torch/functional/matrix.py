@@ -16,12 +16,20 @@ from ..utils.validation import (
     warn_keep_capped,
     zero_variance_error,
 )
-from ._linalg import centre_layer, default_rtol, equilibrated_whitener
+from ._linalg import (
+    centre_layer,
+    datapoint_gram,
+    datapoint_whitened,
+    default_rtol,
+    equilibrated_whitener,
+    live_columns,
+    prefer_datapoint_gram,
+)
 from .cca import live_neurons, sub_matrix
 from .cka import _hsic_debiased, _kernel_diagonal
 from .pwcca import pwcca
 from .cca import mean_canonical_correlations
-from .svcca import ReducedBasis, _capped, svd_reduce, top_directions
+from .svcca import ReducedBasis, _capped, svd_reduce, top_datapoint_directions, top_directions
 
 METHODS = ("svcca", "cca", "pwcca", "cka")
 Layers = Union[Sequence[Any], Mapping[str, Any]]
@@ -74,6 +82,11 @@ def similarity_matrix(
     the layers' dtype (float32: within ~3e-6 of float64, see the README). With :class:`ReducedBasis` inputs the cross products are
     ``Uᵢᵀ Uⱼ`` of the stored bases. CKA (biased or debiased) is computed the same way from
     the centred layers; PWCCA pair by pair.
+
+    A layer with more neurons than datapoints is prepared from its datapoints' ``(n, n)``
+    Gram (SVCCA, CCA), so no ``(neurons, neurons)`` matrix is formed for it; CKA, when any
+    layer is that wide, works from every layer's ``(n, n)`` kernel ``XXᵀ``
+    (``‖XᵢᵀXⱼ‖²_F = ⟨XᵢXᵢᵀ, XⱼXⱼᵀ⟩_F``), one GEMM over the flattened kernels for all pairs.
     """
     check_choice(method, "method", METHODS)
     keep, keep_rule = check_keep_rule(keep, keep_rule)
@@ -112,6 +125,9 @@ def similarity_matrix(
         (_capped(keep, z.n_neurons if isinstance(z, ReducedBasis) else int(z.shape[1]), n)
          for z, n in zip(tx + (tx if ys is None else ty), nx + (nx if ys is None else ny))), [])
     warn_keep_capped(keep, list(dict.fromkeys(capped)))
+    if method == "cka" and any(prefer_datapoint_gram(*z.shape) for z in tx + ([] if ys is None else ty)):
+        kx = [_kernel(z, n) for z, n in zip(tx, nx)]
+        return _cka_from_kernels(kx, kx if ys is None else [_kernel(z, n) for z, n in zip(ty, ny)], debiased)
     prep = lambda z, name: _prepare(z, name, method, use_bases, keep, keep_rule, common, rtol)  # noqa: E731
     px = [prep(z, n) for z, n in zip(tx, nx)]
     py = px if ys is None else [prep(z, n) for z, n in zip(ty, ny)]
@@ -129,10 +145,19 @@ def _prepare(z: Any, name: str, method: str, use_bases: bool, keep, keep_rule: s
     if use_bases:
         b = z if isinstance(z, ReducedBasis) else svd_reduce(z, keep, keep_rule=keep_rule, dtype=dtype, name=name)
         return _Prepared(b.basis, None, 0.0, None)
-    c = centre_layer(z, z.dtype)
+    wide = method != "cka" and prefer_datapoint_gram(*z.shape)
+    c = centre_layer(z, z.dtype, neuron_gram=not wide)
     if not bool(c.live.any()):
         raise zero_variance_error(name, int(z.shape[1]), z.dtype)
     n = z.shape[0]
+    if wide:  # the datapoints' (n, n) Gram: its eigenvectors are the prepared data itself
+        if method == "cca":
+            u = datapoint_whitened(c, default_rtol(z.dtype) if rtol is None else rtol, weights=False)[0]
+        else:
+            u = top_datapoint_directions(c, keep, keep_rule, None, default_rtol(z.dtype))[1]
+            if u.shape[1] == 0:
+                raise zero_variance_error(name, int(z.shape[1]), z.dtype)
+        return _Prepared(u.to(c.data.dtype), None, 0.0, None)
     g = c.gram if c.rel is None else c.gram * c.rel[:, None] * c.rel[None, :]
     if method == "cka":
         live_neurons(g, c.mean * c.scale, n, name)
@@ -201,4 +226,40 @@ def _rows(px: Sequence[_Prepared], py: Sequence[_Prepared], method: str, debiase
     if square:
         upper = torch.triu(torch.ones(len(px), len(px), dtype=torch.bool), 1)
         out = torch.where(upper.T, out.T, out)
+    return out
+
+
+def _kernel(z: torch.Tensor, name: str) -> torch.Tensor:
+    """A layer's centred linear kernel ``A Aᵀ`` ``(n, n)`` float64 (``A`` at its power-of-two
+    scale, dead neurons zero), for CKA when some layer is wider than the datapoints."""
+    c = centre_layer(z, z.dtype, neuron_gram=False)
+    if not bool(c.live.any()):
+        raise zero_variance_error(name, int(z.shape[1]), z.dtype)
+    return datapoint_gram(live_columns(c))
+
+
+def _cka_from_kernels(kx: Sequence[torch.Tensor], ky: Sequence[torch.Tensor], debiased: bool) -> torch.Tensor:
+    """Linear CKA of every pair from the layers' ``(n, n)`` kernels: ``tr(KᵢKⱼ)`` for all
+    pairs is one GEMM of the flattened kernels (float64); the debiased estimator needs only
+    these and the kernels' diagonals (see :func:`cka._hsic_debiased`)."""
+    n = {int(k.shape[0]) for k in list(kx) + list(ky)}
+    if len(n) != 1:
+        raise ValueError(f"all layers must be activations of the same datapoints; got datapoint counts {sorted(n)}.")
+    n = n.pop()
+    if debiased and n < 4:
+        raise ValueError(f"`debiased=True` needs at least 4 datapoints, got {n}.")
+    fx = torch.stack([k.reshape(-1) for k in kx])
+    fy = fx if ky is kx else torch.stack([k.to(fx.device).reshape(-1) for k in ky])
+    tr = (fx @ fy.mT).cpu()
+    own_x, own_y = fx.square().sum(1).cpu(), fy.square().sum(1).cpu()
+    if not debiased:
+        return tr / torch.outer(own_x.sqrt(), own_y.sqrt())
+    dx = [k.diagonal().cpu() for k in kx]
+    dy = dx if ky is kx else [k.diagonal().cpu() for k in ky]
+    hx = torch.stack([_hsic_debiased(own_x[i], dx[i], dx[i], n) for i in range(len(dx))])
+    hy = hx if ky is kx else torch.stack([_hsic_debiased(own_y[j], dy[j], dy[j], n) for j in range(len(dy))])
+    out = torch.empty(len(dx), len(dy), dtype=torch.float64)
+    for i in range(len(dx)):
+        for j in range(len(dy)):
+            out[i, j] = _hsic_debiased(tr[i, j], dx[i], dy[j], n) / (hx[i] * hy[j]).sqrt()
     return out

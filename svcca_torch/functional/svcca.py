@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
@@ -18,8 +18,21 @@ from ..utils.validation import (
     warn_keep_capped,
     zero_variance_error,
 )
-from ._linalg import centre_layer, default_rtol, eigh_desc, gram, numerical_rank, rank_mask
-from .cca import CCAResult, Moments, canonical_correlations, live_neurons, moments, prepare_pair
+from ._linalg import (
+    CentredLayer,
+    Eig,
+    centre_layer,
+    datapoint_gram,
+    datapoint_rank,
+    default_rtol,
+    eigh_desc,
+    gram,
+    live_columns,
+    numerical_rank,
+    prefer_datapoint_gram,
+    rank_mask,
+)
+from .cca import CCAResult, Moments, Side, canonical_correlations, live_neurons, moments, prepare_pair
 
 KEEP_RULES = ("singular_values", "variance")
 
@@ -89,9 +102,11 @@ def n_directions(
     return max(1, min(k, int(s.numel())))
 
 
-def top_directions(sxx: torch.Tensor, keep, keep_rule: str, max_directions: Optional[int], rtol: float):
-    """Eigendecompose a centred Gram matrix in float64; return (s_k, V_k) of the kept directions."""
-    e = eigh_desc(sxx.to(torch.float64))
+def _kept(e: Eig, keep, keep_rule: str, max_directions: Optional[int], rtol: float,
+          correlation_rank: Callable[[], int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(s_k, vectors_k) of the kept directions of a float64 Gram's eigendecomposition ``e``
+    (either side's: the nonzero eigenvalues are the same); ``correlation_rank()`` gives the
+    rank decided on the layer's correlation matrix."""
     rank = int(rank_mask(e.values, rtol).sum())
     s = e.values[:rank].sqrt()
     k = n_directions(s, keep, keep_rule) if rank else 0
@@ -99,12 +114,38 @@ def top_directions(sxx: torch.Tensor, keep, keep_rule: str, max_directions: Opti
         # Every direction above the threshold is kept: count them on the correlation matrix
         # instead, so that neurons of small scale are not cut by a threshold relative to the
         # largest neuron (the Gram's rounding is relative to each neuron's own norm).
-        rank = max(rank, numerical_rank(sxx.to(torch.float64), rtol))
+        rank = min(max(rank, correlation_rank()), int(e.values.shape[0]))
         s = e.values[:rank].clamp_min(torch.finfo(torch.float64).tiny).sqrt()
         k = n_directions(s, keep, keep_rule)
     if max_directions is not None:
         k = min(k, int(max_directions))
     return s[:k], e.vectors[:, :k]
+
+
+def top_directions(sxx: torch.Tensor, keep, keep_rule: str, max_directions: Optional[int], rtol: float):
+    """Eigendecompose a centred Gram matrix in float64; return (s_k, V_k) of the kept directions."""
+    g = sxx.to(torch.float64)
+    return _kept(eigh_desc(g), keep, keep_rule, max_directions, rtol, lambda: numerical_rank(g, rtol))
+
+
+def top_datapoint_directions(c: CentredLayer, keep, keep_rule: str, max_directions: Optional[int], rtol: float):
+    """A wide layer's kept directions from its datapoints' ``(n, n)`` Gram (see
+    :func:`_linalg.prefer_datapoint_gram`): (s_k, U_k), float64, ``U_k`` ``(n, k)`` the
+    top left singular vectors of the centred layer at its global scale, the same
+    decisions as :func:`top_directions` on the neurons' Gram."""
+    e = eigh_desc(datapoint_gram(live_columns(c)))
+    return _kept(e, keep, keep_rule, max_directions, rtol, lambda: datapoint_rank(c, rtol))
+
+
+def right_vectors(c: CentredLayer, u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``Aᵀ U / s`` ``(d, k)`` in ``c.data``'s dtype (``A = (x - mean) * scale``, dead
+    neurons zero): the right singular vectors belonging to the left ones ``U``, one
+    ``(d, n, k)`` product in the data's dtype."""
+    p = c.data.mT @ u.to(c.data.dtype)
+    f = c.live.to(torch.float64) if c.rel is None else c.rel * c.live
+    if not bool((f == 1).all()):
+        p = p * f.to(p.dtype)[:, None]
+    return p / s.to(p.dtype)
 
 
 def _capped(keep, width: int, name: str) -> list:
@@ -137,9 +178,15 @@ def svd_reduce(
         :class:`ReducedBasis` with an orthonormal ``(datapoints, k)`` basis, in the
         compute dtype and on ``x``'s device.
 
-    The neuron-space directions come from the float64 eigendecomposition of the
-    ``(neurons, neurons)`` Gram matrix; the basis is then re-orthonormalised (a float64
-    Cholesky-QR step) so that its columns are orthonormal to working precision. Values of
+    The directions come from the float64 eigendecomposition of the smaller Gram matrix.
+    With at most as many neurons as datapoints, the ``(neurons, neurons)`` one gives the
+    neuron-space directions, and the basis is then re-orthonormalised (a float64-factored
+    Cholesky-QR step) so that its columns are orthonormal to working precision. A wider
+    layer (neurons > datapoints, e.g. a flattened token layer) is decomposed from the
+    ``(datapoints, datapoints)`` Gram instead: its eigenvectors are the basis, and the
+    components are ``Aᵀ U / s``, re-orthonormalised the same way. Either way the cost is
+    ``O(n d min(n, d))`` and no ``(max(n, d), max(n, d))`` matrix is formed; dead neurons,
+    the power-of-two rescaling and the rank decisions are the same on both sides. Values of
     any magnitude work (the products are rescaled by powers of two when needed); a layer
     whose neurons are all constant is an error.
     """
@@ -148,15 +195,24 @@ def svd_reduce(
     if not isinstance(name, str):
         raise ValueError(f"`name` must be a string, got {name!r}.")
     xt = check_activations(x, name, dtype=check_dtype(dtype))
-    c = centre_layer(xt, xt.dtype)
+    wide = prefer_datapoint_gram(*xt.shape)
+    c = centre_layer(xt, xt.dtype, neuron_gram=not wide)
     if not bool(c.live.any()):
         raise zero_variance_error(name, int(xt.shape[1]), xt.dtype)
     warn_keep_capped(keep, _capped(keep, int(xt.shape[1]), name))
-    s, v = top_directions(c.gram if c.rel is None else c.gram * c.rel[:, None] * c.rel[None, :],
-                          keep, keep_rule, max_directions, default_rtol(xt.dtype))
-    if s.numel() == 0:
-        raise zero_variance_error(name, int(xt.shape[1]), xt.dtype)
-    basis = _orthonormal_projection(c.data, v if c.rel is None else v * c.rel[:, None], s)
+    rtol = default_rtol(xt.dtype)
+    if wide:
+        s, u = top_datapoint_directions(c, keep, keep_rule, max_directions, rtol)
+        if s.numel() == 0:
+            raise zero_variance_error(name, int(xt.shape[1]), xt.dtype)
+        v = _orthonormalise(right_vectors(c, u, s))
+        basis = u
+    else:
+        s, v = top_directions(c.gram if c.rel is None else c.gram * c.rel[:, None] * c.rel[None, :],
+                              keep, keep_rule, max_directions, rtol)
+        if s.numel() == 0:
+            raise zero_variance_error(name, int(xt.shape[1]), xt.dtype)
+        basis = _orthonormal_projection(c.data, v if c.rel is None else v * c.rel[:, None], s)
     return ReducedBasis(
         basis=basis.to(xt.dtype),
         singular_values=(s / c.scale).to(xt.dtype),
@@ -173,7 +229,13 @@ def _orthonormal_projection(xc: torch.Tensor, v: torch.Tensor, s: torch.Tensor) 
     kept directions; one step with a float64 Cholesky factor of their (small) Gram matrix
     restores orthonormality in the working dtype at the cost of two ``(n, k, k)`` products.
     """
-    u = (xc @ v.to(xc.dtype)) / s.to(xc.dtype)
+    return _orthonormalise((xc @ v.to(xc.dtype)) / s.to(xc.dtype))
+
+
+def _orthonormalise(u: torch.Tensor) -> torch.Tensor:
+    """Columns nearly orthonormal made orthonormal to working precision: one Cholesky-QR
+    step (the ``(k, k)`` Gram in ``u``'s dtype, factored in float64), Householder QR when
+    that Gram is numerically singular."""
     chol, info = torch.linalg.cholesky_ex(gram(u).to(torch.float64))
     if int(info) != 0:  # numerically singular: fall back to Householder QR
         return torch.linalg.qr(u).Q
@@ -220,7 +282,9 @@ def svcca(
 
     Symmetric in ``x`` and ``y``; invariant to neuron permutation, to the scale of the
     values, and to invertible linear maps only up to the SVD truncation (exactly, when
-    ``keep`` keeps all directions).
+    ``keep`` keeps all directions). A layer with more neurons than datapoints is reduced
+    from its datapoints' ``(n, n)`` Gram (as :func:`svd_reduce` does), and the pair's
+    ``(neurons, neurons)`` Grams are then not formed.
     """
     keep, keep_rule = check_keep_rule(keep, keep_rule)
     names = check_names(names)
@@ -229,9 +293,56 @@ def svcca(
         return _svcca_from_bases(x, y, keep, keep_rule, dtype, names)
     xt, yt = prepare_pair(x, y, dtype, names=names)
     warn_keep_capped(keep, _capped(keep, int(xt.shape[1]), names[0]) + _capped(keep, int(yt.shape[1]), names[1]))
-    res = svcca_from_moments(moments(xt, yt, xt.dtype), keep, keep_rule, names=names)
+    n = int(xt.shape[0])
+    if prefer_datapoint_gram(n, xt.shape[1]) or prefer_datapoint_gram(n, yt.shape[1]):
+        res = _svcca_by_sides(xt, yt, keep, keep_rule, names)
+    else:
+        res = svcca_from_moments(moments(xt, yt, xt.dtype), keep, keep_rule, names=names)
     res._x, res._y = xt, yt
     return res
+
+
+def reduced_side(z: torch.Tensor, name: str, keep, keep_rule: str, rtol: float) -> Tuple[Side, torch.Tensor]:
+    """A layer's kept singular directions as a :class:`cca.Side` (``w`` = ``V_k / s_k``),
+    from the smaller of its two Grams, and their singular values (at its scale)."""
+    n, d = (int(v) for v in z.shape)
+    wide = prefer_datapoint_gram(n, d)
+    c = centre_layer(z, z.dtype, neuron_gram=not wide)
+    if not bool(c.live.any()):
+        raise zero_variance_error(name, d)
+    if wide:
+        s, u = top_datapoint_directions(c, keep, keep_rule, None, rtol)
+        if s.numel() == 0:
+            raise zero_variance_error(name, d)
+        return Side(u, right_vectors(c, u, s).to(torch.float64) / s, c.mean, c.scale), s
+    g = c.gram if c.rel is None else c.gram * c.rel[:, None] * c.rel[None, :]
+    s, v = top_directions(g, keep, keep_rule, None, rtol)
+    if s.numel() == 0:
+        raise zero_variance_error(name, d)
+    w = v / s
+    right = w if c.rel is None else w * c.rel[:, None]
+    return Side((c.data @ right.to(c.data.dtype)).to(torch.float64), w, c.mean, c.scale), s
+
+
+def _svcca_by_sides(xt: torch.Tensor, yt: torch.Tensor, keep, keep_rule: str, names: Tuple[str, str]) -> SVCCAResult:
+    """:func:`svcca` when a side is wider than the datapoints: each side reduced on its own,
+    the CCA of the reductions the singular values of ``Uxᵀ Uy`` (which is
+    ``(Vx/sx)ᵀ Sxy (Vy/sy)`` of :func:`svcca_from_moments` without the cross Gram)."""
+    a, b = names
+    rtol = default_rtol(xt.dtype)
+    (sx, _), (sy, _) = reduced_side(xt, a, keep, keep_rule, rtol), reduced_side(yt, b, keep, keep_rule, rtol)
+    kx, ky = int(sx.data.shape[1]), int(sy.data.shape[1])
+    warn_if_few_datapoints(int(xt.shape[0]), max(kx, ky), f"{a} and {b}", stacklevel=4)
+    cross = sx.data.mT @ sy.data
+    root = (int(xt.shape[0]) - 1) ** 0.5
+    return SVCCAResult(
+        coefficients=canonical_correlations(cross),
+        x_mean=sx.mean,
+        y_mean=sy.mean,
+        _whitened=(sx.w, cross, sy.w, root * sx.scale, root * sy.scale),
+        k_x=kx,
+        k_y=ky,
+    )
 
 
 def svcca_from_moments(
