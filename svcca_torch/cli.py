@@ -30,9 +30,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .functional.methods import get_method, method_names
+
 __all__ = ["main", "build_parser", "load_array"]
 
-METHODS = ("svcca", "cca", "pwcca", "cka")
 LAYOUTS = ("datapoints-first", "neurons-first")
 
 
@@ -137,7 +138,6 @@ def _parse_keep(text: str) -> Union[int, float]:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from . import cca, linear_cka, pwcca, svcca
     from .utils.validation import check_keep
 
     keep = check_keep(args.keep)
@@ -151,30 +151,18 @@ def _compare(args: argparse.Namespace) -> int:
                   "if it is (neurons, datapoints), pass --layout neurons-first", file=sys.stderr)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     x, y = torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))
-    methods = METHODS if args.method == "all" else (args.method,)
+    methods = method_names() if args.method == "all" else (args.method,)
     names = (str(args.a), str(args.b))  # kernel errors name the files, not `x`/`y`
     out: Dict[str, Any] = {"a": args.a, "b": args.b, "datapoints": int(a.shape[0]),
                            "shape_a": list(a.shape), "shape_b": list(b.shape)}
     lines = []
     for m in methods:
-        if m == "svcca":
-            r = svcca(x, y, keep, keep_rule=args.keep_rule, dtype=dtype, names=names)
-            out["svcca"] = r.mean
-            out["svcca_k"] = [r.k_x, r.k_y]
-            lines.append(f"svcca  {r.mean:.6f}  (kept {r.k_x} and {r.k_y} directions, {r.coefficients.numel()} "
-                         "canonical correlations)")
-        elif m == "cca":
-            r = cca(x, y, dtype=dtype, names=names)
-            out["cca"] = r.mean
-            lines.append(f"cca    {r.mean:.6f}  ({r.coefficients.numel()} canonical correlations)")
-        elif m == "pwcca":
-            v = float(pwcca(x, y, dtype=dtype, names=names))
-            out["pwcca"] = v
-            lines.append(f"pwcca  {v:.6f}  (weights from the side with fewer neurons)")
-        else:
-            v = float(linear_cka(x, y, debiased=args.debiased, dtype=dtype, names=names))
-            out["cka"] = v
-            lines.append(f"cka    {v:.6f}  (linear{', debiased' if args.debiased else ''})")
+        spec = get_method(m)
+        options = {"debiased": args.debiased} if "debiased" in spec.options else {}
+        r = spec.compare(x, y, keep=keep, keep_rule=args.keep_rule, dtype=dtype, names=names, **options)
+        out[m] = r["value"]
+        out.update({f"{m}_{k}": v for k, v in r.items() if k not in ("value", "note")})
+        lines.append(f"{m:<6} {r['value']:.6f}  ({r['note']})")
     if args.json:
         print(json.dumps(out))
     else:
@@ -399,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the similarity of two saved activation arrays of the same inputs.")
     c.add_argument("a", help="activations of layer A: .npy, .npz[:NAME], .pt, .csv")
     c.add_argument("b", help="activations of layer B, same datapoints in the same order")
-    c.add_argument("--method", choices=METHODS + ("all",), default="svcca", help="similarity measure (default svcca)")
+    c.add_argument("--method", choices=method_names() + ("all",), default="svcca", help="similarity measure (default svcca)")
     c.add_argument("--keep", type=_parse_keep, default=0.99,
                    help="SVCCA truncation: float in (0, 1] = fraction kept, int = number of directions (default 0.99)")
     c.add_argument("--keep-rule", choices=("singular_values", "variance"), default="singular_values",

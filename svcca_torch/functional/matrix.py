@@ -8,7 +8,6 @@ import torch
 from ..utils.validation import (
     check_activations,
     check_bool,
-    check_choice,
     check_dtype,
     check_keep_rule,
     check_rtol,
@@ -27,11 +26,13 @@ from ._linalg import (
 )
 from .cca import live_neurons, sub_matrix
 from .cka import _hsic_debiased, _kernel_diagonal
-from .pwcca import pwcca
 from .cca import mean_canonical_correlations
+from .methods import get_method, method_names
 from .svcca import ReducedBasis, _capped, svd_reduce, top_datapoint_directions, top_directions
 
-METHODS = ("svcca", "cca", "pwcca", "cka")
+#: the registered methods' names (:mod:`svcca_torch.functional.methods`), kept for 0.2's imports
+METHODS = method_names()
+_BATCHED = ("svcca", "cca", "cka")  # the methods with a batched path here; others go pair by pair
 Layers = Union[Sequence[Any], Mapping[str, Any]]
 
 
@@ -63,7 +64,8 @@ def similarity_matrix(
             all on the same datapoints; for ``method="svcca"`` also :class:`ReducedBasis`
             objects (e.g. from a :class:`RepresentationStore`), used as they are.
         ys: the same for the other axis; default ``xs`` (a layers-by-layers matrix).
-        method: ``"svcca"``, ``"cca"``, ``"pwcca"`` or ``"cka"`` (linear CKA).
+        method: a registered method (:func:`~svcca_torch.functional.methods.method_names`):
+            ``"svcca"``, ``"cca"``, ``"pwcca"`` or ``"cka"`` (linear CKA), or one you registered.
         keep, keep_rule: SVCCA's truncation, validated as in :func:`svcca`.
         dtype: ``torch.float32``/``torch.float64`` (or their names) for the products; default
             the layers' own, promoted to a common dtype (float32 with float64 gives float64).
@@ -88,18 +90,19 @@ def similarity_matrix(
     layer is that wide, works from every layer's ``(n, n)`` kernel ``XXᵀ``
     (``‖XᵢᵀXⱼ‖²_F = ⟨XᵢXᵢᵀ, XⱼXⱼᵀ⟩_F``), one GEMM over the flattened kernels for all pairs.
     """
-    check_choice(method, "method", METHODS)
+    spec = get_method(method)
     keep, keep_rule = check_keep_rule(keep, keep_rule)
     dtype = check_dtype(dtype)
-    allowed = {"cca": {"rtol"}, "pwcca": {"method"}, "cka": {"debiased"}}.get(method, set())
-    extra = set(kwargs) - allowed
+    extra = set(kwargs) - set(spec.options)
     if extra:
         raise TypeError(f"unexpected arguments for method={method!r}: {', '.join(sorted(extra))}")
     lx, nx = _as_list(xs, "xs")
     ly, ny = (lx, nx) if ys is None else _as_list(ys, "ys")
     use_bases = any(isinstance(z, ReducedBasis) for z in lx + ly)
-    if use_bases and method != "svcca":
-        raise ValueError(f"`method={method!r}` needs activations, not ReducedBasis objects (only 'svcca' uses bases).")
+    if use_bases and not spec.uses_bases:
+        uses = [m for m in method_names() if get_method(m).uses_bases]
+        raise ValueError(f"`method={method!r}` needs activations, not ReducedBasis objects (only "
+                         f"{', '.join(map(repr, uses))} uses bases).")
     # Validate every layer once and promote them to one dtype (as the pairwise kernels do).
     tx = [z if isinstance(z, ReducedBasis) else check_activations(z, n, dtype=dtype) for z, n in zip(lx, nx)]
     ty = tx if ys is None else [z if isinstance(z, ReducedBasis) else check_activations(z, n, dtype=dtype)
@@ -113,11 +116,12 @@ def similarity_matrix(
     tx = cast(tx)
     ty = tx if ys is None else cast(ty)
 
-    if method == "pwcca":
+    if method not in _BATCHED:  # pwcca and registered methods: pair by pair
         out = torch.empty(len(tx), len(ty), dtype=torch.float64)
         for i, a in enumerate(tx):
             for j, b in enumerate(ty):
-                out[i, j] = pwcca(a, b, names=(nx[i], ny[j]), **kwargs)
+                out[i, j] = spec.compare(a, b, keep=keep, keep_rule=keep_rule, names=(nx[i], ny[j]),
+                                         **kwargs)["value"]
         return out
     debiased = check_bool(kwargs.get("debiased", False), "debiased")
     rtol = check_rtol(kwargs.get("rtol"))
