@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .recorder import default_layers, first_tensor, forward_order
+from .recorder import NORM_TYPES, default_layers, first_tensor, forward_order
 from .utils.validation import check_fraction, check_positive_int
 
 __all__ = [
@@ -43,7 +43,7 @@ __all__ = [
     "backward_flops",
 ]
 
-_NORM_TYPES = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_NORM_TYPES = NORM_TYPES
 _FROZEN_FLAG = "_svcca_frozen"
 _HOOK_ATTR = "_svcca_frozen_hook"
 
@@ -96,7 +96,10 @@ def _check_names(model: nn.Module, names: Sequence[str], arg: str) -> Dict[str, 
 
 def default_layer_groups(model: nn.Module, layer_names: Optional[Sequence[str]] = None, *,
                          example_input: Any = None) -> List[LayerGroup]:
-    """One group per recorded layer, bottom-up, with the modules that belong to it.
+    """One group per recorded layer, bottom-up, with the modules that belong to it: with the
+    default layers (:func:`svcca_torch.recorder.default_layers`, the model's blocks) one group
+    per block, a block's inner modules (a squeeze-excitation, an attention) never split across
+    groups.
 
     Groups follow the order of ``layer_names``, which must be the order the forward pass
     reaches them (e.g. :attr:`ActivationRecorder.layers` after a record or
@@ -119,18 +122,20 @@ def default_layer_groups(model: nn.Module, layer_names: Optional[Sequence[str]] 
     Args:
         model: any ``nn.Module``.
         layer_names: recorded layers, bottom-up; default
-            :func:`svcca_torch.recorder.default_layers` (registration order unless
-            ``example_input`` is given).
+            :func:`svcca_torch.recorder.default_layers` (with ``example_input``: chosen on a
+            traced forward of it, in forward order; else its structural rule, in registration
+            order).
         example_input: one batch of model input; if given, ``layer_names`` is put in the
             order a traced forward of it reaches them (:func:`forward_order`, which falls
             back to the given order with a warning if the forward fails).
     """
     if layer_names is None:
-        layer_names = default_layers(model)
-    layer_names = list(layer_names)
-    if example_input is not None:
+        layer_names = default_layers(model, example_input)
+    elif example_input is not None:
+        layer_names = list(layer_names)
         _check_names(model, layer_names, "layer_names")
         layer_names = forward_order(model, layer_names, example_input)
+    layer_names = list(layer_names)
     if not layer_names:
         raise ValueError("`layer_names` is empty; pass at least one module name.")
     modules = _check_names(model, layer_names, "layer_names")

@@ -272,7 +272,8 @@ def test_subset_record_stops_the_forward_after_its_last_layer() -> None:
     torch.manual_seed(0)
     net, x = Scrambled(), torch.randn(20, 5)
     net.train()
-    rec = ActivationRecorder(net, batch_size=8)
+    # layers given: default layers would be chosen on one traced batch first (a fourth forward)
+    rec = ActivationRecorder(net, ["head", "hidden", "body"], batch_size=8)
     full = rec.record(x)  # 3 batches, full forwards (the trace)
     assert net.head_calls == 3 and not rec.last_stopped_early
     assert rec.last_seconds is not None and rec.last_seconds > 0
@@ -428,7 +429,9 @@ def test_order_layers_fallback_and_errors() -> None:
             return self.used(x)
 
     with pytest.raises(ValueError, match=r"\['unused'\] did not run"):
-        ActivationRecorder(Skips()).order_layers([(torch.randn(4, 3), torch.zeros(4))])
+        ActivationRecorder(Skips(), ["used", "unused"]).order_layers([(torch.randn(4, 3), torch.zeros(4))])
+    # the default layers are those that run
+    assert ActivationRecorder(Skips()).order_layers([(torch.randn(4, 3), torch.zeros(4))]) == ["used"]
 
 
 def test_subset_before_the_order_is_known_traces_one_batch_first() -> None:
@@ -440,8 +443,9 @@ def test_subset_before_the_order_is_known_traces_one_batch_first() -> None:
     assert net.head_calls == 1 and rec.last_stopped_early and rec.ordered
     with torch.no_grad():
         torch.testing.assert_close(low["body"], net.body(x))
-    # a one-shot iterator cannot be traced and replayed: whole forwards, same values
-    fresh = ActivationRecorder(net, batch_size=4)
+    # a one-shot iterator cannot be traced and replayed: whole forwards, same values (layers
+    # given: default layers are chosen on its first batch, taken and put back)
+    fresh = ActivationRecorder(net, ["head", "hidden", "body"], batch_size=4)
     again = fresh.record(iter([x[:4], x[4:]]), layers=["body"])
     assert net.head_calls == 3 and not fresh.last_stopped_early and not fresh.ordered
     torch.testing.assert_close(again["body"], low["body"])  # other batch sizes: float32 rounding
