@@ -252,8 +252,9 @@ class FrozenOutputCache:
             pos = self._position.get(name, -1)
             if pos == 0:
                 self._plan = self._forced or self._decide(args, kwargs)
-                if self._plan is not None and self._plan.serve < len(self.order) - 1:
-                    self._plan.streams = RandomStreams()  # something in the prefix runs
+                if self._plan is not None and self._plan.serve < len(self.order) - 1:  # something in the prefix runs
+                    x = input_tensor(args, kwargs)
+                    self._plan.streams = RandomStreams(x.device if x is not None else None)
             plan = self._plan
             if plan is None or pos != plan.next:
                 self._plan = None

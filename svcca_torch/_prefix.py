@@ -259,16 +259,17 @@ def forward_context(device_type: str) -> Tuple[Any, ...]:
 
 
 class RandomStreams:
-    """The global random streams a module may draw from (torch's CPU and current CUDA
-    generators, Python's ``random``, NumPy's legacy global state), to tell whether a forward
-    drew from any. Private ``torch.Generator`` objects are not seen."""
+    """The global random streams a module may draw from (torch's CPU generator, the CUDA
+    generator of ``device`` (default: the current one), Python's ``random``, NumPy's legacy
+    global state), to tell whether a forward drew from any. Private ``torch.Generator``
+    objects are not seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: Optional[torch.device] = None) -> None:
+        self._cuda = device if device is not None and device.type == "cuda" else "cuda"
         self._state = self._now()
 
-    @staticmethod
-    def _now() -> Tuple[Any, ...]:
-        cuda = (torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized()
+    def _now(self) -> Tuple[Any, ...]:
+        cuda = (torch.cuda.get_rng_state(self._cuda) if torch.cuda.is_available() and torch.cuda.is_initialized()
                 else None)
         return torch.random.get_rng_state(), cuda, random.getstate(), _numpy_state()
 
