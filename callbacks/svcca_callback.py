@@ -53,12 +53,13 @@ class SVCCACallback(Callback):
     :meth:`DynamicsTracker._analyse <svcca_torch.tracker.DynamicsTracker._analyse>`).
 
     With a ``TensorBoardLogger`` everything goes through :class:`svcca_torch.board.BoardLogger`,
-    every tag under ``<name>/``: at every capture (step 0 included) ``<name>/to_previous``
-    (one line per layer: each layer's run ``<name>/NN_short``) and, when due, the live images
-    ``<name>/live/...``; with freeze training ``<name>/freeze/...`` from step 0 at every
-    capture and freeze window, and ``<name>/freeze_signal``; at the end ``<name>/to_final``,
-    at most 10 chosen heatmaps ``<name>/dynamics/to_final_matrix``, a 2x2 grid of them and
-    the convergence curves (see the README, "What you see in TensorBoard"). Other loggers (e.g. ``CSVLogger``) get the same
+    every tag under ``<name>/``, drawn to read right at TensorBoard's default settings: during
+    training the live images ``<name>/live/...`` (the per-layer curves are images: as scalars
+    TensorBoard's default smoothing and outlier cut would misdraw them); with freeze training
+    ``<name>/freeze/...`` from step 0 at every capture, freeze window and 0.5% of training,
+    and the freeze events (with the signal that froze each group) as text; at the end at most
+    10 chosen heatmaps ``<name>/dynamics/to_final_matrix``, a 2x2 grid of them and the
+    convergence curves (see the README, "What you see in TensorBoard"). Other loggers (e.g. ``CSVLogger``) get the same
     scalars with full layer names (``<name>/to_previous/<layer>``, ``<name>/to_final/<layer>``,
     ``<name>/freeze/...``). With any logger, or none, it writes ``learning_dynamics.png``,
     ``convergence.png`` (and, with freeze training, ``to_previous.png``) and
@@ -82,8 +83,10 @@ class SVCCACallback(Callback):
     growing linearly with depth. Frozen parameters get ``requires_grad=False`` and
     ``grad=None`` and their BatchNorm layers stay in eval mode, so they stay bit-identical.
     With ``frozen_cache=True`` the frozen prefix's output is kept per training input, so an
-    epoch over data seen before skips the frozen forward as well as its backward. Logged: ``<name>/freeze/frozen_groups``, ``<name>/freeze/frozen_parameters``,
-    ``<name>/freeze/backward_flops_saved`` and ``<name>/freeze_signal/<group>``.
+    epoch over data seen before skips the frozen forward as well as its backward. Logged:
+    ``<name>/freeze/frozen_groups`` and ``<name>/freeze/backward_flops_saved`` (and, for
+    loggers other than TensorBoard, ``<name>/freeze/frozen_parameters`` and
+    ``<name>/freeze_signal/<group>``).
 
     Distributed (Lightning's DDP strategies): with a tensor probe every rank records a slice
     of it and rank 0 gathers the rows (``trainer.strategy.all_gather``); a DataLoader probe is
@@ -505,12 +508,16 @@ class SVCCACallback(Callback):
             self._log_freeze_state(trainer, events.step)
 
     def _freeze_window_ends(self, step: int) -> bool:
-        """A freeze window ends at ``step`` (adaptive: every ``freeze_window`` steps; schedule:
-        every 2% of training, or 50 steps when its length is unknown)."""
+        """Whether the freeze state is logged at ``step`` besides captures and freezes: at the
+        end of every freeze window (adaptive) and every 0.5% of training (every 50 steps when
+        its length is unknown), so that a step function has points enough for TensorBoard's
+        smoothing (an average over points) to follow it within about 1.5% of training."""
         assert self.tracker is not None
-        window = (self.tracker.freeze_window if self.freeze_training == "adaptive" else
-                  max(1, (self.tracker.total_steps or 2500) // 50))
-        return bool(window) and step > 0 and step % window == 0
+        total = self.tracker.total_steps
+        every = [max(1, total // 200) if total else 50]
+        if self.freeze_training == "adaptive" and self.tracker.freeze_window:
+            every.append(self.tracker.freeze_window)
+        return step > 0 and any(step % k == 0 for k in every)
 
     def _log_metrics(self, trainer: "pl.Trainer", metrics: Dict[str, float], step: int) -> None:
         # straight to the loggers other than TensorBoard (like LearningRateMonitor, so it works
@@ -545,16 +552,12 @@ class SVCCACallback(Callback):
         return len(self.tracker.to_previous) > 1 or not self.tracker.final_analysis
 
     def _log_signal(self, trainer: "pl.Trainer", signal: Dict[str, Any]) -> None:
-        """The adaptive freeze signal: each judged group's similarity to one window earlier."""
+        """The adaptive freeze signal: each judged group's similarity to one window earlier
+        (scalars for the loggers other than TensorBoard, where each group is judged at a few
+        windows only: one-point charts; TensorBoard gets it in the freeze-events text)."""
         sims = signal["similarity"]
         self._log_metrics(trainer, {f"{self.name}/freeze_signal/{g}": float(v) for g, v in sims.items()},
                           signal["step"])
-        assert self.tracker is not None
-        order = [g.name for g in self.tracker.groups]
-        for board in self._boards:
-            # a group named after its recorded layer is drawn as that layer (its run, depth order)
-            board.log_signal(signal["step"], {g if g in board.layer_tags else f"{order.index(g):02d}_{g}": float(v)
-                                              for g, v in sims.items()})
 
     def _freeze_metrics(self, entry: Dict[str, Any]) -> Dict[str, float]:
         metrics = {f"{self.name}/freeze/frozen_groups": float(entry["frozen_groups"]),
@@ -563,7 +566,7 @@ class SVCCACallback(Callback):
             metrics[f"{self.name}/freeze/backward_flops_saved"] = float(entry["backward_flops_saved"])
         return metrics
 
-    def _log_freeze_state(self, trainer: "pl.Trainer", step: int, newly: Sequence[str] = ()) -> None:
+    def _log_freeze_state(self, trainer: "pl.Trainer", step: int, newly: Sequence[str] = (), note: str = "") -> None:
         """The freeze state at ``step`` (every capture from step 0, and every freeze)."""
         assert self.tracker is not None
         last = self.tracker.freeze_log[-1] if self.tracker.freeze_log else None
@@ -575,7 +578,7 @@ class SVCCACallback(Callback):
         for board in self._boards:
             board.log_freeze(step, state["frozen_groups"], backward_flops_saved=state["backward_flops_saved"],
                              frozen_parameters=state["frozen_parameters"], newly_frozen=list(newly),
-                             n_groups=len(self.tracker.groups), frozen_layers=layers)
+                             n_groups=len(self.tracker.groups), frozen_layers=layers, note=note)
 
     def _log_freeze(self, trainer: "pl.Trainer", entry: Dict[str, Any]) -> None:
         """Groups frozen at one step."""
@@ -585,7 +588,17 @@ class SVCCACallback(Callback):
             f"{type(self).__name__}: froze {', '.join(entry['groups'])} at step {step} ({entry['frozen_groups']} of "
             f"{len(self.tracker.groups)} groups, {entry['frozen_parameters']:,} parameters"
             + (f", ~{100 * saved:.0f}% of backward FLOPs saved)" if saved is not None else ")"))
-        self._log_freeze_state(trainer, step, entry["groups"])
+        self._log_freeze_state(trainer, step, entry["groups"], note=self._freeze_reason(entry))
+
+    def _freeze_reason(self, entry: Dict[str, Any]) -> str:
+        """Why the adaptive policy froze ``entry``'s groups: their signal at that step."""
+        assert self.tracker is not None
+        policy, log = self.tracker.policy, self.tracker.signal_log
+        sig = log[-1] if log and log[-1]["step"] == entry["step"] else {}
+        vals = [f"{g} {float(sig[g]):.3f}" for g in entry["groups"] if g in sig]
+        if not vals or policy is None or not hasattr(policy, "threshold"):
+            return ""
+        return f"similarity to one window earlier {', '.join(vals)} >= {policy.threshold:g}"
 
     def _log_final(self, trainer: "pl.Trainer", analysis: Optional[FinalAnalysis]) -> None:
         """The end-of-training views: to-final scalars; in TensorBoard the chosen heatmaps,

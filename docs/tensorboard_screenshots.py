@@ -1,105 +1,181 @@
-"""Screenshots of TensorBoard's tabs in headless Chromium, as in the README.
+"""Screenshots of TensorBoard's tabs in headless Chromium, at TensorBoard's default settings.
 
-Starts TensorBoard on LOGDIR (this interpreter's ``tensorboard.main``), puts a same-origin
-proxy in front of it that first sets TensorBoard's UI settings in the page's local storage
-(smoothing 0, outliers not ignored: the README's recommendation), then shoots each tab.
-Needs Debian's ``chromium`` (``apt-get install -y chromium fonts-dejavu-core``)::
+Each shot loads the page in a fresh Chromium profile, so TensorBoard shows what a first-time
+user sees: smoothing 0.6, "Ignore outliers in chart scaling" on. Charts are drawn as SVG
+(``?forceSVG=true``, TensorBoard's own fallback renderer: headless Chromium draws its WebGL
+charts unreliably, some cards came out blank). Either shoot a log folder::
 
-    python docs/tensorboard_screenshots.py runs/tensorboard_views/<run>/tensorboard docs/images
+    python docs/tensorboard_screenshots.py LOGDIR docs/images
+
+or let the script make a real run and shoot it twice, mid-run and at the end::
+
+    python docs/tensorboard_screenshots.py --train runs/screenshots docs/images
+
+``--train`` trains the digits ConvNet (20 epochs) with ``SVCCACallback(probe,
+freeze_training=True, max_overhead=None)`` and a ``TensorBoardLogger`` in a child process;
+at half of training the child flushes the logs and waits while ``tensorboard_<tab>_midrun.png``
+are taken (the pause is taken out of the callback's clock), then finishes, and
+``tensorboard_<tab>.png`` are taken. Needs Debian's ``chromium``
+(``apt-get install -y chromium fonts-dejavu-core``).
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
-import threading
+import tempfile
 import time
-import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-TABS = {"timeseries": "timeseries", "scalars": "scalars&_smoothingWeight=0", "images": "images",
-        "custom_scalars": "custom_scalars&_smoothingWeight=0", "text": "text"}
-SETTINGS_PAGE = b"""<html><body><script>
-localStorage.setItem('_ignoreYOutliers', 'false');
-localStorage.setItem('_tb_global_settings.timeseries', JSON.stringify({scalarSmoothing: 0, ignoreOutliers: false}));
-localStorage.setItem('_tb_global_settings', JSON.stringify({scalarSmoothing: 0, ignoreOutliers: false}));
-location.replace('/' + decodeURIComponent(location.search.slice(6)));
-</script></body></html>"""
+TABS = ("timeseries", "scalars", "custom_scalars", "images", "text")
+MIDRUN_TABS = ("timeseries", "images")
 
 
-def _proxy(upstream: str, port: int) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
+def _tensorboard(logdir: Path, port: int) -> subprocess.Popen:
+    tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+                           "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(90):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugins_listing", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    time.sleep(3)  # the first scan of the log folder
+    return tb
 
-        def _relay(self, data=None) -> None:
-            req = urllib.request.Request(upstream + self.path, data=data,
-                                         headers={"Content-Type": self.headers.get("Content-Type", "")})
-            try:
-                r = urllib.request.urlopen(req, timeout=30)
-                code, body, headers = r.status, r.read(), r.headers
-            except urllib.error.HTTPError as err:
-                code, body, headers = err.code, err.read(), err.headers
-            self.send_response(code)
-            for k in ("Content-Type", "Content-Encoding"):
-                if headers.get(k):
-                    self.send_header(k, headers[k])
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def do_GET(self) -> None:
-            if self.path.startswith("/set.html"):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.end_headers()
-                self.wfile.write(SETTINGS_PAGE)
+def _loaded(png: Path) -> bool:
+    """Whether the page's cards were drawn: an unloaded page is a few flat colours where the
+    cards are (TensorBoard fetches their data after the page itself; on a busy machine the
+    shot can come first)."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        w, h = im.size
+        region = im.convert("RGB").crop((int(0.2 * w), int(0.12 * h), int(0.8 * w), int(0.6 * h)))
+        return len(region.getcolors(maxcolors=1 << 20) or ()) > 100
+
+
+def shoot(logdir: Path, out: Path, tabs, suffix: str = "", port: int = 6177, budget_ms: int = 25000,
+          size: str = "1600,1200", tag_filter: str = "", timeseries_height: int = 2000, tries: int = 4) -> None:
+    """Start TensorBoard on ``logdir`` and take ``out/tensorboard_<tab><suffix>.png`` per tab
+    (again, with twice the time, while the cards come out blank)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tb = _tensorboard(logdir, port)
+    try:
+        for tab in tabs:
+            target = out / f"tensorboard_{tab}{suffix}.png"
+            query = "?forceSVG=true" + (f"&tagFilter={tag_filter}" if tag_filter and tab == "timeseries" else "")
+            window = size if tab != "timeseries" else f"{size.split(',')[0]},{timeseries_height}"
+            for attempt in range(tries):
+                profile = tempfile.mkdtemp(prefix="chromium-")  # a fresh profile: TensorBoard's default settings
+                try:
+                    subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                                    f"--user-data-dir={profile}", f"--window-size={window}",
+                                    f"--virtual-time-budget={budget_ms << attempt}", f"--screenshot={target}",
+                                    f"http://127.0.0.1:{port}/{query}#{tab}"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300, check=True)
+                finally:
+                    shutil.rmtree(profile, ignore_errors=True)
+                if tab == "text" or _loaded(target):
+                    break
+                time.sleep(5)
             else:
-                self._relay()
+                print(f"warning: {target}: the cards still look blank after {tries} tries", file=sys.stderr)
+            print(target, flush=True)
+    finally:
+        tb.terminate()
+        tb.wait(timeout=30)
 
-        def do_POST(self) -> None:
-            self._relay(self.rfile.read(int(self.headers.get("Content-Length", 0))))
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+def _child(root: Path, epochs: int, pause_at: float) -> None:
+    """The real run (in its own process): digits ConvNet, SVCCACallback at its defaults but
+    max_overhead=None, paused at ``pause_at`` of training until ``root/resume`` exists."""
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from torch.utils.data import DataLoader
+
+    from svcca_torch.callbacks import SVCCACallback
+    from svcca_torch.data import load_digits_dataset, probe_set
+    from svcca_torch.experiments.common import Classifier
+    from svcca_torch.models import ConvNet
+
+    class Pause(Callback):
+        def __init__(self, svcca: SVCCACallback, at: int) -> None:
+            self.svcca, self.at = svcca, at
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            if trainer.global_step != self.at:
+                return
+            t0 = time.perf_counter()
+            trainer.logger.experiment.flush()
+            for board in self.svcca._boards:
+                board.flush()
+            (root / "paused").write_text(str(trainer.global_step))
+            while not (root / "resume").exists():
+                time.sleep(0.5)
+            # the pause is not training time: keep it out of the callback's budget
+            if self.svcca.tracker is not None and self.svcca.tracker._origin is not None:
+                self.svcca.tracker._origin += time.perf_counter() - t0
+
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    train, _ = load_digits_dataset(seed=0)
+    probe = probe_set(train, 1024, seed=0)
+    loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    module = Classifier(ConvNet(in_channels=1, num_classes=10, width=16), lr=0.05, epochs=epochs)
+    svcca = SVCCACallback(probe, freeze_training=True, max_overhead=None, progress=False)
+    logger = TensorBoardLogger(str(root), name="digits-convnet", default_hp_metric=False)
+    trainer = pl.Trainer(max_epochs=epochs, logger=logger, callbacks=[svcca, Pause(svcca, int(pause_at * epochs
+                                                                                               * len(loader)))],
+                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                         log_every_n_steps=10, accelerator="cpu")
+    trainer.fit(module, loader)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("logdir")
-    p.add_argument("out", help="folder for tensorboard_<tab>.png")
-    p.add_argument("--port", type=int, default=6177, help="TensorBoard's port (the proxy uses the next one)")
+    p.add_argument("logdir", help="TensorBoard log folder (with --train: the folder the run is written to)")
+    p.add_argument("out", nargs="?", default="docs/images", help="folder for tensorboard_<tab>.png")
+    p.add_argument("--train", action="store_true", help="make a real run in LOGDIR and shoot it mid-run and at the end")
+    p.add_argument("--epochs", type=int, default=20, help="with --train: training epochs")
+    p.add_argument("--pause-at", type=float, default=0.5, help="with --train: fraction of training of the mid-run shots")
+    p.add_argument("--port", type=int, default=6177, help="TensorBoard's port")
     p.add_argument("--tabs", nargs="+", default=list(TABS), choices=list(TABS))
+    p.add_argument("--tag-filter", default="svcca", help="the Time Series tab's tag filter ('' for none)")
+    p.add_argument("--timeseries-height", type=int, default=2000, help="the Time Series window's height (px)")
     p.add_argument("--budget-ms", type=int, default=25000, help="Chromium's --virtual-time-budget")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", args.logdir, "--host", "127.0.0.1",
-                           "--port", str(args.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = _proxy(f"http://127.0.0.1:{args.port}", args.port + 1)
+    root, out = Path(args.logdir), Path(args.out)
+    if args.child:
+        _child(root, args.epochs, args.pause_at)
+        return 0
+    common = dict(port=args.port, budget_ms=args.budget_ms, tag_filter=args.tag_filter,
+                  timeseries_height=args.timeseries_height)
+    if not args.train:
+        shoot(root, out, args.tabs, **common)
+        return 0
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, __file__, str(root), "--child", "--epochs", str(args.epochs),
+                              "--pause-at", str(args.pause_at)])
     try:
-        for _ in range(60):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{args.port}/data/plugins_listing", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        time.sleep(3)
-        for tab in args.tabs:
-            target = out / f"tensorboard_{tab}.png"
-            url = f"http://127.0.0.1:{args.port + 1}/set.html?next=" + urllib.request.quote("#" + TABS[tab])
-            subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                            "--window-size=1600,1200", f"--virtual-time-budget={args.budget_ms}",
-                            f"--screenshot={target}", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           timeout=120, check=True)
-            print(target)
+        while not (root / "paused").exists():
+            if child.poll() is not None:
+                raise SystemExit(f"the training run ended before its pause (exit code {child.returncode})")
+            time.sleep(0.5)
+        shoot(root, out, [t for t in args.tabs if t in MIDRUN_TABS], suffix="_midrun", **common)
     finally:
-        server.shutdown()
-        tb.terminate()
-        tb.wait(timeout=30)
+        (root / "resume").write_text("")
+    if child.wait() != 0:
+        raise SystemExit(f"the training run failed (exit code {child.returncode})")
+    shoot(root, out, args.tabs, **common)
     return 0
 
 

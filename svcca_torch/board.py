@@ -18,29 +18,33 @@ Tags, all under ``<name>/``::
     <name>/dynamics/grid              image: 2x2 heatmaps where the curves change (end of training)
     <name>/dynamics/to_final_matrix   images: layers x layers vs the final network, chosen captures
     <name>/dynamics/to_final_curves   image: similarity to the final state, coloured by depth
-    <name>/to_previous                scalar per layer at every capture (from the second on)
-    <name>/to_final                   scalar per layer at every capture (written at the end)
-    <name>/freeze_signal              scalar per judged group at every freeze window
     <name>/freeze/frozen_groups       scalar (count) at every capture and freeze window from step 0
     <name>/freeze/backward_flops_saved  scalar (fraction of one backward pass), as often
-    <name>/freeze/events, <name>/layers  text: what was frozen when; run/tag -> full layer name
-
-The per-layer scalars are one chart each with a line per layer: every layer writes to its
-own run, ``<log_dir>/<name>/NN_short`` (``NN`` the depth, zero-padded, so runs sort
-bottom-up), which TensorBoard colours apart (it colours by run, never by tag). A writer
-that is not a ``torch.utils.tensorboard.SummaryWriter`` (no ``log_dir`` to put runs in)
-gets one tag per layer instead, ``<name>/to_previous/NN_short``.
+    <name>/freeze/events, <name>/layers  text: what was frozen when, and why; names -> layers
+    <name>/to_previous                with ``layer_scalars=True``: scalar per layer per capture
+    <name>/freeze_signal              :meth:`BoardLogger.log_signal` (optional): per judged group
 
 Everything is meant to read right at TensorBoard's default settings (smoothing 0.6,
-outliers ignored): step functions (the freeze count) are logged at every capture and freeze
-window, not only where they change; images are titled with the step and a fraction of
-training precise enough to tell early captures apart; curves go on a symlog x axis when
-most of their change is early; frozen layers carry their freeze step (\u2744).
+outliers ignored). The per-layer curves are images (one chart, a line per layer coloured by
+depth, every point, a symlog x axis when most change is early, each freeze marked), not
+scalar charts: TensorBoard smooths a scalar over points, so on front-loaded captures the
+smoothing stretches the last change across the sparse late captures, and its outlier cut
+leaves the lowest 5% of a chart's points (the first comparisons) below the frame. The step
+functions (the freeze count and fraction) are scalars logged at every capture and freeze
+window, not only where they change, so the smoothing follows them closely. Images are
+titled with the step and a fraction of training precise enough to tell early captures
+apart; frozen layers carry their freeze step (\u2744). Custom Scalars gets a category only
+once it has data. ``layer_scalars=True`` adds the per-layer similarity as scalars: every
+layer writes ``<name>/to_previous`` to its own run, ``<log_dir>/<name>/NN_short`` (``NN``
+the depth, zero-padded, so runs sort bottom-up), which TensorBoard colours apart (it colours
+by run, never by tag): one chart, a line per layer (a writer that is not a
+``torch.utils.tensorboard.SummaryWriter`` gets one tag per layer, ``<name>/to_previous/NN_short``).
 """
 from __future__ import annotations
 
 import math
 import os
+import textwrap
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -65,7 +69,7 @@ from .plotting import (
     remember_layout,
     short_layer_names,
 )
-from .utils.validation import check_fraction, check_keep, check_positive_int
+from .utils.validation import check_bool, check_fraction, check_keep, check_positive_int
 
 __all__ = ["BoardLogger", "LIVE_FRACTIONS", "select_checkpoints", "full_checkpoints", "grid_checkpoints",
            "figure_to_array"]
@@ -77,6 +81,8 @@ __all__ = ["BoardLogger", "LIVE_FRACTIONS", "select_checkpoints", "full_checkpoi
 LIVE_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75)
 #: Panels of the end-of-run grid image (2x2: legible in a TensorBoard Time Series card).
 GRID_PANELS = 4
+#: The grid image's fonts, relative to ``font_size`` (its four panels share one card).
+GRID_FONT_SCALE = 1.2
 #: TensorBoard's default number of images kept per tag (``--samples_per_plugin images=10``).
 TENSORBOARD_IMAGES_PER_TAG = 10
 
@@ -269,9 +275,16 @@ class BoardLogger:
             0.5), so the default 18 (25 px) shows 10 to 12 px high.
         keep: SVD truncation used when :meth:`log_capture` gets raw activations
             ``(datapoints, neurons)`` instead of reduced bases.
-        layer_runs: write the per-layer scalars to one run per layer (one chart per signal,
-            a line per layer; default when ``writer`` is a ``SummaryWriter``); ``False``:
-            one tag per layer in ``writer``'s run.
+        layer_scalars: also write each capture's per-layer similarity to the previous
+            capture as scalars (``<name>/to_previous``; other loggers of the callback always
+            get them). Off by default: at TensorBoard's default settings (smoothing 0.6,
+            outliers ignored) such a front-loaded series is drawn wrong, the smoothing
+            stretching the last change across the sparse late captures and the outlier cut
+            dropping the first comparisons; the ``live/to_previous_curves`` image shows every
+            value, one line per layer.
+        layer_runs: with ``layer_scalars``, write them to one run per layer (one chart, a line
+            per layer; default when ``writer`` is a ``SummaryWriter``); ``False``: one tag per
+            layer in ``writer``'s run.
     """
 
     def __init__(
@@ -288,6 +301,7 @@ class BoardLogger:
         dpi: int = 100,
         font_size: float = 18.0,
         keep: Union[int, float] = 0.99,
+        layer_scalars: bool = False,
         layer_runs: Optional[bool] = None,
     ) -> None:
         missing = [m for m in ("add_image", "add_scalar", "add_text", "add_custom_scalars") if not hasattr(writer, m)]
@@ -333,7 +347,9 @@ class BoardLogger:
             raise ValueError("`layer_runs=True` needs a writer with a `log_dir` (a torch SummaryWriter) to put the "
                              "per-layer runs in.")
         self.layer_runs = bool(layer_runs)
+        self.layer_scalars = check_bool(layer_scalars, "layer_scalars")
         self._runs: Dict[str, Any] = {}  # run name -> its SummaryWriter
+        self._categories: List[str] = []  # the custom-scalars categories written so far (only charts with data)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -382,8 +398,7 @@ class BoardLogger:
         return f"{self.name}/{self.layer_tags.get(layer) or 'group_' + _tag_safe(layer)}"
 
     def log_layer_scalar(self, kind: str, layer: str, value: float, step: int) -> None:
-        """One layer's value of a per-layer signal (``to_previous``, ``to_final``,
-        ``freeze_signal``): tag ``<name>/<kind>`` in the layer's run (:meth:`layer_run`), so
+        """One layer's value of a per-layer signal (``to_previous``, ``freeze_signal``): tag ``<name>/<kind>`` in the layer's run (:meth:`layer_run`), so
         that one chart shows every layer, each in its own colour; without per-layer runs the
         tag ``<name>/<kind>/NN_short`` (a layer) or ``<name>/<kind>/<group>``."""
         if not math.isfinite(float(value)):
@@ -414,43 +429,49 @@ class BoardLogger:
         self._runs = {}
 
     def layout(self) -> Dict[str, Dict[str, List[Any]]]:
-        """Custom-scalars layout: one chart per per-layer signal with a line per layer (each
-        layer's run, coloured apart; without per-layer runs, every ``NN_short`` tag in one
-        chart, told apart by marker), and the freeze count and fraction in separate charts."""
-        def lines(kind: str) -> List[Any]:
-            return ["Multiline", [f"^{self.tag(kind)}$" if self.layer_runs else f"^{self.tag(kind)}/"]]
-
-        where = (f"one line per layer: runs {self.name}/NN_short, bottom-up" if self.layer_runs
-                 else "one line per layer")
-        return {
-            f"{self.name}: per layer ({where})": {
-                "similarity to previous capture": lines("to_previous"),
-                "similarity to final state (written at the end)": lines("to_final"),
-                "freeze signal: similarity to one window earlier": lines("freeze_signal"),
-            },
-            f"{self.name}: freeze training": {
-                "frozen layer groups (count)": ["Multiline", [f"^{self.tag('freeze', 'frozen_groups')}$"]],
-                "backward FLOPs saved (fraction of one backward pass)": [
-                    "Multiline", [f"^{self.tag('freeze', 'backward_flops_saved')}$"]],
-            },
+        """Custom-scalars layout: the freeze count and fraction in separate charts and, with
+        ``layer_scalars``, one chart with a line per layer (each layer's run, coloured apart;
+        without per-layer runs every ``NN_short`` tag, told apart by marker). Each category
+        is written once its first value is (an empty chart is never shown)."""
+        out: Dict[str, Dict[str, List[Any]]] = {}
+        if self.layer_scalars:
+            kind = self.tag("to_previous")
+            where = (f"one line per layer: runs {self.name}/NN_short, bottom-up" if self.layer_runs
+                     else "one line per layer")
+            out[f"{self.name}: per layer ({where})"] = {"similarity to previous capture": [
+                "Multiline", [f"^{kind}$" if self.layer_runs else f"^{kind}/"]]}
+        out[f"{self.name}: freeze training"] = {
+            "frozen layer groups (count)": ["Multiline", [f"^{self.tag('freeze', 'frozen_groups')}$"]],
+            "backward FLOPs saved (fraction of one backward pass)": [
+                "Multiline", [f"^{self.tag('freeze', 'backward_flops_saved')}$"]],
         }
+        return out
+
+    def _use_category(self, prefix: str) -> None:
+        """Write the custom-scalars layout with the category starting ``<name>: <prefix>``
+        added (merged with every logger's on this writer: TensorBoard shows the last one)."""
+        title = next((t for t in self.layout() if t.startswith(f"{self.name}: {prefix}")), None)
+        if title is None or title in self._categories:
+            return
+        self._categories.append(title)
+        try:
+            merged = _LAYOUTS.setdefault(self.writer, {})
+        except TypeError:  # a writer that cannot be weakly referenced: its own layout only
+            merged = {}
+        layout = self.layout()
+        merged.update({t: layout[t] for t in self._categories})
+        self.writer.add_custom_scalars(dict(merged))
 
     def _write_header(self, step: int) -> None:
         if self._header:
             return
         self._header = True
-        try:
-            merged = _LAYOUTS.setdefault(self.writer, {})
-        except TypeError:  # a writer that cannot be weakly referenced: its own layout only
-            merged = {}
-        merged.update(self.layout())
-        self.writer.add_custom_scalars(dict(merged))
-        if self.layer_runs:
-            rows = "\n".join(f"| `{self.layer_run(n)}` | `{n}` |" for n in self.layers)
-            table = f"| run (per-layer scalars) | layer |\n|---|---|\n{rows}"
+        if self.layer_scalars and self.layer_runs:
+            rows = "\n".join(f"| `{s}` | `{self.layer_run(n)}` | `{n}` |" for n, s in zip(self.layers, self.short_names))
+            table = f"| name in the images | run (scalars) | layer |\n|---|---|---|\n{rows}"
         else:
-            rows = "\n".join(f"| `{self.layer_tags[n]}` | `{n}` |" for n in self.layers)
-            table = f"| tag | layer |\n|---|---|\n{rows}"
+            rows = "\n".join(f"| `{s}` | `{n}` |" for n, s in zip(self.layers, self.short_names))
+            table = f"| name in the images | layer |\n|---|---|\n{rows}"
         self.writer.add_text(self.tag("layers"), table, step)
 
     # ------------------------------------------------------------------ images
@@ -460,13 +481,14 @@ class BoardLogger:
         return len(steps) < self.max_images and (not steps or step > steps[-1])
 
     def _add_image(self, tag: str, draw: Callable[[], Figure], step: int,
-                   save_as: Optional[Path] = None) -> bool:
-        """Draw (only when there is room, or a file is asked for) with card-sized fonts,
-        render, write; ``save_as``: also write the same pixels to that PNG file."""
+                   save_as: Optional[Path] = None, scale: float = 1.0) -> bool:
+        """Draw (only when there is room, or a file is asked for) with card-sized fonts
+        (``scale`` times ``font_size``), render, write; ``save_as``: also write the same pixels
+        to that PNG file."""
         room = self._room(tag, step)
         if not room and save_as is None:
             return False
-        with rc_context({"font.size": self.font_size}):
+        with rc_context({"font.size": self.font_size * scale}):
             image = figure_to_array(draw(), self.dpi)
         if save_as is not None:
             imsave(save_as, image)
@@ -516,8 +538,9 @@ class BoardLogger:
 
     def _title(self, head: str, step: Optional[int]) -> str:
         """``head`` and, on a second line, the layers frozen by ``step`` with their freeze steps."""
-        note = freeze_note(self.frozen_at, self.layers, self.short_names, step=step, limit=3)
-        return head + ("\n" + note if note else "")
+        note = freeze_note(self.frozen_at, self.layers, self.short_names, step=step, limit=6)
+        # wrapped to the heatmap's width (720 px at the title's 30 px font: about 42 characters)
+        return head + ("\n" + textwrap.fill(note, 42, break_on_hyphens=False) if note else "")
 
     def _live_curves(self) -> Tuple[LayerCurves, bool]:
         rows = self._history
@@ -597,9 +620,11 @@ class BoardLogger:
         else:
             prev_step = self._history[-1]["step"] if self._history else None
             self._history.append({"step": step, "fraction": f, "to_previous": sims})
-            for n in self.layers:
-                if n in sims:
-                    self.log_layer_scalar("to_previous", n, sims[n], step)
+            if self.layer_scalars and sims:
+                self._use_category("per layer")
+                for n in self.layers:
+                    if n in sims:
+                        self.log_layer_scalar("to_previous", n, sims[n], step)
         if not images or not sims or not self._live_due(f, final):
             self.flush()  # the scalars on disk now: visible at once
             return False
@@ -629,6 +654,7 @@ class BoardLogger:
         newly_frozen: Sequence[str] = (),
         n_groups: Optional[int] = None,
         frozen_layers: Optional[Sequence[str]] = None,
+        note: str = "",
     ) -> None:
         """Log the freeze state at ``step``: call it at every capture and every freeze window
         from step 0 (0 frozen) and whenever groups are frozen, in increasing step order (a
@@ -645,9 +671,11 @@ class BoardLogger:
             frozen_layers: the recorded layers of the groups frozen at this step (default:
                 the ``newly_frozen`` names that are layers): their freeze step goes into
                 titles and curves.
+            note: why they were frozen (e.g. the adaptive signal's values), for the text.
         """
         step = int(step)
         self._write_header(step)
+        self._use_category("freeze")
         self.writer.add_scalar(self.tag("freeze", "frozen_groups"), float(frozen_groups), step)
         if backward_flops_saved is not None:
             self.writer.add_scalar(self.tag("freeze", "backward_flops_saved"), float(backward_flops_saved), step)
@@ -659,13 +687,16 @@ class BoardLogger:
             of = f" of {n_groups}" if n_groups is not None else ""
             saved = "" if backward_flops_saved is None else f", {100 * backward_flops_saved:.0f}% of backward FLOPs saved"
             params = "" if frozen_parameters is None else f", {int(frozen_parameters):,} parameters"
+            why = f"; {note}" if note else ""
             self.writer.add_text(self.tag("freeze", "events"),
                                  f"step {step}: froze {', '.join(newly_frozen)} ({frozen_groups}{of} groups frozen"
-                                 f"{params}{saved})", step)
+                                 f"{params}{saved}{why})", step)
 
     def log_signal(self, step: int, similarity: Mapping[str, float]) -> None:
         """The adaptive freeze signal at ``step``: ``{group: similarity to one window
-        earlier}`` (a group named after a recorded layer is drawn as that layer)."""
+        earlier}`` (a group named after a recorded layer is drawn as that layer). Each group is
+        judged at a few windows only (until it freezes), so its lines are short; the
+        callback puts the values that froze a group in the freeze-events text instead."""
         step = int(step)
         self._write_header(step)
         for g, v in similarity.items():
@@ -681,8 +712,7 @@ class BoardLogger:
                   freeze_steps: Optional[Mapping[str, int]] = None) -> Dict[str, List[int]]:
         """Log the end-of-training views from the learning-dynamics matrices.
 
-        Writes ``<name>/to_final`` (one line per layer) at every capture's step, the chosen
-        ``<name>/dynamics/to_final_matrix`` heatmaps (:func:`select_checkpoints` among the
+        Writes the chosen ``<name>/dynamics/to_final_matrix`` heatmaps (:func:`select_checkpoints` among the
         checkpoints with a full matrix: where the curves change, plus ``fractions`` when
         given), the grid image (:func:`grid_checkpoints`: 4 of those heatmaps, 2x2) and the
         depth-coloured convergence curves at the final step, and the last live curves if the
@@ -716,10 +746,6 @@ class BoardLogger:
         frozen = dict(self.frozen_at)
         final_step = int(dynamics.steps[-1])
         self._write_header(int(dynamics.steps[0]))
-        tf = dynamics.to_final()
-        for c, step in enumerate(dynamics.steps):
-            for j, n in enumerate(dynamics.layers):
-                self.log_layer_scalar("to_final", n, float(tf[c, j]), int(step))
         written: Dict[str, List[int]] = {}
         tag = self.tag("dynamics", "to_final_matrix")
         # only checkpoints with a full matrix can be heatmaps: choose among them (all when full is None)
@@ -740,9 +766,10 @@ class BoardLogger:
             folder.mkdir(parents=True, exist_ok=True)
         grid = (grid_checkpoints(dynamics, fractions=self.fractions) if self.fractions is not None else
                 grid_checkpoints(dynamics, candidates=picked, min_change=self.min_change) if picked else [])
+        # four heatmaps in one card: larger fonts (a Time Series card shows it about 250 px high)
         if grid and self._add_image(self.tag("dynamics", "grid"), lambda: plot_learning_dynamics(
-                dynamics, checkpoints=grid, ncols=2, panel_size=2.4, freeze_steps=frozen), final_step,
-                save_as=None if folder is None else folder / "learning_dynamics.png"):
+                dynamics, checkpoints=grid, ncols=2, panel_size=2.6, freeze_steps=frozen), final_step,
+                save_as=None if folder is None else folder / "learning_dynamics.png", scale=GRID_FONT_SCALE):
             written[self.tag("dynamics", "grid")] = [final_step]
         if self._add_image(self.tag("dynamics", "to_final_curves"), lambda: plot_convergence(
                 dynamics.curves(), ylabel="SVCCA similarity", title="similarity to own final state",

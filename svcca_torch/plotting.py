@@ -7,6 +7,7 @@ global state, no GUI backend needed: it renders with Agg), so it can be saved wi
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -204,8 +205,8 @@ def _layer_ticks(ax, names: Sequence[str], axis: str, max_named: int = MAX_NAMED
 
 
 def _names_that_fit(inches: float) -> int:
-    """How many layer names fit along ``inches`` at the current font size (1.4 lines each)."""
-    return max(2, min(MAX_NAMED_LAYERS, int(inches * 72 / (1.4 * float(rcParams["font.size"])))))
+    """How many layer names fit along ``inches`` at the current font size (1.2 lines each)."""
+    return max(2, min(MAX_NAMED_LAYERS, int(inches * 72 / (1.2 * float(rcParams["font.size"])))))
 
 
 def plot_learning_dynamics(
@@ -270,7 +271,9 @@ def plot_learning_dynamics(
     ncols = len(picks) if ncols is None else min(ncols, len(picks))
     nrows = -(-len(picks) // ncols)
     names = short_layer_names(dynamics.layers) if short_names else list(dynamics.layers)
-    fig = Figure(figsize=(panel_size * ncols + 2.2, (panel_size + 0.5) * nrows + 1.6), layout="constrained")
+    fig = Figure(figsize=(panel_size * ncols + 0.4 * (ncols - 1) + 2.2, (panel_size + 0.5) * nrows + 1.6),
+                 layout="constrained")
+    fig.get_layout_engine().set(wspace=0.15)  # panel titles apart
     grid = fig.subplots(nrows, ncols, squeeze=False)
     axes = list(grid.flat)
     for ax in axes[len(picks):]:
@@ -297,7 +300,8 @@ def plot_learning_dynamics(
     notes = [freeze_note(freeze_steps, dynamics.layers, names)]
     if short_names:
         notes.append(_prefix_note(dynamics.layers, names).strip(" ()").replace("names", "layer names", 1))
-    notes = [n for n in notes if n]
+    notes = [textwrap.fill(n, int(fig.get_figwidth() * 72 / (0.55 * float(rcParams["font.size"]) * 0.83)),
+                           break_on_hyphens=False) for n in notes if n]
     if notes:
         fig.suptitle("\n".join(notes), fontsize="small", color="0.3")
     return fig
@@ -305,12 +309,13 @@ def plot_learning_dynamics(
 
 def _frozen_title(freeze_steps: Optional[Mapping[str, int]], layers: Sequence[str], names: Sequence[str],
                   step: int) -> str:
-    """``\n❄ up to block2`` when layers are frozen by ``step`` (bottom-up: the highest of them)."""
+    """``\n❄ block1`` or ``\n❄ block1-block4`` when layers are frozen by ``step`` (bottom-up:
+    the lowest and the highest of them)."""
     frozen = [s for n, s in zip(layers, names) if freeze_steps and n in freeze_steps
               and int(freeze_steps[n]) <= int(step)]
     if not frozen:
         return ""
-    return f"\n{FROZEN_MARK} {frozen[0]}" if len(frozen) == 1 else f"\n{FROZEN_MARK} {frozen[0]} to {frozen[-1]}"
+    return f"\n{FROZEN_MARK} {frozen[0]}" if len(frozen) == 1 else f"\n{FROZEN_MARK} {frozen[0]}-{frozen[-1]}"
 
 
 def _frozen_labels(names: Sequence[str], layers: Sequence[str], freeze_steps: Optional[Mapping[str, int]],

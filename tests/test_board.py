@@ -147,25 +147,42 @@ def test_live_images_appear_while_training_runs(run):
     assert curves[-1] == run["steps"][-1] and len(curves) <= 10
 
 
-def test_per_layer_signals_are_one_chart_with_a_run_per_layer(run):
-    """Few tags: each per-layer signal is one tag, written by every layer to its own run
-    (``svcca/NN_short``, sorted by depth), so that TensorBoard draws one chart with a line per
-    layer, coloured apart; the main run holds the images and the freeze charts."""
-    acc, logdir, steps = run["acc"], run["logdir"], run["steps"]
+def test_few_tags_and_no_scalar_chart_that_defaults_would_misdraw(run):
+    """Issue 22: at TensorBoard's defaults (smoothing 0.6, outliers ignored) front-loaded
+    per-layer similarities are misdrawn as scalars (the smoothing stretches the last change
+    over the sparse late captures, the outlier cut drops the first comparisons): by default
+    they are images only, and the scalars are the freeze step functions; Custom Scalars shows
+    only categories with data."""
+    acc, logdir = run["acc"], run["logdir"]
     tags = [t for ts in _by_plugin(acc).values() for t in ts if t != "custom_scalars__config__"]
     assert tags and all(t.startswith("svcca/") for t in tags)
-    scalars = _by_plugin(acc)["scalars"]
-    assert sorted(scalars) == ["svcca/freeze/backward_flops_saved", "svcca/freeze/frozen_groups"]
-    runs = sorted(p.name for p in (logdir / "svcca").iterdir())
-    assert runs == [f"{i:02d}_{s}" for i, s in enumerate(SHORT)]
-    for r in runs:
-        layer_acc = _accumulate(logdir / "svcca" / r)
-        assert sorted(_by_plugin(layer_acc)["scalars"]) == ["svcca/to_final", "svcca/to_previous"]
-        assert [e.step for e in layer_acc.Tensors("svcca/to_previous")] == steps[1:]
-        assert [e.step for e in layer_acc.Tensors("svcca/to_final")] == steps
+    assert sorted(_by_plugin(acc)["scalars"]) == ["svcca/freeze/backward_flops_saved", "svcca/freeze/frozen_groups"]
+    assert not (logdir / "svcca").exists()  # no per-layer runs
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    assert [c.title for c in layout.category] == ["svcca: freeze training"]
     text = [t for t in _by_plugin(acc)["text"] if t.startswith("svcca/layers")]
     table = acc.Tensors(text[0])[0].tensor_proto.string_val[0].decode()
-    assert "| `svcca/00_block1` | `net.features.block1` |" in table
+    assert "| `block1` | `net.features.block1` |" in table
+
+
+def test_layer_scalars_are_one_chart_with_a_run_per_layer(tmp_path):
+    """``layer_scalars=True``: the per-layer similarity is one tag, written by every layer to
+    its own run (``s/NN_short``, sorted by depth): one chart, a line per layer, coloured apart."""
+    writer = SummaryWriter(str(tmp_path))
+    board = BoardLogger(writer, "s", LAYERS, total_steps=100, layer_scalars=True)
+    m = torch.eye(len(LAYERS), dtype=torch.float64)
+    for step in (0, 10, 20):
+        board.log_capture(step, {n: 0.5 for n in LAYERS} if step else {}, matrix=m)
+    board.close()
+    writer.close()
+    runs = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert runs == [f"{i:02d}_{s}" for i, s in enumerate(SHORT)]
+    for r in runs:
+        assert _layer_steps(tmp_path, f"s/{r}", "s/to_previous") == [10, 20]
+    assert "s/to_previous" not in _by_plugin(_accumulate(tmp_path)).get("scalars", [])
 
 
 def test_freeze_scalars_from_step_0_count_and_fraction_apart(run):
@@ -180,12 +197,25 @@ def test_freeze_scalars_from_step_0_count_and_fraction_apart(run):
     assert len(freeze) == 2 and all(len(chart[1]) == 1 for chart in freeze.values())
 
 
-def test_layout_one_multiline_chart_per_signal(run):
-    layout = run["board"].layout()
+def test_layout_one_multiline_chart_for_the_layer_scalars(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    assert not [k for k in BoardLogger(writer, "svcca", LAYERS).layout() if "per layer" in k]
+    layout = BoardLogger(writer, "svcca", LAYERS, layer_scalars=True).layout()
     (per_layer,) = [v for k, v in layout.items() if k.startswith("svcca: per layer")]
-    assert [c for c in per_layer.values()] == [["Multiline", ["^svcca/to_previous$"]],
-                                                ["Multiline", ["^svcca/to_final$"]],
-                                                ["Multiline", ["^svcca/freeze_signal$"]]]
+    assert [c for c in per_layer.values()] == [["Multiline", ["^svcca/to_previous$"]]]
+    other = BoardLogger(object.__new__(_NoLogDir), "svcca", LAYERS, layer_scalars=True)  # no runs: tags
+    assert [c for k, v in other.layout().items() if "per layer" in k for c in v.values()] == [
+        ["Multiline", ["^svcca/to_previous/"]]]
+    writer.close()
+
+
+class _NoLogDir:
+    """A writer without a ``log_dir`` (not a torch SummaryWriter)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    add_image = add_text = add_custom_scalars = add_scalar
 
 
 def test_live_images_bounded_without_known_fractions(tmp_path):
@@ -234,8 +264,8 @@ def test_two_loggers_on_one_writer_keep_both_layouts(tmp_path):
     writer = SummaryWriter(str(tmp_path))
     first = BoardLogger(writer, "svcca", ["a", "b"])
     second = BoardLogger(writer, "probe2", ["c"])
-    first.log_capture(0, {})
-    second.log_capture(0, {})
+    first.log_freeze(0, 0)  # a layout category is written with its first data
+    second.log_freeze(0, 0)
     writer.close()
     acc = _accumulate(tmp_path)
     # TensorBoard reads the last layout of a run (downsample=1)
@@ -289,7 +319,7 @@ def test_plain_training_loop_example_smoke(tmp_path):
 
 def test_the_same_capture_twice_logs_once_and_draws_the_final(tmp_path):
     writer = SummaryWriter(str(tmp_path))
-    board = BoardLogger(writer, "s", ["a", "b"], total_steps=1000)
+    board = BoardLogger(writer, "s", ["a", "b"], total_steps=1000, layer_scalars=True)
     m = torch.eye(2, dtype=torch.float64)
     for step in (0, 100, 200, 300):
         board.log_capture(step, {"a": 0.5, "b": 0.7} if step else {}, matrix=m)
@@ -357,7 +387,7 @@ def test_scalars_only_capture_and_the_end_views(tmp_path, captures):
     store = RepresentationStore(tmp_path / "store")
     final = {n: torch.randn(120, 4, generator=g) for n in ("a", "b")}
     writer = SummaryWriter(str(tmp_path / "tb"))
-    board = BoardLogger(writer, "s", ["a", "b"], total_steps=100)
+    board = BoardLogger(writer, "s", ["a", "b"], total_steps=100, layer_scalars=True)
     steps = [0, 50, 100] if captures == 3 else [0, 100]
     for k, step in enumerate(steps):
         acts = {n: x + (1 - step / 100) * torch.randn(x.shape, generator=g) for n, x in final.items()}

@@ -239,7 +239,7 @@ def test_curves_and_grid_mark_each_freeze() -> None:
                                                                                              "conv2": 64})
     titles = [ax.get_title() for ax in _heatmaps(grid)]
     assert titles == ["step 0 (0%)", "step 8 (0.8%)", f"step 32 (3.2%)\n{FROZEN_MARK} conv1",
-                      f"step 1000 (100%)\n{FROZEN_MARK} conv1 to conv2"]
+                      f"step 1000 (100%)\n{FROZEN_MARK} conv1-conv2"]
     assert f"{FROZEN_MARK} frozen: conv1 at 16, conv2 at 64" in grid.get_suptitle()
     with pytest.raises(ValueError, match="`checkpoints`"):
         plot_learning_dynamics(dyn, checkpoints=[0, n])
