@@ -131,7 +131,7 @@ class SVCCACallback(Callback):
         max_frozen_fraction: the most groups frozen, as a fraction of all groups.
         schedule_start, schedule_end: the schedule policy's first and last freezing points.
         frozen_cache: opt in to keeping the frozen prefix's output per training input, so that
-            batches seen before skip the frozen forward (exact or off, see the README's contract;
+            batches seen before skip the frozen forward (exact or off, see the contract in docs/freeze_training.md;
             off by itself when inputs never repeat, as under random augmentation): ``True`` (up
             to 1 GiB host memory), bytes, or ``False`` (the default).
         final_analysis: compute and log the learning-dynamics matrices and figures at the end.

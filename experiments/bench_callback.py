@@ -16,7 +16,7 @@ paid), the same seed and data order in every arm of a seed. It prints:
    every epoch (``max_overhead=None``): groups frozen and the training fraction of the
    first freeze (goal: same groups +-1, first freeze within 10% of training).
 
-    python -m svcca_torch.experiments.bench_callback                 # the README's run (~30 min, 2 cores)
+    python -m svcca_torch.experiments.bench_callback                 # the run of docs/freeze_training.md (~30 min, 2 cores)
     python -m svcca_torch.experiments.bench_callback --quick         # smoke run
 
 Writes ``bench_callback.json`` to ``--out``. ``--sections ddp`` (or ``ddp2``) times the cost

@@ -172,7 +172,7 @@ def _paired(xs: Sequence[ReducedBasis], ys: Sequence[ReducedBasis]) -> torch.Ten
     """Same-layer SVCCA of ``xs[i]`` with ``ys[i]`` (any datapoint count per pair), batched.
 
     The small eigenproblems run in the bases' dtype (float32 for stored bases: ~1e-6 on a
-    similarity, far below the int12 encoding's 1e-3 bound; see the README)."""
+    similarity, far below the int12 encoding's 1e-3 bound; see docs/store.md)."""
     for i, (x, y) in enumerate(zip(xs, ys)):
         if x.n_datapoints != y.n_datapoints:
             raise ValueError(f"pair {i}: {x.n_datapoints} and {y.n_datapoints} datapoints; a layer must be "

@@ -515,7 +515,7 @@ class RepresentationStore:
     Cost on disk: with ``encoding="int12"`` (the default for new stores) about
     ``n * sum_k * 1.5`` bytes per checkpoint (n probe datapoints of the layer, sum_k the
     directions kept summed over layers), 3/8 of the float32 bases, with every SVCCA
-    similarity within 1e-3 of the float32 bases' (measured ~1e-6, see README); ``"float32"``
+    similarity within 1e-3 of the float32 bases' (measured ~1e-6, see docs/store.md); ``"float32"``
     keeps the exact bases (``n * sum_k * 4`` bytes). ``max_directions`` bounds sum_k and so
     the bytes per checkpoint. Loaded bases are float32 ``(n, k)`` in memory. Raw activations
     are never written, and :meth:`add` reduces one layer at a time.

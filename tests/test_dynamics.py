@@ -257,7 +257,7 @@ def test_compare_networks_warns_about_narrow_layers() -> None:
 
     from svcca_torch.dynamics import NARROW_LAYER_DIRECTIONS, NarrowLayerWarning
 
-    assert NARROW_LAYER_DIRECTIONS == 10  # documented in the README ("Two networks from different seeds")
+    assert NARROW_LAYER_DIRECTIONS == 10  # documented in docs/reproductions.md ("Two networks from different seeds")
     g = torch.Generator().manual_seed(0)
     acts = {name: torch.randn(300, width, generator=g, dtype=torch.float64)
             for name, width in (("wide", 40), ("eleven", 11), ("ten", 10), ("logits", 4))}

@@ -307,7 +307,7 @@ def test_bad_method_and_empty_list():
 # Tolerances: a float64 computation on well-conditioned data agrees to ~1e-12 (1e-9 leaves
 # room for condition numbers up to ~1e3); float32 products to ~1e-6 relative (1e-5 for the
 # similarities, which pass through a whitening); "float32 within 1e-4 of float64" is the
-# accuracy claim of the README.
+# accuracy claim of docs/kernels.md.
 KERNELS = {
     "svcca": lambda a, b, **kw: sv.svcca(a, b, **kw).mean,
     "cca": lambda a, b, **kw: sv.cca(a, b, **kw).mean,

@@ -4,8 +4,11 @@
   temporary working directory (nothing lands in the checkout), on the CPU. A block that must
   not run is marked visibly in the README with ```python title="not run"``` and counted here:
   at most ``MAX_NOT_RUN`` of them, each with a reason on the line right above it.
-* Every ``python -m svcca_torch.experiments.NAME`` the README shows names an installed module
-  whose ``--help`` runs, and no command needs the source tree (``python experiments/X.py``).
+* Every ``python -m svcca_torch.experiments.NAME`` the README and the docs/ pages show names an
+  installed module whose ``--help`` runs, and no command needs the source tree
+  (``python experiments/X.py``).
+* Every relative link (and image) in README.md and docs/*.md points to a file that exists, and
+  a ``#fragment`` into a Markdown page to one of its headings.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the README and the pages it links
 NOT_RUN = 'title="not run"'
 MAX_NOT_RUN = 0  # every block runs today; raise only with a reason above the block
 FENCE = re.compile(r"^```python([^\n]*)\n(.*?)^```[ \t]*$", re.S | re.M)
@@ -89,15 +93,18 @@ def test_readme_python_blocks_run_in_order(in_tmp_dir):
 
 
 def readme_modules() -> List[str]:
-    return sorted(set(MODULE_CMD.findall(README.read_text())))
+    """The experiment modules the README and the docs/ pages (its measurements) name."""
+    return sorted(set(m for page in PAGES for m in MODULE_CMD.findall(page.read_text())))
 
 
 def test_readme_commands_work_from_an_installed_package():
-    text = README.read_text()
-    source_only = re.findall(r"python3? (?:\S*/)?experiments/\w+\.py", text)
-    assert not source_only, f"commands that need the source tree (use python -m svcca_torch.experiments.X): {source_only}"
+    for page in PAGES:
+        source_only = re.findall(r"python3? (?:\S*/)?experiments/\w+\.py", page.read_text())
+        assert not source_only, (f"{page.name}: commands that need the source tree "
+                                 f"(use python -m svcca_torch.experiments.X): {source_only}")
+    assert "svcca_torch.experiments.compare_networks" in MODULE_CMD.findall(README.read_text())
     mods = readme_modules()
-    assert "svcca_torch.experiments.compare_networks" in mods and len(mods) >= 10
+    assert len(mods) >= 10
     missing = [m for m in mods if importlib.util.find_spec(m) is None]
     assert not missing, f"README names modules that do not exist: {missing}"
 
@@ -172,3 +179,68 @@ def test_readme_module_help_runs(module, helps):
     assert "experiments/" not in res["out"], "the help shows a source-tree command"
     twice = [b for b in _option_blocks(res["out"]) if b.count("(default") > 1]
     assert not twice, f"{module} --help states a default twice: {twice}"
+
+
+# ---------------------------------------------------------------- links
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def _strip_fences(text: str) -> str:
+    """The Markdown without its fenced code blocks."""
+    return re.sub(r"^(```|~~~).*?^\1[ \t]*$", "", text, flags=re.S | re.M)
+
+
+def _prose(text: str) -> str:
+    """The Markdown without fenced code blocks and inline code spans (links there are not links)."""
+    return re.sub(r"`[^`\n]*`", "", _strip_fences(text))
+
+
+def github_anchors(text: str) -> set:
+    """The ``#fragment`` of each heading, as GitHub makes them: lower case, punctuation dropped,
+    spaces to hyphens, ``-1``, ``-2`` ... on repeats."""
+    seen: dict = {}
+    anchors = set()
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", _strip_fences(text), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def relative_links(page: Path) -> List[Tuple[str, Path, str]]:
+    """``(link as written, target path, fragment)`` of every relative link of a Markdown page."""
+    out = []
+    for target in LINK.findall(_prose(page.read_text())):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # https:, mailto: ...
+            continue
+        path, _, fragment = target.partition("#")
+        out.append((target, (page.parent / path).resolve() if path else page, fragment))
+    return out
+
+
+def test_link_check_sees_broken_links(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"")
+    (tmp_path / "b.md").write_text("# The `b` page: A, B\n\n## Two\n\n## Two\n")
+    page = tmp_path / "a.md"
+    page.write_text("![a](images/a.png) [b](b.md#the-b-page-a-b) [c](c.md) [x](https://x.org/y)\n"
+                    "`[d](d.md)` [e](#local) [f](b.md#two-1)\n\n## Local\n\n```\n[g](g.md)\n```\n")
+    links = relative_links(page)
+    assert [t for t, _, _ in links] == ["images/a.png", "b.md#the-b-page-a-b", "c.md", "#local", "b.md#two-1"]
+    assert [t for t, p, _ in links if not p.exists()] == ["c.md"]
+    assert github_anchors((tmp_path / "b.md").read_text()) == {"the-b-page-a-b", "two", "two-1"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    """Every relative link and image of README.md and docs/*.md points to an existing file (the
+    figures moved into docs/ pages link ``images/...``), and every ``#fragment`` into a Markdown
+    page to one of its headings."""
+    broken = []
+    for target, path, fragment in relative_links(page):
+        if not path.exists():
+            broken.append(f"{target} (no file {path})")
+        elif fragment and path.suffix == ".md" and fragment not in github_anchors(path.read_text()):
+            broken.append(f"{target} (no heading #{fragment} in {path.name})")
+    assert not broken, f"{page.relative_to(ROOT)}: broken links: {broken}"

@@ -25,7 +25,7 @@ def _acts(seed: int, n: int = 200):
 
 @pytest.mark.parametrize("encoding, claim", [("float32", 1e-4), ("int12", 1e-3)])
 def test_round_trip_keeps_reduced_basis(tmp_path, encoding, claim) -> None:
-    """float32 bases give SVCCA to the kernels' float32 accuracy (1e-4, README); int12
+    """float32 bases give SVCCA to the kernels' float32 accuracy (1e-4, docs/kernels.md); int12
     bases to the encoding's claim (1e-3)."""
     store = RepresentationStore(tmp_path, keep=0.99, max_directions=8, encoding=encoding)
     acts = _acts(0)

@@ -118,7 +118,7 @@ def mean_canonical_correlations(blocks: Sequence[torch.Tensor], chunk_bytes: int
     ``r`` share batched symmetric eigensolves of at most ``chunk_bytes`` each (padding every
     block to the largest size would solve 235 x 235 problems for 29 x 29 ones). The solve
     runs in the blocks' dtype: float32 eigenvalues of ``B Bᵀ`` are off by ~1e-7 absolutely,
-    ~1e-6 on the mean (README); float64 blocks are exact. ``dtype`` casts each block first
+    ~1e-6 on the mean (docs/kernels.md); float64 blocks are exact. ``dtype`` casts each block first
     (e.g. float64 for float32 blocks: only the small ``r x r`` work is then in float64).
     """
     if dtype is not None:
@@ -276,7 +276,7 @@ def cca(
             ``(neurons, neurons)`` eigenproblems always run in float64.
         rtol: a number in (0, 1): directions of a side's correlation matrix with singular
             value below ``rtol * largest`` count as absent (dead or duplicate neurons);
-            default 3e-3 for float32 products, 1e-6 for float64 (see the README).
+            default 3e-3 for float32 products, 1e-6 for float64 (see docs/kernels.md).
         names: what error messages call ``x`` and ``y`` (e.g. file names).
 
     Returns:

@@ -44,7 +44,7 @@ def linear_cka(
             upward bias of CKA when neurons outnumber datapoints; needs >= 4 datapoints.
         dtype: ``torch.float32``/``torch.float64`` (or their names) for the Gram products;
             default the input's. The estimator's sums run in float64 on the
-            ``(neurons, neurons)`` products, so float32 products stay accurate (README).
+            ``(neurons, neurons)`` products, so float32 products stay accurate (docs/kernels.md).
         names: what error messages call ``x`` and ``y`` (e.g. file names).
 
     Returns:

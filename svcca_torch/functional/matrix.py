@@ -81,7 +81,7 @@ def similarity_matrix(
     the matrix (the upper triangle only, for a square one) computes every cross product
     ``Xᵢᵀ Xⱼ`` of the whitened layers -- the only other pass over the datapoints -- and the
     canonical correlations of every pair come from one batched symmetric eigensolve, in
-    the layers' dtype (float32: within ~3e-6 of float64, see the README). With :class:`ReducedBasis` inputs the cross products are
+    the layers' dtype (float32: within ~3e-6 of float64, see docs/kernels.md). With :class:`ReducedBasis` inputs the cross products are
     ``Uᵢᵀ Uⱼ`` of the stored bases. CKA (biased or debiased) is computed the same way from
     the centred layers; PWCCA pair by pair.
 
