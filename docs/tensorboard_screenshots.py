@@ -58,6 +58,22 @@ def _loaded(png: Path) -> bool:
         return len(region.getcolors(maxcolors=1 << 20) or ()) > 100
 
 
+def _crop_below_cards(png: Path, keep: int = 1200, margin: int = 24) -> None:
+    """Cut the empty page below the last card of a tall shot (at least ``keep`` px stay)."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        rgb = im.convert("RGB")
+    w, h = rgb.size
+    panel = rgb.crop((int(0.25 * w), 0, int(0.75 * w), h))  # the cards, not the side panels
+    background = panel.getpixel((panel.width // 2, h - 1))
+    last = next((y for y in range(h - 1, -1, -1)
+                 if any(panel.getpixel((x, y)) != background for x in range(0, panel.width, 4))), h - 1)
+    bottom = min(h, max(keep, last + margin))
+    if bottom < h:
+        rgb.crop((0, 0, w, bottom)).save(png)
+
+
 def shoot(logdir: Path, out: Path, tabs, suffix: str = "", port: int = 6177, budget_ms: int = 25000,
           size: str = "1600,1200", tag_filter: str = "", timeseries_height: int = 2000, tries: int = 4) -> None:
     """Start TensorBoard on ``logdir`` and take ``out/tensorboard_<tab><suffix>.png`` per tab
@@ -80,6 +96,8 @@ def shoot(logdir: Path, out: Path, tabs, suffix: str = "", port: int = 6177, bud
                 finally:
                     shutil.rmtree(profile, ignore_errors=True)
                 if tab == "text" or _loaded(target):
+                    if tab == "timeseries":
+                        _crop_below_cards(target)
                     break
                 time.sleep(5)
             else:
