@@ -11,18 +11,14 @@ layers (folded to common datapoints by the recorder).
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks.callback import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from lightning_utilities.core.rank_zero import rank_zero_info  # the one both packages re-export
 
 from svcca_torch.board import BoardLogger
 from svcca_torch.freeze import FreezePolicy, LayerGroup
@@ -30,10 +26,55 @@ from svcca_torch.recorder import ActivationRecorder
 from svcca_torch.tracker import FREEZE_CHOICES, DynamicsTracker, FinalAnalysis, TrackerEvents, check_probe
 from svcca_torch.utils.validation import check_keep, check_positive_int
 
-__all__ = ["SVCCACallback"]
+__all__ = ["SVCCACallback", "LIGHTNING_PACKAGES"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pytorch_lightning as pl
+
+#: The Lightning packages the callback works with: the standalone ``pytorch_lightning`` and the
+#: unified ``lightning`` (imported as ``lightning.pytorch``). Each is a full copy of the same
+#: code with classes of its own, so a ``Trainer`` of one accepts only callbacks, strategies and
+#: loggers of its own package.
+LIGHTNING_PACKAGES = ("pytorch_lightning", "lightning.pytorch")
 
 
-class SVCCACallback(Callback):
+def _importable() -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for name in LIGHTNING_PACKAGES:
+        try:
+            out[name] = importlib.import_module(name)
+        except ImportError:
+            pass
+    if not out:
+        raise ImportError("svcca_torch.callbacks needs Lightning: pip install pytorch-lightning (or lightning).")
+    return out
+
+
+_PACKAGES = _importable()
+
+
+def _classes(path: str) -> Tuple[type, ...]:
+    """``path`` (e.g. ``"strategies.DDPStrategy"``) in every installed Lightning package: the
+    tuple ``isinstance`` takes, so a check holds for a ``Trainer`` of either package."""
+    out = []
+    for pkg in _PACKAGES.values():
+        obj: Any = pkg
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, type):
+            out.append(obj)
+    return tuple(out)
+
+
+# a Callback of every installed package: Lightning checks ``isinstance(callback, Callback)``
+# against its own package's class, which an instance of this class passes for both
+_CALLBACK_BASES = _classes("callbacks.Callback")
+_TENSORBOARD = _classes("loggers.TensorBoardLogger")
+_DDP = _classes("strategies.DDPStrategy")
+_SINGLE_DEVICE = _classes("strategies.SingleDeviceStrategy")
+
+
+class SVCCACallback(*_CALLBACK_BASES):  # type: ignore[misc]
     r"""Record layers on a fixed probe set during training and log SVCCA learning dynamics.
 
     Captures the chosen layers on ``probe`` before training (0%), during training, and at
@@ -79,7 +120,13 @@ class SVCCACallback(Callback):
     freezes once that similarity has been ``>= freeze_threshold`` at ``freeze_patience``
     consecutive windows (the two groups above are recorded too when it is one window from
     freezing, so that they are judged right after). The signal is a property of training (steps), independent of how
-    often heatmaps are captured. Schedule: group ``i`` freezes at a fraction of training
+    often heatmaps are captured. Each layer is judged against its chance level (its signal
+    against an independently initialised copy of the model, measured once at the start): on
+    ``(s - chance) / (1 - chance)``, and a layer whose signal reads ~1 whatever its weights (a
+    first conv layer) goes with the group above it (see
+    :class:`~svcca_torch.freeze.AdaptiveFreezePolicy`). The signal's recordings count against
+    ``max_overhead`` (half of it at most; windows that do not fit are recorded with fewer groups
+    or skipped, and the end-of-run message and ``svcca_summary.json`` say which). Schedule: group ``i`` freezes at a fraction of training
     growing linearly with depth. Frozen parameters get ``requires_grad=False`` and
     ``grad=None`` and their BatchNorm layers stay in eval mode, so they stay bit-identical.
     With ``frozen_cache=True`` the frozen prefix's output is kept per training input, so an
@@ -87,6 +134,12 @@ class SVCCACallback(Callback):
     ``<name>/freeze/frozen_groups`` and ``<name>/freeze/backward_flops_saved`` (and, for
     loggers other than TensorBoard, ``<name>/freeze/frozen_parameters`` and
     ``<name>/freeze_signal/<group>``).
+
+    Both Lightning packages: ``import pytorch_lightning as pl`` and ``import lightning.pytorch
+    as L`` work alike. The callback is a ``Callback`` of each installed package (it subclasses
+    both), and its checks of the strategy (single device, DDP) and of the loggers
+    (``TensorBoardLogger`` or any other) accept either package's classes
+    (:data:`LIGHTNING_PACKAGES`).
 
     Distributed (Lightning's DDP strategies): with a tensor probe every rank records a slice
     of it and rank 0 gathers the rows (``trainer.strategy.all_gather``); a DataLoader probe is
@@ -274,7 +327,7 @@ class SVCCACallback(Callback):
                 "partitioned, so layer groups cannot be frozen in place); use strategy='ddp' or "
                 "freeze_training=False."
             )
-        if isinstance(strategy, DDPStrategy):
+        if isinstance(strategy, _DDP):
             kwargs = getattr(strategy, "_ddp_kwargs", None)
             if kwargs is None:
                 raise ValueError(
@@ -299,7 +352,7 @@ class SVCCACallback(Callback):
                     f"{type(self).__name__}: freeze training enabled DDP find_unused_parameters=True "
                     "(frozen layers receive no gradient)."
                 )
-        elif not isinstance(strategy, SingleDeviceStrategy):
+        elif not isinstance(strategy, _SINGLE_DEVICE):
             raise ValueError(
                 f"freeze_training does not support the {type(strategy).__name__} strategy (parameters are "
                 "sharded or flattened, so layer groups cannot be frozen in place); use a single device or "
@@ -431,6 +484,8 @@ class SVCCACallback(Callback):
                     for board in self._boards:
                         board.log_freeze_note(step, note)
             rank_zero_info(f"{type(self).__name__}: {tracker.schedule_report()}")
+            if tracker.signal_report():  # the adaptive policy: what its signal cost, what the budget skipped
+                rank_zero_info(f"{type(self).__name__}: {tracker.signal_report()}")
             analysed = (analysis.summary.get("convergence") or {}).get("statement") if analysis is not None else None
             if analysed:
                 rank_zero_info(f"{type(self).__name__}: {analysed}")
@@ -525,11 +580,11 @@ class SVCCACallback(Callback):
         if not metrics:
             return
         for lg in trainer.loggers:
-            if not isinstance(lg, TensorBoardLogger):
+            if not isinstance(lg, _TENSORBOARD):
                 lg.log_metrics(metrics, step=step)
 
     def _tensorboards(self, trainer: "pl.Trainer") -> List[Any]:
-        return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        return [lg.experiment for lg in trainer.loggers if isinstance(lg, _TENSORBOARD)]
 
     def _log_capture(self, trainer: "pl.Trainer", capture: Dict[str, Any], previous: Any = None,
                      final: bool = False) -> None:

@@ -36,6 +36,8 @@ __all__ = [
     "AdaptiveFreezePolicy",
     "ScheduleFreezePolicy",
     "make_freeze_policy",
+    "calibrated_similarity",
+    "CHANCE_LIMIT",
     "freeze_group",
     "unfreeze_group",
     "is_frozen",
@@ -216,6 +218,34 @@ def explicit_layer_groups(
 # --------------------------------------------------------------------------------------
 # policies
 
+#: A layer whose chance level (its signal against an independently initialised copy of the
+#: model) is above this is not judged on its own signal: the part of the similarity scale its
+#: learning can move, ``1 - chance``, is under 1%, so its signal reads ~1 whatever it learns (a
+#: first conv layer over image patches: 0.991 on digits, 0.9998 on resnet18; a linear map of a
+#: low-dimensional input spans that input's space whatever its weights: exactly 1). Its group
+#: goes with the next judged group above it.
+CHANCE_LIMIT = 0.99
+
+
+def calibrated_similarity(similarity: float, chance: Optional[float]) -> float:
+    """A layer's signal judged on the part that can change: ``(s - chance) / (1 - chance)``,
+    clipped to ``[0, 1]``.
+
+    ``s`` is the layer's SVCCA similarity to itself one window earlier and ``chance`` the
+    same measure against an independently initialised copy of the model (what ``s`` reads
+    when the two share nothing learnt). The result is 1 for an unchanged layer and 0 for one
+    no closer to its earlier self than an unrelated network is, so ``>= threshold`` means
+    "moved less than ``1 - threshold`` of the way from an unrelated network in one window",
+    whatever the layer's chance level. ``chance=None`` (not measured): ``s`` itself.
+    """
+    s = float(similarity)
+    if chance is None:
+        return s
+    c = float(chance)
+    if not c < 1.0:
+        raise ValueError(f"`chance` must be < 1 to calibrate against (got {chance!r}); such a layer is not judged.")
+    return min(1.0, max(0.0, (s - c) / (1.0 - c)))
+
 
 class FreezePolicy:
     """Base of the freeze policies: which groups (by name, bottom-up) to freeze, and when.
@@ -286,6 +316,22 @@ class AdaptiveFreezePolicy(FreezePolicy):
     The policy is agnostic to what the similarity compares; :class:`~svcca_torch.tracker.
     DynamicsTracker` feeds it each group's SVCCA similarity to the group one fixed window of
     training steps earlier, so that decisions do not depend on how often anything is captured.
+
+    The rule the tracker applies to each layer before it gets here (calibration to chance):
+    a similarity is only informative above what an unrelated network reads. Once, at the
+    start, each judgeable layer's *chance level* ``c`` is measured: its signal against the
+    same layer of an independently initialised copy of the model (every module's
+    ``reset_parameters()``, same probe images and grid). The layer is then judged on
+    :func:`calibrated_similarity`, ``s' = (s - c) / (1 - c)`` clipped to ``[0, 1]``, and a
+    group on the lowest ``s'`` of its layers. So ``s' >= threshold`` means the layer moved
+    less than ``1 - threshold`` of the distance to an unrelated network in one window: a
+    first conv layer, which reads ~1 whatever its weights (0.991 against a random network on
+    digits), no longer freezes at the first window just because its raw signal is ~1. A layer
+    with ``c >`` :data:`CHANCE_LIMIT` is not judged on its own signal (the reason is in
+    ``svcca_summary.json``, ``"freeze"`` / ``"chance"``); a group with no judged layer takes
+    the value of the next judged group above it (it freezes with that group: lower layers
+    settle first). A layer whose chance level could not be measured (constant at the start,
+    or the calibration did not fit the time budget) is judged on its raw signal.
 
     Args:
         groups: group names, bottom-up (the last one is never frozen).

@@ -35,6 +35,26 @@ It owns four things:
   When the lowest may freeze at the next grid point, the two groups above are recorded
   too, so that they are judged right after it freezes. How often heatmap captures are
   taken therefore never changes what freezes.
+
+  Each layer is judged against its **chance level**, measured once at the start: the same
+  signal between the model and an independently initialised copy of it (same probe images
+  and grid). A layer is judged on ``(s - chance) / (1 - chance)``, the part of its
+  similarity that learning can move; a layer whose chance level is above
+  :data:`~svcca_torch.freeze.CHANCE_LIMIT` (a first conv layer over image patches reads ~1
+  whatever its weights) is not judged on its own signal and freezes with the group above it.
+  See :class:`~svcca_torch.freeze.AdaptiveFreezePolicy` for the rule.
+
+  The signal's **cost is inside the time budget**, for any model: its recordings (and the
+  chance calibration) may spend :data:`SIGNAL_SHARE` of ``max_overhead`` of the training
+  time so far (counted as at least :data:`SHORT_RUN_SECONDS`, as the capture schedule's
+  floor), measured like captures. A recording that does not fit is thinned (the look-ahead
+  groups dropped, then all but the lowest group) and otherwise the window is skipped (no
+  observation: streaks neither grow nor reset). A recording that starts a comparison pair
+  must fit twice (it is of use only with the next window's). What was skipped or thinned,
+  and why, is in :attr:`signal_stats`, :meth:`signal_report` and ``svcca_summary.json``
+  (``"freeze"`` / ``"signal_budget"``). Captures see the signal's time in the tracker's own
+  time, so together they stay within ``max_overhead``. With ``max_overhead=None`` every
+  window is recorded.
 * the **freezing** (:mod:`svcca_torch.freeze`): frozen parameters get
   ``requires_grad=False`` and ``grad=None`` and their BatchNorm layers stay in eval mode,
   so they stay bit-identical. With ``frozen_cache=True`` (opt-in) the frozen prefix's output
@@ -65,10 +85,12 @@ from .dynamics import LayerCurves, LearningDynamics, learning_dynamics, paired_s
 from ._cache import CACHE_BYTES, FrozenOutputCache
 from ._prefix import PrefixReuse, Recording, call_order, outermost
 from .freeze import (
+    CHANCE_LIMIT,
     AdaptiveFreezePolicy,
     FreezePolicy,
     LayerGroup,
     backward_flops,
+    calibrated_similarity,
     default_layer_groups,
     explicit_layer_groups,
     freeze_group,
@@ -108,8 +130,15 @@ FIGURE_SECONDS = 0.3
 LADDER = tuple(0.01 * 2 ** (k / 2) for k in range(14))
 #: On a run projected to train for less than this (seconds), the ladder points nearest 1%, 3%
 #: and 8% of training are taken even when the budget cannot afford them (a short run's 5% is
-#: less than the figures drawn at its end); what they cost is reported at the end.
+#: less than the figures drawn at its end); what they cost is reported at the end. The freeze
+#: signal counts a training time of at least this for its share too.
 SHORT_RUN_SECONDS = 300.0
+#: The freeze signal's share of ``max_overhead``: its recordings (with the chance calibration)
+#: may spend at most this fraction of the budget (of the training time so far, counted as at
+#: least :data:`SHORT_RUN_SECONDS`); captures take what the whole budget leaves.
+SIGNAL_SHARE = 0.5
+#: Seed of the independently initialised copy the chance levels are measured against.
+CHANCE_SEED = 20170601
 FLOOR = (LADDER[0], LADDER[3], LADDER[6])
 
 Groups = Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]]
@@ -185,13 +214,17 @@ class CaptureError(ValueError):
     """A recorded layer cannot be reduced: constant over the probe (zero variance) or not
     finite (NaN/Inf). The message names the layer, the step, the kind of recording
     (``"start"``, ``"capture"``, ``"freeze signal"``, ``"final capture"``) and the fix; the
-    same are attributes. Raised at the recording that meets it, except in
-    :meth:`DynamicsTracker.finish`, which records it (``tracker.failures``, ``"failures"`` in
-    ``svcca_summary.json``), analyses the run without that layer and warns once."""
+    same are attributes (``constant``: the layer had zero variance, else it was not finite).
+    Raised at the recording that meets it, except in :meth:`DynamicsTracker.finish`, which
+    records it (``tracker.failures``, ``"failures"`` in ``svcca_summary.json``), analyses the
+    run without that layer and warns once; a layer constant at the run's first capture (a
+    zero-initialised head) is no error at all (see :class:`DynamicsTracker`)."""
 
-    def __init__(self, message: str, *, step: int, layer: str, kind: str, owner: str = "DynamicsTracker") -> None:
+    def __init__(self, message: str, *, step: int, layer: str, kind: str, owner: str = "DynamicsTracker",
+                 constant: bool = False) -> None:
         super().__init__(f"{owner}: {message}")
         self.step, self.layer, self.kind, self.detail = int(step), layer, kind, message
+        self.constant = bool(constant)
 
     def entry(self) -> Dict[str, Any]:
         """``{"step", "layer", "kind", "message"}``: the summary JSON's failure record."""
@@ -248,8 +281,10 @@ class DynamicsTracker:
             what it cost). None (default): the tracker schedules the captures itself (front-
             loaded, within ``max_overhead``: see :meth:`maybe_capture`), or the caller passes
             ``request``.
-        max_overhead: the default schedule's time budget, as a fraction of training time
-            (default 0.05); ``None``: no budget (every front-loaded point is taken).
+        max_overhead: the tracker's time budget, as a fraction of training time (default
+            0.05): the default capture schedule's and, for :data:`SIGNAL_SHARE` of it, the
+            adaptive freeze signal's; ``None``: no budget (every front-loaded point is taken,
+            every signal window recorded).
         freeze: ``False``, ``"adaptive"`` (or ``True``) or ``"schedule"``.
         freeze_groups: explicit groups (default: one per recorded layer,
             :func:`svcca_torch.freeze.default_layer_groups`).
@@ -290,12 +325,22 @@ class DynamicsTracker:
     The recorded layers are put in forward order at :meth:`setup` (one traced forward of
     two probe inputs), so freeze groups, "bottom-up" and "the output group is never frozen"
     follow the forward pass. Recordings and their SVD reductions stay on the model's device.
-    A layer constant over the probe (zero variance) or not finite there (NaN/Inf) is a
-    :class:`CaptureError` (a ``ValueError``) at the recording that meets it (for a constant
-    probe or a dead layer: at the first one, before training), naming the layer, the step,
-    the kind of recording and the likely fix (the probe or the initial model at the start,
-    the training later: a layer that died, a model that diverged). At the final capture and
-    in the analysis :meth:`finish` records such errors instead and writes the rest.
+
+    A layer constant over the probe at the run's first capture (a zero-initialised output
+    head, as torchvision's ViT ``heads.head`` or GoogLeNet's ``fc``; any layer whose weights
+    start at zero) is no error: one ``UserWarning`` names it, captures and the freeze signal
+    leave it out until it varies, and from the first capture at which it varies it is stored
+    and compared like any other layer (its to-previous curve starts one capture later, its
+    to-final curve there; its group is judged from the first signal recording at which it
+    varies, so it cannot freeze before). :attr:`constant_layers` and ``svcca_summary.json``
+    (``"constant_at_start"``) say when each first varied. Only when *every* recorded layer is
+    constant at the first capture (a constant probe) is that an error.
+
+    Otherwise a layer constant over the probe (zero variance) or not finite there (NaN/Inf) is
+    a :class:`CaptureError` (a ``ValueError``) at the recording that meets it, naming the
+    layer, the step, the kind of recording and the likely fix (the probe or the initial model
+    at the start, the training later: a layer that died, a model that diverged). At the final
+    capture and in the analysis :meth:`finish` records such errors instead and writes the rest.
     """
 
     def __init__(
@@ -386,6 +431,21 @@ class DynamicsTracker:
         self._ref: Optional[Dict[str, Any]] = None  # the last signal recording: {"step", "bases", "rows"}
         # per signal layer: (neurons, pooled cells per image at its own grid), from one tiny recording
         self._signal_shapes: Dict[str, Tuple[int, int]] = {}
+        #: layers constant over the probe at the run's first capture (zero-initialised heads):
+        #: ``{layer: {"constant_at": step, "first_varied": capture step or None, "signal_from":
+        #: first freeze-signal step at which it varied, or None}}``
+        self.constant_layers: Dict[str, Dict[str, Optional[int]]] = {}
+        #: the freeze signal's own accounting (see :meth:`signal_summary`): recordings, seconds,
+        #: windows skipped or recorded with fewer groups to stay within its share of the budget
+        self.signal_stats: Dict[str, Any] = _empty_signal_stats()
+        self._signal_costs: Dict[Tuple[str, ...], float] = {}  # measured cost per recorded layer set
+        self._signal_mark: Optional[float] = None  # training seconds at the last signal grid point
+        #: each judgeable layer's chance level (its signal against an independently initialised
+        #: copy of the model, measured once at the start; None: not measured), see :meth:`_calibrate`
+        self.chance: Optional[Dict[str, Optional[float]]] = None
+        #: how the chance levels were measured: ``{"step", "seconds", "error", "layers": {layer:
+        #: {"chance", "judged", "reason"}}}``
+        self.chance_info: Dict[str, Any] = {}
         # the frozen prefix's output on the probe, reused by signal recordings (runtime only)
         self._reuse = PrefixReuse()
         # the frozen prefix's output per training input (runtime only)
@@ -417,6 +477,8 @@ class DynamicsTracker:
         self.captured_steps: List[int] = []
         self.to_previous: List[Dict[str, Any]] = []
         self.signal_log: List[Dict[str, Any]] = []
+        #: the signal's raw (uncalibrated) group similarities, as :attr:`signal_log`
+        self.signal_raw_log: List[Dict[str, Any]] = []
         self.freeze_log: List[Dict[str, Any]] = []
         self.baseline_backward_flops: Optional[int] = None
         self._restored: Optional[Dict[str, Any]] = None
@@ -544,6 +606,8 @@ class DynamicsTracker:
             self._ladder = [f for f in LADDER if f > done]  # the front-loaded points still ahead
             if step not in self.captured_steps:
                 events.capture = self.capture(step, epoch)
+            if self.freeze == "adaptive" and self.is_writer and self.chance is None:
+                self._calibrate(step)  # once per run (restored on resume)
             if self.freeze == "adaptive" and step % self.freeze_window == 0:  # type: ignore[operator]
                 events.signal = self._signal(step)
             self._started = True
@@ -766,6 +830,26 @@ class DynamicsTracker:
                 limits = direction_limits(acts)
                 capped = {n: (limits[n], acts[n].shape[0]) for n in acts
                           if limits[n] < acts[n].shape[1] and ("capped", n) not in self._warned}
+                cap = settings["max_directions"]
+                kind = "final capture" if self._final else "capture" if self._started else "start"
+                bases: Dict[str, ReducedBasis] = {}
+                first = not self.captured_steps
+                constant: List[CaptureError] = []
+                for name in list(acts):
+                    try:
+                        bases[name] = self._reduce(name, acts.pop(name), step, settings["keep"], settings["keep_rule"],
+                                                   limits[name] if cap is None else min(cap, limits[name]), kind=kind)
+                    except CaptureError as err:
+                        if err.constant and (first or self._pending(name, "first_varied")):
+                            constant.append(err)  # constant since the start (a zero-initialised head): left out
+                            continue
+                        if not self._final:
+                            raise
+                        self.failures.append(err.entry())  # finish(): stored and analysed without this layer
+                if constant and not bases and first and not self.failures:
+                    raise constant[0]  # every layer constant at the first capture: the probe is
+                self._note_constant(step, [e.layer for e in constant], bases)
+                capped = {n: v for n, v in capped.items() if n in bases}  # a constant layer has no directions
                 if capped:
                     self._warned.update(("capped", n) for n in capped)
                     warnings.warn(
@@ -774,17 +858,6 @@ class DynamicsTracker:
                                     in capped.items())
                         + "; they keep at most datapoints / 5 directions so that CCA stays unbiased. A larger probe "
                         "(or a larger `grid`) keeps more.", UserWarning, stacklevel=3)
-                cap = settings["max_directions"]
-                kind = "final capture" if self._final else "capture" if self._started else "start"
-                bases: Dict[str, ReducedBasis] = {}
-                for name in list(acts):
-                    try:
-                        bases[name] = self._reduce(name, acts.pop(name), step, settings["keep"], settings["keep_rule"],
-                                                   limits[name] if cap is None else min(cap, limits[name]), kind=kind)
-                    except CaptureError as err:
-                        if not self._final:
-                            raise
-                        self.failures.append(err.entry())  # finish(): stored and analysed without this layer
                 if not bases:  # every layer failed (in finish()): nothing to store, the run ends at the last capture
                     return {"step": step, "to_previous": sims}
                 if step in [c.step for c in self.store.checkpoints]:
@@ -805,6 +878,31 @@ class DynamicsTracker:
             self.captured_steps.append(step)
             self._capture_cost = time.perf_counter() - t0
             return {"step": step, "to_previous": sims}
+
+    def _pending(self, name: str, key: str) -> bool:
+        """Whether ``name`` was constant at the first capture and has not varied since, in the
+        captures (``key="first_varied"``) or in the freeze signal (``"signal_from"``)."""
+        entry = self.constant_layers.get(name)
+        return entry is not None and entry[key] is None
+
+    def _note_constant(self, step: int, constant: Sequence[str], bases: Mapping[str, Any]) -> None:
+        """A capture's layers that are constant since the start (one warning for those new)
+        and those that varied for the first time."""
+        new = [n for n in constant if n not in self.constant_layers]
+        for n in new:
+            self.constant_layers[n] = {"constant_at": int(step), "first_varied": None, "signal_from": None}
+        if new:
+            names = ", ".join(repr(n) for n in new)
+            one = len(new) == 1
+            warnings.warn(
+                f"{type(self).__name__}: layer{'' if one else 's'} {names} {'is' if one else 'are'} constant over the "
+                f"probe at step {step} (every neuron has one value on every probe input, as a zero-initialised layer "
+                f"has); {'it is' if one else 'they are'} left out of the captures and the freeze signal until "
+                f"{'it varies' if one else 'each varies'}, then recorded and judged from there (svcca_summary.json, "
+                "\"constant_at_start\", says when).", UserWarning, stacklevel=4)
+        for n in bases:
+            if self._pending(n, "first_varied"):
+                self.constant_layers[n]["first_varied"] = int(step)
 
     # ------------------------------------------------------------------ recording
     def _model_device(self) -> Optional[torch.device]:
@@ -854,6 +952,7 @@ class DynamicsTracker:
         try:
             return svd_reduce(x, keep, keep_rule=keep_rule, max_directions=max_directions, name=name)
         except ZeroVarianceError as err:
+            constant = True
             if first:
                 msg = (f"layer {name!r} is constant over the probe {at}: {err} Fix: use a probe of varied real "
                        "inputs (e.g. svcca_torch.data.probe_set(dataset, 1024)), or "
@@ -865,6 +964,7 @@ class DynamicsTracker:
                        "off, or a saturated activation). Fix: lower the learning rate (or add normalisation before "
                        f"the layer), or leave {name!r} out of `layers`.")
         except NonFiniteError as err:
+            constant = False
             what = (f"layer {name!r} has {err.count} NaN or Inf values ({err.nan} NaN, {err.count - err.nan} Inf, "
                     f"in {err.rows} of {err.n_rows} probe datapoints) {at}")
             bad, where = self._probe_non_finite() if first else (0, -1)
@@ -880,7 +980,8 @@ class DynamicsTracker:
                 msg = (f"{what}: the model diverged by step {step} (the earlier captures were finite). Fix: lower "
                        "the learning rate (or clip gradients, or add a warm-up) and check the loss for NaN/Inf; if "
                        f"only this layer overflows, leave {name!r} out of `layers`.")
-        raise CaptureError(msg, step=step, layer=name, kind=kind, owner=type(self).__name__) from None
+        raise CaptureError(msg, step=step, layer=name, kind=kind, owner=type(self).__name__,
+                           constant=constant) from None
 
     def _probe_non_finite(self) -> Tuple[int, int]:
         """(probe inputs holding a NaN or Inf, the index of the first of them or -1): only
@@ -922,56 +1023,315 @@ class DynamicsTracker:
         return layers, images, max(images.values())
 
     def _signal(self, step: int) -> Optional[Dict[str, Any]]:
-        """Record the lowest two still-trained groups and compare them with the recording
-        one window earlier; feed the policy (on the writer, then broadcast).
+        """Record the lowest two still-judged groups and compare them with the recording one
+        window earlier; feed the policy (on the writer, then broadcast).
 
         When the lowest of them may freeze at the next window (its streak is one short of
         ``patience``), the two groups above are recorded too (a look-ahead): they then have
         a recording one window earlier the moment they become the lowest, instead of
-        spending a window on a first recording, and their streaks count from now."""
+        spending a window on a first recording, and their streaks count from now.
+
+        Each group is judged on the calibrated similarity of its layers (:meth:`_calibrate`,
+        :func:`svcca_torch.freeze.calibrated_similarity`; the lowest over its layers); a group
+        none of whose layers can be judged (chance level above
+        :data:`~svcca_torch.freeze.CHANCE_LIMIT`) is not recorded and takes the value of the
+        next judged group above it. The recording is taken, thinned or skipped within the
+        signal's share of the time budget (:meth:`_signal_groups`); a skipped window is no
+        observation (streaks neither grow nor reset)."""
         assert self.policy is not None and self.freeze_window is not None
         with self._timed():
-            frozen = set(self.policy.frozen)
-            room = self.policy.max_frozen - len(frozen)
-            trained = [g for g in self.policy.groups if g not in frozen][:room]
-            groups = trained[:2]
-            policy = self.policy
-            assert isinstance(policy, AdaptiveFreezePolicy)
-            if groups and policy.streak[groups[0]] >= policy.patience - 1:
-                groups = trained[:4]
-            state = None
-            out: Optional[Dict[str, Any]] = None
-            if groups and self.is_writer:
+            t0 = time.perf_counter()
+            try:
+                return self._signal_step(step)
+            finally:
+                self.signal_stats["seconds"] += time.perf_counter() - t0
+
+    def _signal_step(self, step: int) -> Optional[Dict[str, Any]]:
+        policy = self.policy
+        assert isinstance(policy, AdaptiveFreezePolicy) and self.freeze_window is not None
+        frozen = set(policy.frozen)
+        room = policy.max_frozen - len(frozen)
+        trained = [g for g in policy.groups if g not in frozen][:room]
+        judged = [g for g in trained if self._judgeable(g)]
+        want = judged[:2]
+        if want and policy.streak[trained[0]] >= policy.patience - 1:
+            want = judged[:4]
+        state = None
+        out: Optional[Dict[str, Any]] = None
+        if want and self.is_writer:
+            ref = self._ref
+            paired = ref is not None and step - ref["step"] == self.freeze_window
+            # the chance calibration recorded this step already (the start): nothing to compare yet
+            groups = [] if ref is not None and ref["step"] == step else self._signal_groups(
+                step, want, ref if paired else None)
+            if groups:
                 layers, images, n_images = self._signal_plan(groups)
+                t1 = time.perf_counter()
                 acts, index = self._record_signal(layers, n_images)  # index: row -> probe image, per layer
-                if acts is not None:
-                    # the paper's SVD step (directions explaining 99% of the variance): the signal
-                    # judges the directions that carry the layer, not its low-variance tail
-                    bases: Dict[str, ReducedBasis] = {}
-                    for n in layers:
-                        t = acts.pop(n)
-                        bases[n] = self._reduce(n, t[(index[n] < images[n]).to(t.device)], step, SIGNAL_KEEP,
-                                                "variance", kind="freeze signal")
-                    ref = self._ref
-                    sims: Dict[str, float] = {}
-                    if ref is not None and step - ref["step"] == self.freeze_window:
-                        for g in groups:
-                            names = self.group_layers[g]
-                            if all(n in ref["bases"] and ref["bases"][n].n_datapoints == bases[n].n_datapoints
-                                   for n in names) and all(self._trusted(bases[n], n) for n in names):
-                                vals = paired_similarity({n: ref["bases"][n] for n in names},
-                                                         {n: bases[n] for n in names})
-                                sims[g] = min(vals.values())  # a group is settled when all its layers are
-                    self._ref = {"step": step, "bases": bases}
-                    if ref is not None and step - ref["step"] == self.freeze_window:
-                        self.policy.update(step, sims)
-                        out = {"step": step, "window": self.freeze_window, "similarity": sims}
-                        self.signal_log.append({"step": step, **sims})
-                    state = self.policy.state_dict()
-            state = self._broadcast(state)
-            if state is not None:
-                self.policy.load_state_dict(state)
-            return out
+                bases = self._signal_bases(acts, index, layers, images, step) if acts is not None else {}
+                self._signal_costs[tuple(layers)] = time.perf_counter() - t1
+                self.signal_stats["recordings"] += 1
+                sims: Dict[str, float] = {}
+                raw: Dict[str, float] = {}
+                carried: Dict[str, str] = {}
+                if paired:
+                    assert ref is not None
+                    for g in groups:
+                        names = [n for n in self.group_layers[g] if self._judged_layer(n)]
+                        if names and all(n in ref["bases"] and n in bases
+                                         and ref["bases"][n].n_datapoints == bases[n].n_datapoints for n in names) \
+                                and all(self._trusted(bases[n], n) for n in names):
+                            vals = paired_similarity({n: ref["bases"][n] for n in names}, {n: bases[n] for n in names})
+                            raw[g] = min(vals.values())  # a group is settled when all its layers are
+                            sims[g] = min(calibrated_similarity(vals[n], self._chance_of(n)) for n in names)
+                    # a group that cannot be judged on its own signal goes with the next judged one above it
+                    for i, g in enumerate(trained):
+                        if g not in judged:
+                            proxy = next((h for h in trained[i + 1:] if h in judged), None)
+                            if proxy is not None and proxy in sims:
+                                sims[g], carried[g] = sims[proxy], proxy
+                self._ref = {"step": step, "bases": bases}
+                if paired:
+                    policy.update(step, sims)
+                    out = {"step": step, "window": self.freeze_window, "similarity": sims, "raw": raw,
+                           "carried": carried}
+                    self.signal_log.append({"step": step, **sims})
+                    self.signal_raw_log.append({"step": step, **raw})
+            state = policy.state_dict()
+        state = self._broadcast(state)
+        if state is not None:
+            policy.load_state_dict(state)
+        return out
+
+    def _signal_bases(self, acts: Dict[str, torch.Tensor], index: Mapping[str, torch.Tensor], layers: Sequence[str],
+                      images: Mapping[str, int], step: int) -> Dict[str, ReducedBasis]:
+        """The signal's reduced bases: each layer's rows of its own first ``images[layer]``
+        probe images, reduced to the directions that explain 99% of the variance (the paper's
+        SVD step: the signal judges the directions that carry the layer, not its low-variance
+        tail). A layer constant since the start is left out until it varies."""
+        bases: Dict[str, ReducedBasis] = {}
+        for n in layers:
+            t = acts.pop(n)
+            try:
+                bases[n] = self._reduce(n, t[(index[n] < images[n]).to(t.device)], step, SIGNAL_KEEP, "variance",
+                                        kind="freeze signal")
+            except CaptureError as err:
+                if err.constant and self._pending(n, "signal_from"):
+                    continue  # constant since the start (a zero-initialised head): its signal starts when it varies
+                raise
+            if self._pending(n, "signal_from"):
+                self.constant_layers[n]["signal_from"] = int(step)
+        return bases
+
+    # ------------------------------------------------------------------ the signal's budget
+    def _signal_allowance(self, train: float) -> float:
+        """Seconds the freeze signal may have spent by a training time of ``train`` seconds:
+        :data:`SIGNAL_SHARE` of ``max_overhead`` of it, counting at least
+        :data:`SHORT_RUN_SECONDS` (as the capture schedule's floor: a short run may spend what
+        a 5-minute run's signal may)."""
+        assert self.max_overhead is not None
+        return SIGNAL_SHARE * self.max_overhead * max(train, SHORT_RUN_SECONDS)
+
+    def _signal_estimate(self, layers: Sequence[str]) -> float:
+        """The expected cost of a signal recording of ``layers`` (recording and reduction):
+        as last measured for the same layers, else the cheapest measured recording of more
+        layers (the chance calibration records every judgeable layer), else the largest
+        measured, else the last capture's cost (every layer on the whole probe)."""
+        key = tuple(layers)
+        if key in self._signal_costs:
+            return self._signal_costs[key]
+        wanted = set(layers)
+        covering = [c for k, c in self._signal_costs.items() if wanted <= set(k)]
+        if covering:
+            return min(covering)
+        if self._signal_costs:
+            return max(self._signal_costs.values())
+        return self._capture_cost or 0.0
+
+    def _signal_groups(self, step: int, want: Sequence[str], ref: Optional[Dict[str, Any]]) -> List[str]:
+        """The groups the signal records at ``step``: ``want`` when that fits the signal's
+        share of the budget, else fewer (the look-ahead dropped, then the lowest group
+        alone), else none (the window is skipped). A recording that completes a pair (the
+        lowest group was recorded one window earlier, ``ref``) must fit by itself; one that
+        starts a pair must fit twice, by the next window's training time."""
+        stats = self.signal_stats
+        stats["windows"] += 1
+        if self.max_overhead is None:
+            return list(want)
+        _, train, _ = self._budget()
+        window = max(0.0, train - self._signal_mark) if self._signal_mark is not None else 0.0
+        self._signal_mark = train
+        spent = stats["seconds"]
+        est = 0.0
+        for k in sorted({len(want), min(2, len(want)), 1}, reverse=True):
+            groups = list(want[:k])
+            est = self._signal_estimate([n for g in groups for n in self.group_layers[g]])
+            completes = ref is not None and all(n in ref["bases"] for n in self.group_layers[groups[0]]
+                                                if self._judged_layer(n))
+            need, horizon = (est, train) if completes else (2 * est, train + window)
+            if spent + need <= self._signal_allowance(horizon):
+                if k < len(want):
+                    stats["reduced"] += 1
+                    _append_capped(stats["reduced_steps"], int(step))
+                return groups
+        stats["skipped"] += 1
+        _append_capped(stats["skipped_steps"], int(step))
+        stats["reason"] = (
+            f"a signal recording (~{est:.2g} s) did not fit in the signal's share of the budget ({SIGNAL_SHARE:g} x "
+            f"max_overhead={self.max_overhead:g} of the training time so far, {train:.3g} s, counted as at least "
+            f"{SHORT_RUN_SECONDS:.0f} s), with {spent:.2g} s spent on the signal")
+        return []
+
+    def signal_summary(self) -> Dict[str, Any]:
+        """What the freeze signal cost and what its budget skipped (``svcca_summary.json``:
+        ``"freeze"`` / ``"signal_budget"``): ``windows`` (grid points with groups to judge),
+        ``recordings``, ``seconds`` (the signal's own time: recordings, reductions, the chance
+        calibration, ``calibration_seconds`` of it), ``skipped`` / ``skipped_steps`` (windows
+        not recorded: the recording did not fit; first 50 steps), ``reduced`` /
+        ``reduced_steps`` (windows recorded with fewer groups), ``reason`` (the last skip's),
+        ``allowance`` (seconds the signal may have spent by now), ``share`` and ``message``."""
+        stats = {k: (list(v) if isinstance(v, list) else v) for k, v in self.signal_stats.items()}
+        _, train, _ = self._budget()
+        stats.update(share=SIGNAL_SHARE, training_seconds=round(train, 4),
+                     allowance=None if self.max_overhead is None else round(self._signal_allowance(train), 4),
+                     message=self.signal_report())
+        return stats
+
+    def signal_report(self) -> str:
+        """One sentence: the freeze signal's recordings, their cost against the training time,
+        and what the budget skipped or thinned (empty without the adaptive policy)."""
+        if self.freeze != "adaptive":
+            return ""
+        s = self.signal_stats
+        _, train, _ = self._budget()
+        parts = [f"freeze signal: {s['recordings']} recording{'s' if s['recordings'] != 1 else ''} at "
+                 f"{s['windows']} window{'s' if s['windows'] != 1 else ''}, {s['seconds']:.3g} s"
+                 + (f" ({100 * s['seconds'] / train:.1f}% of {train:.3g} s of training)" if train > 0 else "")
+                 + (f", {s['calibration_seconds']:.2g} s of it the chance calibration" if s["calibration_seconds"]
+                    else "")]
+        if s["reduced"]:
+            parts.append(f"{s['reduced']} window{'s' if s['reduced'] > 1 else ''} recorded with fewer groups")
+        if s["skipped"]:
+            steps = ", ".join(map(str, s["skipped_steps"][:6])) + (", ..." if s["skipped"] > 6 else "")
+            parts.append(f"{s['skipped']} window{'s' if s['skipped'] > 1 else ''} skipped (steps {steps}): "
+                         f"{s['reason']}")
+        return "; ".join(parts) + "."
+
+    # ------------------------------------------------------------------ chance levels
+    def _judged_layer(self, name: str) -> bool:
+        """Whether ``name`` is judged on its own signal: its chance level is at most
+        :data:`~svcca_torch.freeze.CHANCE_LIMIT` (or was not measured)."""
+        c = self._chance_of(name)
+        return c is None or c <= CHANCE_LIMIT
+
+    def _chance_of(self, name: str) -> Optional[float]:
+        return None if not self.chance else self.chance.get(name)
+
+    def _judgeable(self, group: str) -> bool:
+        return any(self._judged_layer(n) for n in self.group_layers[group])
+
+    def _calibrate(self, step: int) -> None:
+        """Measure each judgeable layer's chance level, once (at the start, on the writer).
+
+        A layer's chance level is its signal similarity against the same layer of an
+        independently initialised copy of the model, on the same probe images and grid: what
+        the signal reads when nothing of the layer's learning is shared. A conv layer over
+        image patches reads ~1 whatever its weights (it spans nearly the same subspace of
+        its input), so a raw signal near 1 says nothing about it having settled; judged on
+        ``(s - chance) / (1 - chance)`` (:func:`svcca_torch.freeze.calibrated_similarity`) it
+        settles when it moved less in one window than ``1 - freeze_threshold`` of the way
+        from an unrelated network. The copy is the model itself, re-initialised in place for
+        one recording and restored bit for bit: ``reset_parameters()`` (or
+        ``_reset_parameters()``) of every module that has it, under a fixed seed and a forked
+        RNG (the caller's random streams are untouched); parameters no such method covers
+        are redrawn by a random permutation of their own entries (the same values, so the
+        same distribution for an i.i.d. initialisation). The model's recording here is also
+        the signal's first recording. Not measured (every layer judged on its raw signal,
+        the reason in :attr:`chance_info`) when it does not fit the signal's budget or the
+        run resumed with frozen groups from a state without chance levels."""
+        assert self.policy is not None
+        policy = self.policy
+        self.chance = {}
+        info: Dict[str, Any] = {"step": int(step), "seconds": 0.0, "error": None, "limit": CHANCE_LIMIT, "layers": {}}
+        self.chance_info = info
+        groups = [g for g in policy.groups[:policy.max_frozen] if g not in policy.frozen]
+        if not groups:
+            return
+        if policy.frozen:
+            info["error"] = ("not measured: the run resumed with frozen groups from a state without chance levels; "
+                             "every layer is judged on its raw signal")
+            return
+        t0 = time.perf_counter()
+        try:
+            layers, images, n_images = self._signal_plan(groups)
+
+            def over(est: float) -> bool:
+                spent = self.signal_stats["seconds"] + time.perf_counter() - t0
+                if self.max_overhead is None or spent + est <= self._signal_allowance(self._budget()[1]):
+                    return False
+                info["error"] = (f"not measured: a recording of every judgeable layer (~{est:.2g} s) did not fit in "
+                                 "the signal's share of the budget; every layer is judged on its raw signal")
+                return True
+
+            if over(self._signal_estimate(layers)):
+                return
+            t1 = time.perf_counter()
+            acts = self._record(layers, n_images)
+            assert acts is not None and self.recorder is not None
+            mine = self._signal_bases(acts, dict(self.recorder.layer_datapoint_index), layers, images, step)
+            self._signal_costs[tuple(layers)] = time.perf_counter() - t1
+            self._ref = {"step": int(step), "bases": mine}  # the signal's recording at this step
+            if over(self._signal_costs[tuple(layers)]):  # the copy's recording costs about the same
+                return
+            try:
+                theirs = self._record_independent(layers, images, n_images)
+            except Exception as err:  # anything about re-initialising a model we do not know: raw signals
+                info["error"] = (f"not measured: the independently initialised copy failed ({type(err).__name__}: "
+                                 f"{err}); every layer is judged on its raw signal")
+                theirs = None
+            if theirs is None:
+                return
+            for n in layers:
+                c: Optional[float] = None
+                reason = None
+                if n not in mine:
+                    reason = "not measured: constant over the probe at the start (judged on its raw signal)"
+                elif n not in theirs:
+                    reason = "not measured: constant or not finite in the independent copy (judged on its raw signal)"
+                else:
+                    c = paired_similarity({n: mine[n]}, {n: theirs[n]})[n]
+                judged = c is None or c <= CHANCE_LIMIT
+                if not judged:
+                    reason = (f"chance level {c:.5f} > {CHANCE_LIMIT:g}: its signal cannot tell learning from no "
+                              "learning, so it is not judged on it; its group goes with the next judged group above")
+                self.chance[n] = c
+                info["layers"][n] = {"chance": c, "judged": judged, "reason": reason}
+        finally:
+            dt = time.perf_counter() - t0
+            info["seconds"] = round(dt, 6)
+            self.signal_stats["seconds"] += dt
+            self.signal_stats["calibration_seconds"] += dt
+
+    def _record_independent(self, layers: Sequence[str], images: Mapping[str, int], n_images: int
+                            ) -> Dict[str, ReducedBasis]:
+        """The signal's bases of ``layers`` on an independently initialised copy of the model
+        (see :meth:`_calibrate`); layers constant or not finite there are left out."""
+        assert self.recorder is not None
+        restore = _reinitialise(self.model)
+        try:
+            acts = self._record(layers, n_images)
+            index = dict(self.recorder.layer_datapoint_index)
+        finally:
+            restore()
+        assert acts is not None
+        out: Dict[str, ReducedBasis] = {}
+        for n in layers:
+            t = acts.pop(n)
+            try:
+                out[n] = svd_reduce(t[(index[n] < images[n]).to(t.device)], SIGNAL_KEEP, keep_rule="variance", name=n)
+            except (ZeroVarianceError, NonFiniteError):
+                pass
+        return out
 
     def _record_signal(self, layers: List[str], n_images: int) -> Recording:
         """A freeze-signal recording (per-layer rows) of ``layers`` on the first ``n_images``
@@ -1165,8 +1525,11 @@ class DynamicsTracker:
         assert self.store is not None
         run_dir = self.run_dir
         frozen_at = self.layer_freeze_steps
+        # in depth order (a layer constant at the start is stored first when it varies, after the others)
+        order = [n for n in (self.recorder.layers if self.recorder is not None else []) if n in self.store.layers]
+        layers = order + [n for n in self.store.layers if n not in order]
         summary: Dict[str, Any] = {
-            "layers": self.store.layers,
+            "layers": layers,
             "captured_steps": list(self.captured_steps),
             "probe_checksum": self.probe_checksum,
             "store": str(self.store.folder),
@@ -1176,8 +1539,12 @@ class DynamicsTracker:
                        "groups": [{"name": g.name, "modules": g.module_names} for g in self.groups],
                        "events": self.freeze_log, "signal": self.signal_log,
                        "freeze_steps": self.freeze_steps, "layer_freeze_steps": frozen_at,
-                       "policy_state": self.policy.state_dict() if self.policy is not None else None},
+                       "policy_state": self.policy.state_dict() if self.policy is not None else None,
+                       "signal_raw": self.signal_raw_log,
+                       "signal_budget": self.signal_summary() if self.freeze == "adaptive" else None,
+                       "chance": self.chance_info or None},
             "schedule": self.schedule_summary(),
+            "constant_at_start": {k: dict(v) for k, v in self.constant_layers.items()},
         }
         result = None
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1185,10 +1552,11 @@ class DynamicsTracker:
             dyn = None
             if self.final_analysis and len(self.store) >= 1:
                 device = self._analysis_on()
-                online = self._online_previous()
+                online = self._online_previous(layers)
                 try:
                     dyn = shown_dynamics(self.store, device=device, progress=self.progress, previous=online is None,
-                                         max_images=self.final_heatmaps, grid=self.grid_fractions or ())
+                                         max_images=self.final_heatmaps, grid=self.grid_fractions or (),
+                                         layers=layers)
                 except (ZeroVarianceError, NonFiniteError) as err:  # about the data: recorded, the rest written
                     self.failures.append({"step": None, "layer": None, "kind": "final analysis",
                                           "message": f"final analysis: {err}"})
@@ -1218,12 +1586,12 @@ class DynamicsTracker:
             os.replace(tmp, run_dir / "svcca_summary.json")
         return result
 
-    def _online_previous(self) -> Optional[torch.Tensor]:
+    def _online_previous(self, names: Optional[Sequence[str]] = None) -> Optional[torch.Tensor]:
         """``(captures, layers)`` similarity of each stored capture to the one before, from
         the values :meth:`capture` computed during training (on the bases before encoding),
         or None when some capture after the first has none (then the analysis recomputes)."""
         assert self.store is not None
-        names, steps = self.store.layers, [c.step for c in self.store.checkpoints]
+        names, steps = list(names or self.store.layers), [c.step for c in self.store.checkpoints]
         known = {e["step"]: e for e in self.to_previous}
         if any(s not in known for s in steps[1:]):
             return None
@@ -1249,6 +1617,11 @@ class DynamicsTracker:
             "signal_log": [dict(e) for e in self.signal_log],
             "baseline_backward_flops": self.baseline_backward_flops,
             "schedule": {k: [dict(e) if isinstance(e, dict) else e for e in v] for k, v in self.schedule_log.items()},
+            "signal_raw": [dict(e) for e in self.signal_raw_log],
+            "signal_stats": {k: (list(v) if isinstance(v, list) else v) for k, v in self.signal_stats.items()},
+            "constant_layers": {k: dict(v) for k, v in self.constant_layers.items()},
+            "chance": None if self.chance is None else dict(self.chance),
+            "chance_info": json.loads(json.dumps(self.chance_info)),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1259,6 +1632,12 @@ class DynamicsTracker:
         self._probe.digests = list(state.get("probe_digests", []))
         self.freeze_log = [dict(e) for e in state.get("freeze_log", [])]
         self.signal_log = [dict(e) for e in state.get("signal_log", [])]
+        self.signal_raw_log = [dict(e) for e in state.get("signal_raw", [])]
+        self.signal_stats = {**_empty_signal_stats(), **{k: (list(v) if isinstance(v, list) else v)
+                                                         for k, v in state.get("signal_stats", {}).items()}}
+        self.constant_layers = {k: dict(v) for k, v in state.get("constant_layers", {}).items()}
+        self.chance = None if state.get("chance") is None else dict(state["chance"])
+        self.chance_info = dict(state.get("chance_info") or {})
         self.baseline_backward_flops = state.get("baseline_backward_flops")
         self.schedule_log = _empty_schedule_log()
         for k, v in state.get("schedule", {}).items():
@@ -1275,6 +1654,12 @@ class DynamicsTracker:
         self.captured_steps = [s for s in self.captured_steps if s <= step]
         self.to_previous = [e for e in self.to_previous if e["step"] <= step]
         self.signal_log = [e for e in self.signal_log if e["step"] <= step]
+        self.signal_raw_log = [e for e in self.signal_raw_log if e["step"] <= step]
+        self._signal_mark = None
+        for entry in self.constant_layers.values():  # varied in the part of the run that was not kept
+            for key in ("first_varied", "signal_from"):
+                if entry[key] is not None and entry[key] > step:
+                    entry[key] = None
         self.freeze_log = [e for e in self.freeze_log if e["step"] <= step]
         self.schedule_log = {k: [e for e in v if (e["step"] if isinstance(e, dict) else e) <= step]
                              for k, v in self.schedule_log.items()}
@@ -1295,7 +1680,7 @@ class DynamicsTracker:
 
 def shown_dynamics(store: RepresentationStore, *, device: Optional[Union[str, torch.device]] = None,
                    progress: bool = False, max_images: int = 6, previous: bool = False,
-                   grid: Sequence[float] = ()) -> LearningDynamics:
+                   grid: Sequence[float] = (), layers: Optional[Sequence[str]] = None) -> LearningDynamics:
     """The learning dynamics of a run with full matrices only where they are shown.
 
     One pass over ``store`` compares every capture with the final one layer by layer (the
@@ -1307,18 +1692,18 @@ def shown_dynamics(store: RepresentationStore, *, device: Optional[Union[str, to
     full matrix. Off-diagonal entries of the other captures are NaN; ``.full`` lists the
     computed ones. ``previous=True`` also fills ``.previous`` (each layer against the capture
     before it) in the first pass. Bases are compared on ``device`` (default CPU); the result
-    is on the CPU.
+    is on the CPU. ``layers``: which stored layers, in which order (default the store's).
     """
     from .board import full_checkpoints
 
     first = sorted({store.checkpoints[0].step, store.checkpoints[-1].step}
                    | {store.nearest(f).step for f in grid})
-    dyn = learning_dynamics(store, full=first, progress=progress, device=device, previous=previous)
+    dyn = learning_dynamics(store, layers=layers, full=first, progress=progress, device=device, previous=previous)
     full = full_checkpoints(dyn.curves(), grid=grid, max_images=max_images)
     extra = [c for c in full if c not in (dyn.full or [])]
     if extra:
         steps = [dyn.steps[c] for c in extra]
-        dyn.matrices[extra] = learning_dynamics(store, steps, full=steps, device=device).matrices
+        dyn.matrices[extra] = learning_dynamics(store, steps, layers=layers, full=steps, device=device).matrices
     dyn.full = sorted(set(full) | set(dyn.full or []))
     return dyn
 
@@ -1329,6 +1714,61 @@ def _empty_schedule_log() -> Dict[str, List[Any]]:
     the training time so far), ``requested`` (an explicit schedule); ``skipped``:
     ``{"step", "fraction", "reason"}`` of the front-loaded points the budget did not afford."""
     return {"front_loaded": [], "over_budget": [], "budget": [], "requested": [], "skipped": []}
+
+
+def _empty_signal_stats() -> Dict[str, Any]:
+    return {"windows": 0, "recordings": 0, "seconds": 0.0, "calibration_seconds": 0.0, "skipped": 0,
+            "skipped_steps": [], "reduced": 0, "reduced_steps": [], "reason": None}
+
+
+def _append_capped(steps: List[int], step: int, cap: int = 50) -> None:
+    if len(steps) < cap:
+        steps.append(step)
+
+
+def _reinitialise(model: nn.Module) -> Callable[[], None]:
+    """Re-initialise ``model`` in place as an independently initialised copy of itself and
+    return the function that restores it bit for bit (each parameter and buffer object put
+    back, should a ``reset_parameters`` have replaced it, and its values copied back).
+
+    Every module's ``reset_parameters()`` (``_reset_parameters()`` for
+    ``nn.MultiheadAttention``) runs under :data:`CHANCE_SEED` with the RNG forked (the
+    caller's random streams are untouched); a parameter no such method covers (an
+    ``nn.Parameter`` set directly on a custom module: ViT's class token and position
+    embedding) gets a random permutation of its own entries."""
+    entries = []
+    for mod in model.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    entries.append((table, name, t, t.detach().clone()))
+
+    def restore() -> None:
+        with torch.no_grad():
+            for table, name, t, saved in entries:
+                table[name] = t
+                t.copy_(saved)
+
+    cuda = sorted({t.device.index or 0 for _, _, t, _ in entries if t.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            torch.manual_seed(CHANCE_SEED)
+            covered = set()
+            for mod in model.modules():
+                reset = getattr(mod, "reset_parameters", None)
+                if not callable(reset):
+                    reset = getattr(mod, "_reset_parameters", None)
+                if callable(reset):
+                    reset()
+                    covered.update(id(p) for p in mod._parameters.values() if p is not None)
+            for table, name, t, _ in entries:
+                if isinstance(t, nn.Parameter) and id(t) not in covered and t.numel() > 1:
+                    flat = t.detach().reshape(-1)
+                    t.copy_(flat[torch.randperm(flat.numel(), device=t.device)].view_as(t))
+    except BaseException:
+        restore()
+        raise
+    return restore
 
 
 def _nan_to_none(x: Any) -> Any:

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from svcca_torch.freeze import (
+    CHANCE_LIMIT,
     AdaptiveFreezePolicy,
     ScheduleFreezePolicy,
     backward_flops,
+    calibrated_similarity,
     default_layer_groups,
     explicit_layer_groups,
     freeze_group,
@@ -114,6 +116,22 @@ def test_policy_state_roundtrip_is_json_and_resumes():
         AdaptiveFreezePolicy(["x", "y"]).load_state_dict(state)
     with pytest.raises(ValueError, match="adaptive"):
         ScheduleFreezePolicy(names).load_state_dict(state)
+
+
+def test_calibrated_similarity_judges_the_part_that_can_change():
+    """Issue 21: (s - chance) / (1 - chance), clipped to [0, 1]: 1 for an unchanged layer, 0 for
+    one no closer to its earlier self than an unrelated network; None: not calibrated."""
+    assert calibrated_similarity(1.0, 0.991) == 1.0
+    assert calibrated_similarity(0.991, 0.991) == 0.0
+    assert calibrated_similarity(0.5, 0.991) == 0.0  # below chance: clipped
+    assert calibrated_similarity(0.9955, 0.991) == pytest.approx(0.5)
+    # the same raw reading means much less for a layer whose chance level is high
+    assert calibrated_similarity(0.95, 0.5) == pytest.approx(0.9)
+    assert calibrated_similarity(0.95, 0.9) == pytest.approx(0.5)
+    assert calibrated_similarity(0.93, None) == 0.93
+    with pytest.raises(ValueError, match="chance"):
+        calibrated_similarity(1.0, 1.0)
+    assert 0.9 < CHANCE_LIMIT < 1.0
 
 
 def test_schedule_policy_linear_in_depth():

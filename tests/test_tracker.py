@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import math
+import warnings
 
 import pytest
 import torch
@@ -137,9 +138,15 @@ def test_signal_records_only_the_groups_it_judges(tmp_path, monkeypatch):
     monkeypatch.setattr(tracker.recorder, "record", spy)
     tracker.start()
     first_two = [n for g in tracker.policy.groups[:2] for n in tracker.group_layers[g]]
+    judgeable = [n for g in tracker.policy.groups[:tracker.policy.max_frozen] for n in tracker.group_layers[g]]
     full = [c for c in calls if c[0].get("layers") is None]
-    signal = [c for c in calls if c[0].get("layers") is not None and c[1][first_two[0]] > 2 * 4]
     assert len(full) == 1 and full[0][0]["rows"] == "common"
+    # at the start: the chance calibration, every judgeable layer on the model and on its independent copy
+    calibration = [c for c in calls if c[0].get("layers") is not None and c[1][first_two[0]] > 2 * 4]
+    assert [c[0]["layers"] for c in calibration] == [judgeable, judgeable]
+    calls.clear()
+    tracker.maybe_capture(5, request=False)  # the first window: the judged groups only
+    signal = [c for c in calls if c[0].get("layers") is not None and c[1][first_two[0]] > 2 * 4]
     assert len(signal) == 1
     kwargs, rows, stopped = signal[0]
     assert kwargs["layers"] == first_two and kwargs["rows"] == "per_layer" and stopped
@@ -255,13 +262,54 @@ class _WithDeadLayer(nn.Module):
         return self.head(self.dead(h) + h)
 
 
-def test_layer_constant_on_the_probe_is_a_clear_error_at_the_first_capture(tmp_path):
-    tracker = DynamicsTracker(_WithDeadLayer(), torch.randn(100, 5), run_dir=tmp_path, max_overhead=None,
+def test_a_constant_probe_is_a_clear_error_at_the_first_capture(tmp_path):
+    """Every layer constant at the first capture: the probe is to blame (nothing to store)."""
+    tracker = DynamicsTracker(_WithDeadLayer(), torch.ones(100, 5), run_dir=tmp_path, max_overhead=None,
                               final_analysis=False)
-    with pytest.raises(ValueError, match=r"layer 'dead' is constant over the probe at step 0.*out of `layers`"):
+    with pytest.raises(ValueError, match=r"layer 'body' is constant over the probe at step 0.*varied real inputs"):
         tracker.start()
     tracker.close()
     assert not (tmp_path / "store" / "index.json").exists()  # nothing stored
+
+
+def test_a_layer_constant_at_initialisation_is_judged_from_when_it_varies(tmp_path):
+    """Issue 21: a zero-initialised layer (ViT's heads.head, GoogLeNet's fc) raised "constant over
+    the probe" at start(). Now: one warning naming it, left out until it varies, then stored and
+    compared; its freeze signal starts when it varies; the summary says when."""
+    torch.manual_seed(0)
+    model = _WithDeadLayer()
+    x = torch.randn(64, 5)
+    y = torch.randint(0, 3, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = DynamicsTracker(model, torch.randn(100, 5), ["body", "dead", "head"], run_dir=tmp_path,
+                              every_n_steps=2, max_overhead=None, freeze="adaptive", freeze_window=2,
+                              freeze_threshold=0.99, max_frozen_fraction=0.67)
+    with pytest.warns(UserWarning, match=r"layer 'dead' is constant over the probe at step 0") as caught:
+        tracker.start()
+    assert len([w for w in caught if "'dead' is constant" in str(w.message)]) == 1
+    assert [c.layers for c in tracker.store.checkpoints] == [("body", "head")]
+    assert "dead" not in tracker._ref["bases"]  # nor in the signal's first recording
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        for step in range(1, 7):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            tracker.maybe_capture(step)
+        tracker.finish(6)
+    assert not [w for w in later if "constant" in str(w.message)]  # one warning in all
+    assert tracker.constant_layers == {"dead": {"constant_at": 0, "first_varied": 2, "signal_from": 2}}
+    store = RepresentationStore(tmp_path / "store", read_only=True)
+    assert [set(c.layers) for c in store.checkpoints] == [{"body", "head"}] + [{"body", "dead", "head"}] * 3
+    assert "dead" not in tracker.to_previous[0] and "dead" in tracker.to_previous[1]  # compared from step 4
+    # its group is judged from the signal window after it first varied (step 2), not before
+    judged = [e["step"] for e in tracker.signal_log if "dead" in e]
+    assert judged and judged[0] == 4 and "dead" not in tracker.signal_log[0]
+    summary = json.loads((tmp_path / "svcca_summary.json").read_text())
+    assert summary["constant_at_start"]["dead"]["first_varied"] == 2
+    assert summary["layers"] == ["body", "dead", "head"]  # depth order, though stored after the others
+    i = summary["layers"].index("dead")
+    assert summary["to_final"][0][i] is None and summary["to_final"][-1][i] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_close_releases_the_store_and_a_second_start_resumes(tmp_path):
@@ -443,8 +491,11 @@ def test_non_finite_probe_is_blamed_on_the_probe_at_start(tmp_path):
 def test_non_finite_freeze_signal_names_the_signal(tmp_path):
     tracker = _skip_tracker(tmp_path, freeze="adaptive", freeze_window=5, freeze_patience=2)
     tracker.start()
+    # body (a linear map of the 5-d probe) spans the probe's space whatever its weights: chance level 1,
+    # not judged, so not recorded; mid is the group the signal records
+    assert tracker.chance["body"] > 0.999 and tracker.policy.groups[0] == "body"
     _poison(tracker.model.body)
-    with pytest.raises(ValueError, match=r"layer 'body' .* at step 5 \(freeze signal\).*learning rate"):
+    with pytest.raises(ValueError, match=r"layer 'mid' .* at step 5 \(freeze signal\).*learning rate"):
         tracker.maybe_capture(5, request=False)
     tracker.close()
 
