@@ -14,10 +14,20 @@ paid), the same seed and data order in every arm of a seed. It prints:
    within 0.5 points);
 3. **capture-frequency invariance**: the adaptive policy with captures every 4 steps vs
    every epoch (``max_overhead=None``): groups frozen and the training fraction of the
-   first freeze (goal: same groups +-1, first freeze within 10% of training).
+   first freeze (goal: same groups +-1, first freeze within 10% of training);
+4. with ``--augment``, **random augmentation** (issue 21): the no-callback and adaptive arms
+   also trained under the usual CIFAR recipe (``RandomCrop(32, padding=4)`` +
+   ``RandomHorizontalFlip()``, drawn per sample from a generator of the seed's own, so both
+   augmented arms of a seed see the same images), interleaved with the plain arms: wall
+   ratio, process CPU time ratio (each against the no-callback arm of the same recipe and
+   seed) and test accuracy, side by side.
+
+Every arm also reports its process CPU time (``time.process_time``, all threads): wall time
+on a shared machine moves with the load, CPU time much less.
 
     python -m svcca_torch.experiments.bench_callback                 # the run of docs/freeze_training.md (~30 min, 2 cores)
     python -m svcca_torch.experiments.bench_callback --quick         # smoke run
+    python -m svcca_torch.experiments.bench_callback --freeze-only --augment --seeds 0   # augmentation side by side
 
 Writes ``bench_callback.json`` to ``--out``. ``--sections ddp`` (or ``ddp2``) times the cost
 of DDP's ``find_unused_parameters=True`` that freeze training turns on.
@@ -100,17 +110,53 @@ def _rgb(ds: TensorDataset) -> TensorDataset:
     return TensorDataset(x.expand(-1, 3, -1, -1).contiguous(), y)
 
 
-def _data(repeats: int, batch_size: int, n_probe: int, seed: int = 0):
+class CropFlip:
+    """The usual CIFAR training recipe, ``RandomCrop(32, padding=4)`` then
+    ``RandomHorizontalFlip()``, applied per sample as a DataLoader ``collate_fn``: each image
+    padded by ``padding`` pixels of ``fill`` (the background: the standardised value of a blank
+    pixel, as the recipe pads black before normalising), a random ``size`` x ``size`` window
+    cut out, flipped left-right with probability 1/2. The draws come from a generator of its
+    own seeded with ``seed``, so that two runs of a seed see the same augmented images
+    whatever else draws random numbers (the callback, Lightning)."""
+
+    def __init__(self, seed: int, fill: float, padding: int = 4) -> None:
+        self.generator = torch.Generator().manual_seed(1_000_003 + int(seed))
+        self.fill = float(fill)
+        self.padding = int(padding)
+
+    def __call__(self, samples):
+        x = torch.stack([s[0] for s in samples])
+        y = torch.stack([torch.as_tensor(s[1]) for s in samples])
+        return self.augment(x), y
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        p = self.padding
+        padded = nn.functional.pad(x, (p, p, p, p), value=self.fill)
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
+        flip = torch.rand(n, generator=self.generator) < 0.5
+        rows = (oy[:, None] + torch.arange(h))[:, :, None]                     # (n, h, 1)
+        cols = ox[:, None] + torch.arange(w)                                    # (n, w)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]       # (n, 1, w)
+        out = padded[torch.arange(n)[:, None, None], :, rows, cols]             # (n, h, w, C)
+        return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _data(repeats: int, batch_size: int, n_probe: int, seed: int = 0, augment: bool = False):
     """(train loader, test set, probe): digits at 32x32, 3 channels; the training split
     repeated ``repeats`` times per epoch, repeat ``r`` offset by ``r * 1e-6`` so that its
     inputs differ bit for bit (a larger dataset to the frozen-output cache, which would
     otherwise serve a repeat within its first epoch; the images are the same to 1e-6); the
-    data order fixed by ``seed``."""
+    data order fixed by ``seed``. ``augment``: each training batch through :class:`CropFlip`
+    (the probe and the test set stay plain)."""
     train, test = load_digits_dataset(size=32)
     train, test = _rgb(train), _rgb(test)
     x, y = train.tensors
     data = TensorDataset(torch.cat([x + 1e-6 * r for r in range(repeats)]), y.repeat(repeats))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    collate = CropFlip(seed, fill=float(x.min())) if augment else None
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                        collate_fn=collate)
     return loader, test, probe_set(train, min(n_probe, len(train)), seed=0)
 
 
@@ -128,49 +174,54 @@ _HOOKS = ("setup", "on_train_start", "on_train_batch_end", "on_train_epoch_end",
 def _time_hooks(cb: Callback) -> List[float]:
     """Accumulate the wall time spent in the callback's hooks (its whole cost, logging
     included), so that its share of a run is measured inside that run, not only by the
-    difference of two runs on a shared machine."""
-    spent = [0.0]
+    difference of two runs on a shared machine; ``[wall s, process CPU s]``."""
+    spent = [0.0, 0.0]
     for name in _HOOKS:
         original = getattr(cb, name)
 
         def wrapped(*a, _original=original, **k):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return _original(*a, **k)
             finally:
                 spent[0] += time.perf_counter() - t0
+                spent[1] += time.process_time() - c0
 
         setattr(cb, name, wrapped)
     return spent
 
 
-def _fit(args, repeats: int, seed: int, epochs: int, make_cb, root: str, tag: str) -> Dict[str, Any]:
-    """One training run; ``make_cb(probe, run_dir)`` gives the SVCCA callback or None."""
-    loader, test, probe = _data(repeats, args.batch_size, args.probe, seed)
+def _fit(args, repeats: int, seed: int, epochs: int, make_cb, root: str, tag: str,
+         augment: bool = False) -> Dict[str, Any]:
+    """One training run; ``make_cb(probe, run_dir)`` gives the SVCCA callback or None;
+    ``augment``: random crop + flip on the training batches (:class:`CropFlip`)."""
+    loader, test, probe = _data(repeats, args.batch_size, args.probe, seed, augment=augment)
     pl.seed_everything(seed, verbose=False)
     model = Lit(epochs=epochs, schedule=args.lr_schedule)
     cb = make_cb(probe, Path(root) / tag) if make_cb is not None else None
-    spent = _time_hooks(cb) if cb is not None else [0.0]
+    spent = _time_hooks(cb) if cb is not None else [0.0, 0.0]
     trainer = pl.Trainer(
         default_root_dir=root, max_epochs=epochs, accelerator="cpu", devices=1,
         logger=TensorBoardLogger(root, name=tag), enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[cb] if cb is not None else [],
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit(model, loader)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     total = trainer.global_step
-    out: Dict[str, Any] = {"tag": tag, "seed": seed, "wall_s": wall, "steps": total,
-                           "test_accuracy": _accuracy(model, test)}
+    out: Dict[str, Any] = {"tag": tag, "seed": seed, "augment": augment, "wall_s": wall, "cpu_s": cpu,
+                           "steps": total, "test_accuracy": _accuracy(model, test)}
     if cb is not None:
         events = cb.freeze_log
-        out.update(backward_saved=backward_saved(events, total), callback_s=spent[0], callback_share=spent[0] / (wall - spent[0]), captures=len(cb.captured_steps), captured_steps=list(cb.captured_steps),
+        out.update(backward_saved=backward_saved(events, total), callback_s=spent[0], callback_share=spent[0] / (wall - spent[0]),
+                   callback_cpu_s=spent[1], callback_cpu_share=spent[1] / (cpu - spent[1]) if cpu > spent[1] else None,
+                   captures=len(cb.captured_steps), captured_steps=list(cb.captured_steps),
                    frozen=[g for e in events for g in e["groups"]],
                    first_freeze_fraction=events[0]["step"] / total if events else None,
                    freeze_events=[{"step": e["step"], "groups": e["groups"]} for e in events],
                    tracker_overhead=cb.tracker.overhead, signal=[dict(e) for e in cb.tracker.signal_log],
                    frozen_cache=cb.tracker.frozen_cache_stats)
-    print(f"  {tag:<28} seed {seed}: {wall:7.1f} s, test accuracy {100 * out['test_accuracy']:.2f}%"
+    print(f"  {tag:<28} seed {seed}: {wall:7.1f} s (CPU {cpu:7.1f} s), test accuracy {100 * out['test_accuracy']:.2f}%"
           + (f", callback {spent[0]:.1f} s ({100 * out['callback_share']:.1f}% of training), captures "
              f"{out['captures']}, frozen {len(out['frozen'])}" if cb is not None else ""), flush=True)
     return out
@@ -211,10 +262,19 @@ def bench(args) -> Dict[str, Any]:
                 arms += [(f"adaptive-patience-{k}", _adaptive_at(freeze_patience=k)) for k in args.patience]
                 if args.cache_arm:
                     arms.append(("adaptive-cache", cached))
-            for arm, make in arms:
-                runs.append(dict(_fit(args, args.epoch_repeats, seed, args.epochs, make, root, f"{arm}-s{seed}"),
-                                 arm=arm))
+            plan = [(arm, make, False) for arm, make in arms]
+            if args.augment:  # the recipe's arms right after the plain ones, so that load hits both alike
+                plan += [(f"{arm}-aug", make, True) for arm, make in arms if arm in ("none", "adaptive")]
+            for arm, make, augment in plan:
+                runs.append(dict(_fit(args, args.epoch_repeats, seed, args.epochs, make, root, f"{arm}-s{seed}",
+                                      augment=augment), arm=arm))
     return {"runs": runs}
+
+
+def _base_arm(arm: str) -> str:
+    """The no-callback arm an arm is measured against: the one with the same recipe."""
+    return "none-aug" if arm.endswith("-aug") else "none"
+
 
 
 def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
@@ -234,25 +294,35 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
         out["overhead_digits_mean"] = statistics.mean(d["wall_s"] / n["wall_s"] - 1
                                                       for d, n in zip(by["defaults"], by["none"]))
     none_wall = statistics.mean(r["wall_s"] for r in by["none"])
-    none_acc = statistics.mean(r["test_accuracy"] for r in by["none"])
     table = {}
     for arm in [a for a in ("none", "defaults", "schedule", "adaptive", "adaptive-no-cache") if a in by] + sorted(
-            a for a in by if a.startswith("adaptive-") and (a[9:10].isdigit() or a.startswith("adaptive-patience-"))):
+            a for a in by if a.startswith("adaptive-") and (a[9:10].isdigit() or a.startswith("adaptive-patience-"))) \
+            + [a for a in ("none-aug", "adaptive-aug") if a in by]:
         rs = by[arm]
+        base = {r["seed"]: r for r in by[_base_arm(arm)]}
+        pairs = [(r, base[r["seed"]]) for r in rs]
         accs = [r["test_accuracy"] for r in rs]
         table[arm] = {"wall_s": statistics.mean(r["wall_s"] for r in rs),
-                      "wall_ratio": statistics.mean(r["wall_s"] / n["wall_s"] for r, n in zip(rs, by["none"])),
+                      "wall_ratio": statistics.mean(r["wall_s"] / n["wall_s"] for r, n in pairs),
+                      "cpu_s": statistics.mean(r["cpu_s"] for r in rs),
+                      "cpu_ratio": statistics.mean(r["cpu_s"] / n["cpu_s"] for r, n in pairs),
+                      "cpu_ratios": [r["cpu_s"] / n["cpu_s"] for r, n in pairs],
                       "accuracy": statistics.mean(accs), "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                      "accuracy_drop_points": 100 * (none_acc - statistics.mean(accs)),
-                      "train_ratio": [(r["wall_s"] - r.get("callback_s", 0.0)) / n["wall_s"]
-                                      for r, n in zip(rs, by["none"])],
+                      "accuracy_drop_points": 100 * statistics.mean(n["test_accuracy"] - r["test_accuracy"]
+                                                                    for r, n in pairs),
+                      "train_ratio": [(r["wall_s"] - r.get("callback_s", 0.0)) / n["wall_s"] for r, n in pairs],
+                      "own_cpu_share": [r.get("callback_cpu_share") for r in rs],
                       "frozen": [len(r.get("frozen", [])) for r in rs],
                       "backward_saved": [r.get("backward_saved", 0.0) for r in rs],
                       "first_freeze_fraction": [r.get("first_freeze_fraction") for r in rs],
                       "cache_served": [(r.get("frozen_cache") or {}).get("served") for r in rs]}
     out["arms"] = table
     out["none_wall_s"] = none_wall
+    if "none-aug" in by:
+        out["augmentation"] = {arm: {"plain": table.get(arm), "augmented": table.get(f"{arm}-aug")}
+                               for arm in ("none", "adaptive") if f"{arm}-aug" in table}
     out["signal_seed0"] = by["adaptive"][0].get("signal", []) if "adaptive" in by else []
+    out["signal_seed0_aug"] = by["adaptive-aug"][0].get("signal", []) if "adaptive-aug" in by else []
     out["frequency"] = {arm: {"frozen": by[arm][0]["frozen"], "first_freeze_fraction": by[arm][0]["first_freeze_fraction"],
                               "captures": by[arm][0]["captures"]}
                         for arm in ("adaptive-every-4-steps", "adaptive-every-epoch") if arm in by}
@@ -365,6 +435,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--cache-arm", action="store_true",
                         help="also run the adaptive arm with frozen_cache=True (what the opt-in frozen-output cache "
                         "saves)")
+    parser.add_argument("--augment", action="store_true",
+                        help="also run the no-callback and adaptive arms under random augmentation "
+                        "(RandomCrop(32, padding=4) + RandomHorizontalFlip, the usual CIFAR recipe), interleaved "
+                        "with the plain arms in each seed: wall ratio, CPU time ratio and accuracy side by side")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 1 seed, 256-image probe")
     parser.add_argument("--out", type=str, default="runs/bench_callback")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
@@ -402,12 +476,14 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(f"   {args.repeats * n_small:,}-image epoch x {args.large_epochs}: own time "
                   f"{100 * s['callback_share_large']:.1f}%; wall {100 * s['overhead_large']:+.1f}%")
         print(f"\n2. freeze training end to end ({n_epoch:,}-image epoch x {args.epochs}, {len(args.seeds)} seeds; "
-              "'train x none': wall minus the callback's own time, per seed):")
-        print(f"   {'arm':<19} {'wall (s)':>9} {'x none':>7} {'train x none':>20} {'test acc (%)':>14} {'drop (pts)':>11} "
+              "'train x none': wall minus the callback's own time, per seed; '-aug' arms against none-aug; "
+              "CPU: process CPU time, all threads):")
+        print(f"   {'arm':<19} {'wall (s)':>9} {'x none':>7} {'CPU (s)':>8} {'x none':>7} {'train x none':>20} "
+              f"{'test acc (%)':>14} {'drop (pts)':>11} "
               f"{'groups frozen':>14} {'first freeze at':>16} {'backward FLOPs saved':>22}")
         for arm, r in s["arms"].items():
             ff = [f for f in r["first_freeze_fraction"] if f is not None]
-            print(f"   {arm:<19} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} "
+            print(f"   {arm:<19} {r['wall_s']:>9.1f} {r['wall_ratio']:>7.2f} {r['cpu_s']:>8.1f} {r['cpu_ratio']:>7.2f} "
                   f"{', '.join(f'{v:.2f}' for v in r['train_ratio']):>20} "
                   f"{100 * r['accuracy']:>8.2f} ± {100 * r['accuracy_std']:.2f} {r['accuracy_drop_points']:>11.2f} "
                   f"{str(r['frozen']):>14} {(', '.join(f'{100 * f:.0f}%' for f in ff) or '-'):>16} "
@@ -425,6 +501,21 @@ def main(argv: Optional[List[str]] = None) -> None:
             ff = r["first_freeze_fraction"]
             print(f"   {arm:<24} captures {r['captures']:>4}, frozen {len(r['frozen'])} {r['frozen']}, "
                   f"first freeze at {'-' if ff is None else f'{100 * ff:.0f}%'} of training")
+        if s.get("augmentation"):
+            print("\n4. random augmentation (RandomCrop(32, padding=4) + RandomHorizontalFlip, per sample), side by "
+                  "side in this run; ratios against the no-callback arm of the same recipe, mean of the seeds:")
+            print(f"   {'arm':<10} {'recipe':<10} {'wall (s)':>9} {'wall x none':>12} {'CPU (s)':>8} {'CPU x none':>11} "
+                  f"{'test acc (%)':>14} {'groups frozen':>14} {'backward saved':>15}")
+            for arm, sides in s["augmentation"].items():
+                for recipe, r in (("plain", sides["plain"]), ("crop+flip", sides["augmented"])):
+                    if r is None:
+                        continue
+                    print(f"   {arm:<10} {recipe:<10} {r['wall_s']:>9.1f} {r['wall_ratio']:>12.2f} {r['cpu_s']:>8.1f} "
+                          f"{r['cpu_ratio']:>11.2f} {100 * r['accuracy']:>8.2f} ± {100 * r['accuracy_std']:.2f} "
+                          f"{str(r['frozen']):>14} {', '.join(f'{100 * v:.0f}%' for v in r['backward_saved']):>15}")
+            print(f"   adaptive signal under crop+flip, seed {args.seeds[0]}:")
+            for e in s["signal_seed0_aug"]:
+                print(f"   step {e['step']:>4}: " + ", ".join(f"{g} {v:.3f}" for g, v in e.items() if g != "step"))
     if "ddp" in sections:
         results["ddp"] = d = bench_ddp(args)
         print(f"\nDDP wrapper, alternated steps in one process: {1000 * d['step_s_find_unused_false']:.1f} ms "

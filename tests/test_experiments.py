@@ -255,3 +255,135 @@ def test_cifar10_branch_runs_on_a_stand_in_dataset(tmp_path, monkeypatch):
     assert res["layers"][0] == "net.stem" and res["layers"][-1] == "net.fc"
     assert res["probe_datapoints"] == 150 and len(res["per_layer"]) == len(res["layers"])
     assert all(0.0 <= a <= 100.0 for a in res["test_accuracy"])
+
+
+# ----------------------------------------------------------------------------- issue 21: any model
+def test_bench_callback_crop_flip_is_the_cifar_recipe_and_seeded():
+    from experiments import bench_callback
+
+    x = torch.randn(32, 3, 32, 32)
+    out = bench_callback.CropFlip(0, fill=-1.5).augment(x)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), value=-1.5)
+    flips = 0
+    for i in range(len(x)):  # each image is a 32x32 window of the padded image, or its mirror
+        windows = [padded[i, :, a:a + 32, b:b + 32] for a in range(9) for b in range(9)]
+        plain = any(torch.equal(w, out[i]) for w in windows)
+        mirrored = any(torch.equal(w.flip(-1), out[i]) for w in windows)
+        assert plain or mirrored
+        flips += mirrored and not plain
+    assert 0 < flips < len(x)
+    # the same seed gives the same draws (both augmented arms of a seed see the same images)
+    assert torch.equal(bench_callback.CropFlip(0, fill=-1.5).augment(x), out)
+    assert not torch.equal(bench_callback.CropFlip(1, fill=-1.5).augment(x), out)
+    loader, _, probe = bench_callback._data(1, 16, 8, seed=0, augment=True)
+    xb, yb = next(iter(loader))
+    assert xb.shape == (16, 3, 32, 32) and yb.shape == (16,)
+    assert probe.shape == (8, 3, 32, 32)
+
+
+def test_bench_callback_summary_pairs_augmented_arms_with_their_own_baseline(capsys):
+    from experiments import bench_callback
+
+    def run(arm, seed, wall, cpu, acc, frozen=()):
+        r = {"arm": arm, "seed": seed, "wall_s": wall, "cpu_s": cpu, "test_accuracy": acc, "frozen": list(frozen)}
+        if arm.startswith("adaptive"):
+            r.update(callback_s=1.0, callback_cpu_share=0.05, backward_saved=0.5, first_freeze_fraction=0.1,
+                     signal=[{"step": 22, "conv1": 0.99}])
+        return r
+
+    runs = [run("none", 0, 100, 50, 0.9), run("adaptive", 0, 60, 30, 0.91, ["conv1"]),
+            run("none-aug", 0, 120, 60, 0.8), run("adaptive-aug", 0, 90, 45, 0.79, ["conv1"])]
+    s = bench_callback.summarise({"runs": runs})
+    assert s["arms"]["adaptive"]["wall_ratio"] == pytest.approx(0.6)
+    assert s["arms"]["adaptive"]["cpu_ratio"] == pytest.approx(0.6)
+    assert s["arms"]["adaptive-aug"]["wall_ratio"] == pytest.approx(0.75)  # against none-aug, not none
+    assert s["arms"]["adaptive-aug"]["cpu_ratio"] == pytest.approx(0.75)
+    assert s["arms"]["adaptive-aug"]["accuracy_drop_points"] == pytest.approx(1.0)
+    assert set(s["augmentation"]) == {"none", "adaptive"}
+    assert s["augmentation"]["adaptive"]["augmented"] is s["arms"]["adaptive-aug"]
+    with pytest.raises(SystemExit):
+        bench_callback.main(["--help"])
+    assert "--augment" in capsys.readouterr().out
+
+
+def test_bench_zoo_reports_each_model_and_goes_on_after_a_failure(tmp_path, monkeypatch):
+    from experiments import bench_zoo
+
+    class Broken(torch.nn.Module):  # its forward fails on every input: the tracker's setup meets it
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, ids):
+            raise RuntimeError("broken on purpose")
+
+    class Bag(torch.nn.Module):  # mean of token embeddings, two linear layers: recorded by any version
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(bench_zoo.VOCAB, 16)
+            self.fc1 = torch.nn.Linear(16, 32)
+            self.fc2 = torch.nn.Linear(32, 32)
+            self.fc = torch.nn.Linear(32, bench_zoo.CLASSES)
+
+        def forward(self, ids):
+            h = torch.relu(self.fc1(self.embed(ids).mean(1)))
+            return self.fc(torch.relu(self.fc2(h)))
+
+    monkeypatch.setitem(bench_zoo.ZOO, "broken", (Broken, "text", "adamw"))
+    monkeypatch.setitem(bench_zoo.ZOO, "bag", (Bag, "text", "adamw"))
+    args = bench_zoo.build_parser().parse_args(
+        ["--models", "broken", "bag", "--epochs", "3", "--train", "64", "--probe", "96", "--out", str(tmp_path)])
+    res = bench_zoo.run(args, log=lambda s: None)
+    by = {r["model"]: r for r in res["models"]}
+    assert list(by) == ["broken", "bag"]
+    assert by["broken"]["status"] == "failed" and by["broken"]["phase"] in ("setup", "start")
+    assert isinstance(by["broken"]["error"], str) and by["broken"]["error"]
+    bag = by["bag"]  # after a failure the table goes on: layers, groups, costs and freezes reported
+    assert bag["status"] == "ok", bag["error"]
+    assert "fc" in bag["layers"] and len(bag["groups"]) >= 2 and bag["steps"] == 6
+    assert bag["step_s"] > 0 and bag["capture_vs_step"] > 0 and bag["tracker_vs_training"] > 0
+    assert bag["captures"][0]["step"] == 0 and bag["captures"][-1]["step"] == 6
+    assert all(isinstance(e["groups"], list) and e["step"] % 2 == 0 for e in bag["frozen"])
+    md = (tmp_path / "zoo.md").read_text()
+    assert "| broken |" in md and "| bag |" in md and "failed at" in md
+    assert json.loads((tmp_path / "zoo.json").read_text())["models"][0]["model"] == "broken"
+
+
+def test_language_dynamics_quick(tmp_path):
+    from experiments import language_dynamics
+
+    args = language_dynamics.build_parser().parse_args(
+        ["--quick", "--steps", "16", "--probe-size", "96", "--max-chars", "20000", "--out", str(tmp_path)])
+    res = language_dynamics.run(args, log=None)
+    saved = _saved_json(res)
+    m = saved["models"]["lstm"]
+    layers = ["embed.last", "lstm1.last", "lstm2.last", "decoder.last"]
+    assert m["layers"] == layers  # explicit layers, in forward order
+    assert set(m["convergence_fraction"]) == set(layers) and set(m["chance_level"]) == set(layers)
+    assert all(0.0 <= v <= 1.0 for v in m["chance_level"].values())
+    assert set(m["weight_change"]) == {"embed", "lstm1", "lstm2", "decoder"}
+    assert all(v > 0 for v in m["weight_change"].values())
+    assert m["convergence_fraction"]["decoder.last"] is not None  # the final capture is itself
+    assert m["captures"] >= 3 and m["held_out_loss"][0]["step"] == 0 and m["held_out_loss"][-1]["step"] == 16
+    assert m["final_bits_per_token"] < m["held_out_loss"][0]["bits_per_token"]  # it learned something
+    for fig in m["figures"].values():
+        assert Path(fig).stat().st_size > 1000
+    assert saved["text"]["vocab"] > 30 and saved["text"]["level"] == "char"
+    # the word level builds its vocabulary from the training text, rare words as <unk>
+    corpus = language_dynamics.Corpus(20000, level="word")
+    assert corpus.tokens[0] == "<unk>" and "<eod>" in corpus.tokens and corpus.train.max() < corpus.vocab
+
+
+def test_language_dynamics_token_readout(tmp_path, monkeypatch):
+    from experiments import language_dynamics
+
+    argv = ["--quick", "--readout", "tokens", "--steps", "8", "--probe-size", "64", "--max-chars", "20000",
+            "--out", str(tmp_path)]
+    if language_dynamics.tokens_supported():  # the recorder takes (N, L, D) outputs as token datapoints
+        m = language_dynamics.run(language_dynamics.build_parser().parse_args(argv), log=None)["models"]["lstm"]
+        assert m["layers"] == ["embed.layer", "lstm1.layer", "lstm2.layer", "decoder.layer"]
+        assert m["convergence_fraction"]["decoder.layer"] is not None
+    monkeypatch.setattr(language_dynamics, "tokens_supported", lambda: False)
+    with pytest.raises(common.ExperimentError, match="--readout last"):
+        language_dynamics.run(language_dynamics.build_parser().parse_args(argv), log=None)
