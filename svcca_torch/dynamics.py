@@ -636,17 +636,21 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
 
 def _permutation_p(x: Sequence[float], y: Sequence[float], rho: float, draws: int = 20000) -> float:
     """One-sided p-value of a Spearman rho at least ``rho`` under random orders of ``y``:
-    exact up to 8 values, else ``draws`` seeded random permutations."""
+    exact up to 8 values, else ``draws`` seeded random permutations. Ranks move with a
+    permutation, so both sides are ranked once and every permuted rho is one matrix product."""
     import itertools
 
     n = len(y)
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = float(rx.norm() * ry.norm())
     if n <= 8:
-        perms = list(itertools.permutations(range(n)))
+        perms = torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long)
     else:
         g = torch.Generator().manual_seed(0)
-        perms = [torch.randperm(n, generator=g).tolist() for _ in range(draws)]
-    hits = sum(1 for p in perms if (_spearman(x, [y[i] for i in p]) or 0.0) >= rho - 1e-12)
-    return hits / len(perms)
+        perms = torch.stack([torch.randperm(n, generator=g) for _ in range(draws)])
+    rhos = ry[perms] @ rx / den if den > 0 else torch.zeros(len(perms), dtype=torch.float64)
+    return float((rhos >= rho - 1e-12).double().mean())
 
 
 def convergence_order(curves: LayerCurves, *, threshold: float = CONVERGED,

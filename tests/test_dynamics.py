@@ -311,3 +311,16 @@ def test_convergence_order_uses_layers_before_they_froze_and_states_its_statisti
     order = convergence_order(weak)
     assert order["lower_first"] is False and abs(order["spearman"]) < 0.5
     assert "no evidence" in order["statement"] or "weak evidence" in order["statement"]
+
+
+def test_permutation_p_value_matches_a_direct_count():
+    """The permuted rhos come from permuted ranks (ties included): the same as re-ranking each order."""
+    import itertools
+
+    from svcca_torch.dynamics import _permutation_p, _spearman
+
+    depth, when = [0, 1, 2, 3, 4, 5], [10.0, 30.0, 20.0, 30.0, 50.0, 40.0]
+    rho = _spearman(depth, when)
+    direct = [(_spearman(depth, [when[i] for i in p]) or 0.0) >= rho - 1e-12
+              for p in itertools.permutations(range(6))]
+    assert _permutation_p(depth, when, rho) == pytest.approx(sum(direct) / len(direct), abs=1e-12)
