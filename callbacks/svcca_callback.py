@@ -22,7 +22,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info  # the one both pa
 
 from svcca_torch.board import BoardLogger
 from svcca_torch.freeze import FreezePolicy, LayerGroup
-from svcca_torch.recorder import ActivationRecorder
+from svcca_torch.recorder import ActivationRecorder, Inputs, _input_set
 from svcca_torch.tracker import FREEZE_CHOICES, DynamicsTracker, FinalAnalysis, TrackerEvents, check_probe
 from svcca_torch.utils.validation import check_keep, check_positive_int
 
@@ -141,8 +141,8 @@ class SVCCACallback(*_CALLBACK_BASES):  # type: ignore[misc]
     (``TensorBoardLogger`` or any other) accept either package's classes
     (:data:`LIGHTNING_PACKAGES`).
 
-    Distributed (Lightning's DDP strategies): with a tensor probe every rank records a slice
-    of it and rank 0 gathers the rows (``trainer.strategy.all_gather``); a DataLoader probe is
+    Distributed (Lightning's DDP strategies): with a tensor probe (or a tuple/dict of input
+    tensors, sliced alike) every rank records a slice of it and rank 0 gathers the rows (``trainer.strategy.all_gather``); a DataLoader probe is
     recorded by rank 0 alone. Rank 0 writes the store and logs; every capture and freeze
     decision is made on rank 0 and broadcast with ``trainer.strategy.broadcast``. With
     freeze training under plain ``strategy="ddp"`` the callback sets
@@ -166,7 +166,10 @@ class SVCCACallback(*_CALLBACK_BASES):  # type: ignore[misc]
         trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True))
 
     Args:
-        probe: fixed probe inputs: a tensor ``(N, ...)``, a DataLoader or a list of batches.
+        probe: fixed probe inputs: a tensor ``(N, ...)``; for a model whose forward takes
+            several inputs (``forward(ids, mask)``), a tuple of tensors (positional) or a dict
+            of tensors (keywords) with the same first dimension; or a DataLoader or a list of
+            batches of either.
         layers: layers to record (see :func:`svcca_torch.recorder.select_layers`).
         every_n_epochs: a capture at the end of every n-th epoch (every one taken).
         every_n_train_steps: a capture every n optimizer steps instead (every one taken).
@@ -301,14 +304,16 @@ class SVCCACallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def sharded(self) -> bool:
-        """Whether ranks record slices of the probe (DDP with a tensor probe)."""
+        """Whether ranks record slices of the probe (DDP with a tensor probe, or a tuple/dict of input tensors)."""
         return bool(self.tracker and self.tracker._sharded_record is not None)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        sharded = trainer.world_size > 1 and isinstance(self.probe, torch.Tensor)
+        # a tensor probe, or one set of several inputs (a tuple/dict of tensors), is cut into slices
+        sharded = trainer.world_size > 1 and (isinstance(self.probe, torch.Tensor)
+                                              or _input_set(self.probe, pl_module) is not None)
         self.tracker = DynamicsTracker(
             pl_module, self.probe, run_dir=self.run_dir or "svcca_run", is_writer=trainer.is_global_zero,
             broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else None,
@@ -496,36 +501,43 @@ class SVCCACallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ DDP recording
     def _record_sharded(self, trainer: "pl.Trainer", rec: ActivationRecorder,
-                        probe: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
-        """Every rank records a contiguous slice of the probe inputs; the rows are gathered
-        with ``trainer.strategy.all_gather`` (all ranks) and assembled on rank 0 in probe
-        order. Rows are image-major, so the concatenation equals a single-process recording;
-        ``rec.max_datapoints`` is then applied with the recorder's own row indices."""
+                        probe: Union[torch.Tensor, Inputs]) -> Optional[Dict[str, torch.Tensor]]:
+        """Every rank records a contiguous slice of the probe inputs (every input of a model of
+        several sliced alike, ``probe`` an :class:`~svcca_torch.recorder.Inputs`); the rows are
+        gathered with ``trainer.strategy.all_gather`` (all ranks) and assembled on rank 0 in
+        probe order. Rows are input-major, so the concatenation equals a single-process
+        recording without ``max_datapoints`` (each rank's row count is gathered first: token
+        layers keep as many rows per input as it has real tokens); ``rec.max_datapoints`` is
+        then applied as the recorder applies it (a fixed-seed subsample of all the rows)."""
         from svcca_torch.functional.conv import conv_datapoint_indices
 
         shard = ActivationRecorder(rec.model, rec.layers, grid=rec.grid, resize=rec.resize, max_datapoints=None,
-                                   batch_size=rec.batch_size, device=rec.device)
-        n, world, rank = probe.shape[0], trainer.world_size, trainer.global_rank
+                                   batch_size=rec.batch_size, device=rec.device, max_tokens=rec.max_tokens,
+                                   layouts=dict(rec.layouts), padding_mask=rec.padding_mask)
+        inputs = probe if isinstance(probe, Inputs) else Inputs((probe,))
+        n, world, rank = inputs.rows, trainer.world_size, trainer.global_rank
         chunk = -(-n // world)
         counts = [max(0, min(n, (r + 1) * chunk) - r * chunk) for r in range(world)]
         lo = rank * chunk
         # a rank with no slice still runs one input, so every rank joins the same collectives
-        acts = shard.record(probe[lo: lo + counts[rank]] if counts[rank] else probe[:1])
-        grid = shard.conv_grid or (1, 1)
-        cells = grid[0] * grid[1]
-        out: Dict[str, torch.Tensor] = {}
+        part = inputs.slice(lo, lo + counts[rank]) if counts[rank] else inputs.slice(0, 1)
+        acts = shard.record(part if isinstance(probe, Inputs) else part.args[0])
         device = next((t.device for t in rec.model.parameters()), torch.device("cpu"))
+        mine = next(iter(acts.values())).shape[0] if counts[rank] else 0  # common rows: alike in every layer
+        rows = trainer.strategy.all_gather(torch.tensor([mine], device=device)).reshape(-1).tolist()
+        most = max(1, max(int(r) for r in rows))
+        out: Dict[str, torch.Tensor] = {}
         for name, t in acts.items():
-            padded = torch.zeros(chunk * cells, t.shape[1], dtype=t.dtype)
-            mine = t[: counts[rank] * cells]
-            padded[: mine.shape[0]] = mine
+            padded = torch.zeros(most, t.shape[1], dtype=t.dtype)
+            padded[:mine] = t[:mine]
             parts = trainer.strategy.all_gather(padded.to(device))
             if trainer.is_global_zero:
-                out[name] = torch.cat([parts[r, : counts[r] * cells].cpu() for r in range(world)])
+                out[name] = torch.cat([parts[r, : int(rows[r])].cpu() for r in range(world)])
         if not trainer.is_global_zero:
             return None
-        rows = conv_datapoint_indices(n, grid, max_datapoints=rec.max_datapoints, seed=rec.seed)
-        return {k: v[rows] for k, v in out.items()} if rows is not None else out
+        total = int(sum(rows))
+        kept = conv_datapoint_indices(total, (1, 1), max_datapoints=rec.max_datapoints, seed=rec.seed)
+        return {k: v[kept] for k, v in out.items()} if kept is not None else out
 
     # ------------------------------------------------------------------ logging (rank 0 writes)
     def _start_board(self, trainer: "pl.Trainer") -> None:

@@ -61,7 +61,7 @@ from torch import nn
 
 from ._prefix import (RandomStreams, StateWatch, _same, bits_hash, forward_context, input_tensor, real_forward,
                       restore_forward, streams_kept)
-from .recorder import _modes_and_hooks_restored
+from .recorder import Inputs, _modes_and_hooks_restored
 
 #: Most bytes of kept boundary outputs (host memory) by default.
 CACHE_BYTES = 1 << 30
@@ -206,7 +206,8 @@ class FrozenOutputCache:
 
     def update(self, frozen: Dict[str, nn.Module], example: Any) -> None:
         """Start serving the frozen modules ``frozen`` (outermost only) after a freeze;
-        ``example`` is a few probe inputs on the model's device, for one traced forward (the
+        ``example`` is a few probe inputs on the model's device (a tensor, or
+        :class:`~svcca_torch.recorder.Inputs` for a model of several), for one traced forward (the
         frozen modules' call order, each called once) and the structural check."""
         if self.off is not None or not frozen or self._changed(full=True):  # changed since the last forward: stale
             return
@@ -387,7 +388,7 @@ class FrozenOutputCache:
         def make(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, out: Any) -> None:
                 done.append(name)
-                if name in frozen and isinstance(out, torch.Tensor) and out.ndim:
+                if name in frozen and isinstance(out, torch.Tensor) and out.ndim and not out.is_nested:
                     self._shapes.setdefault(name, (tuple(out.shape[1:]), out.dtype))
                     kept.setdefault(name, out.detach().clone())
             return hook
@@ -429,4 +430,6 @@ class FrozenOutputCache:
         return None
 
     def _run_eval(self, example: Any, hooks: Dict[str, Callable], outs: List[Any]) -> None:
-        _modes_and_hooks_restored(self.model, hooks, lambda: outs.append(self.model(example)))
+        # ``example``: a tensor, or :class:`~svcca_torch.recorder.Inputs` for a model of several inputs
+        call = example.call if isinstance(example, Inputs) else lambda m: m(example)
+        _modes_and_hooks_restored(self.model, hooks, lambda: outs.append(call(self.model)))

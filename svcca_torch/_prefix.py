@@ -5,9 +5,11 @@ mode), their output on the fixed probe no longer changes, so a freeze-signal rec
 the groups above them need not run them again. :class:`PrefixReuse` keeps the output of the
 frozen prefix's last module to run (the *boundary*) for the probe images of one recording;
 later recordings replace the frozen modules' ``forward`` for their duration: the boundary
-returns its kept output, the frozen modules before it return zeros of their input's shape
-(never the input itself, which may be the caller's probe tensor and could then be changed
-in place by the next module).
+returns its kept output, the frozen modules before it return zeros shaped like their output
+when it was kept (an embedding's is not its input's; else of their input's shape), never the
+input itself, which may be the caller's probe tensor and could then be changed in place by
+the next module. A boundary that returns a nested tensor (``nn.TransformerEncoder``'s eval
+fast path with a padding mask) is not kept.
 
 That is exact when everything after the boundary depends on the frozen modules only through
 the boundary's output: a chain, as in ResNets and ``nn.Sequential`` models. It is checked for
@@ -84,6 +86,8 @@ class _Kept(NamedTuple):
     device: str
     context: Tuple[Any, ...]  # forward_context when it was kept
     watch: "StateWatch"  # the frozen modules' state when it was kept
+    # frozen module -> its output's (shape after the batch dimension, dtype): what its stub returns zeros of
+    shapes: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
 
 
 class PrefixReuse:
@@ -135,6 +139,9 @@ class PrefixReuse:
                     raise RuntimeError("a frozen module was called without a tensor input")
                 if name == kept.boundary:  # a check runs the first images only: slice
                     return kept.outputs[state["batch"]][: x.shape[0]].to(x.device, copy=True)
+                if name in kept.shapes:  # zeros shaped like its output (an embedding's is not its input's)
+                    shape, dtype = kept.shapes[name]
+                    return torch.zeros((x.shape[0], *shape), dtype=dtype, device=x.device)
                 return torch.zeros_like(x)  # never the input: the next module may work in place
 
             return forward
@@ -188,13 +195,23 @@ class PrefixReuse:
         size = [0]
 
         def keep(module: nn.Module, args: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor) and size[0] + out.numel() * out.element_size() <= self.max_bytes:
+            if isinstance(out, torch.Tensor) and not out.is_nested \
+                    and size[0] + out.numel() * out.element_size() <= self.max_bytes:
                 size[0] += out.numel() * out.element_size()
                 outputs.append(out.detach().to("cpu", copy=True))  # host memory: a GPU's is not held
             else:
-                size[0] = self.max_bytes + 1  # not a tensor, or too large: keep nothing
+                size[0] = self.max_bytes + 1  # not a tensor (or a nested one: no rows to slice), or too large
 
-        handle = frozen[new].register_forward_hook(keep)
+        shapes: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
+
+        def shape_of(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, out: Any) -> None:
+                if isinstance(out, torch.Tensor) and out.ndim and not out.is_nested:
+                    shapes.setdefault(name, (tuple(out.shape[1:]), out.dtype))
+            return hook
+
+        handles = [frozen[new].register_forward_hook(keep)]
+        handles += [m.register_forward_hook(shape_of(n)) for n, m in frozen.items() if n != new]
         streams = RandomStreams()
         try:
             if kept is not None:
@@ -204,11 +221,13 @@ class PrefixReuse:
             else:
                 result = record(n_images)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if streams.drawn() is not None:  # skipping the prefix later would shift the random stream
             self.disabled, self.kept = True, None
         elif size[0] <= self.max_bytes and sum(int(t.shape[0]) for t in outputs) == n_images:
-            self.kept = _Kept(names, calls[0], new, outputs, n_images, str(device), context, StateWatch(frozen))
+            self.kept = _Kept(names, calls[0], new, outputs, n_images, str(device), context, StateWatch(frozen),
+                              {**(kept.shapes if kept is not None else {}), **shapes})
         return result
 
     def _check(self, kept: _Kept, frozen: Dict[str, nn.Module], layers: Sequence[str],

@@ -98,7 +98,7 @@ from .freeze import (
     make_freeze_policy,
 )
 from .functional.svcca import ReducedBasis, svd_reduce
-from .recorder import ActivationRecorder, direction_limits, batch_inputs, to_model
+from .recorder import ActivationRecorder, Inputs, _input_set, _iter_probe, direction_limits, to_model
 from .store import RepresentationStore
 from .utils.validation import (
     NonFiniteError,
@@ -145,45 +145,104 @@ Groups = Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]]
 
 
 # ----------------------------------------------------------------------------------- probe
-def probe_size(probe: Any) -> int:
-    """Number of inputs in ``probe`` (a tensor or a re-iterable of batches; iterated once
-    when its size is not known otherwise)."""
+def probe_size(probe: Any, model: Optional[nn.Module] = None) -> int:
+    """Number of inputs in ``probe``: a tensor, one set of several model inputs (a tuple or
+    dict of tensors, see :func:`svcca_torch.recorder.model_inputs`; ``model`` tells how its
+    forward takes them) or a re-iterable of batches (iterated once when its size is not
+    known otherwise)."""
     if isinstance(probe, torch.Tensor):
         return int(probe.shape[0])
+    whole = _input_set(probe, model)
+    if whole is not None:
+        return whole.rows
     dataset = getattr(probe, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)
-    return sum(int(batch_inputs(b).shape[0]) for b in probe)
+    return sum(b.rows for b in _iter_probe(probe, 1 << 62, model))
+
+
+def _plain(x: Inputs) -> Union[torch.Tensor, Inputs]:
+    """A batch of one positional input as that tensor (the single-input paths, as before
+    several inputs were read), else the :class:`~svcca_torch.recorder.Inputs`."""
+    if len(x.args) == 1 and not x.kwargs and isinstance(x.args[0], torch.Tensor):
+        return x.args[0]
+    return x
+
+
+def _cat(batches: Sequence[Union[torch.Tensor, Inputs]]) -> Union[torch.Tensor, Inputs]:
+    """Probe batches joined into one: tensors concatenated; :class:`Inputs` input by input (each
+    per-input tensor concatenated, anything else taken from the first batch)."""
+    if all(isinstance(b, torch.Tensor) for b in batches):
+        return torch.cat(list(batches))
+    parts = [b if isinstance(b, Inputs) else Inputs((b,)) for b in batches]
+
+    def join(values: Sequence[Any]) -> Any:
+        if isinstance(values[0], torch.Tensor) and values[0].ndim > 0:
+            return torch.cat(list(values))
+        return values[0]
+
+    first = parts[0]
+    args = [join([p.args[i] for p in parts]) for i in range(len(first.args))]
+    return Inputs(args, {k: join([p.kwargs[k] for p in parts]) for k in first.kwargs})
+
+
+def _hash_batch(h: Any, x: Inputs) -> None:
+    """Feed one probe batch to the digest ``h``: every per-input tensor (shape, dtype and
+    bits) and the other values passed with it. A batch of one tensor is hashed as it always
+    was (its shape and float32 values), so the digests of earlier runs still match on resume."""
+    tensors = x.tensors()
+    if len(tensors) == 1 and len(x.args) + len(x.kwargs) == 1:
+        t = tensors[0].detach().to("cpu", torch.float32).contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+        return
+    h.update(b"inputs")
+    for key, v in x._items():
+        h.update(f"|{key}|".encode())
+        if isinstance(v, torch.Tensor):
+            t = v.detach().to("cpu").contiguous()
+            h.update(f"{tuple(t.shape)} {t.dtype}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            h.update(repr(v).encode())
+        else:
+            h.update(type(v).__name__.encode())
 
 
 class _Probe:
-    """The probe as input batches, hashed as they are iterated.
+    """The probe as batches of model inputs, hashed as they are iterated.
 
-    ``digests[i]`` is the SHA-1 of every input up to and including batch ``i`` (cumulative),
-    so a capture that runs only the first batches (a freeze-signal capture) is checked
-    against the same prefix of the first full pass, and a full pass checks every batch."""
+    Batches are read as the recorder reads them (:func:`svcca_torch.recorder.model_inputs`:
+    a tensor, ``(inputs, targets)``, or several inputs as a tuple or dict for a forward that
+    takes them); a batch of one positional input is handled as that tensor, several as an
+    :class:`~svcca_torch.recorder.Inputs` (called ``model(*args, **kwargs)``, sliced input
+    by input).
 
-    def __init__(self, probe: Any, batch_size: int) -> None:
+    ``digests[i]`` is the SHA-1 of every input up to and including batch ``i`` (cumulative;
+    every tensor of a batch of several inputs), so a capture that runs only the first batches
+    (a freeze-signal capture) is checked against the same prefix of the first full pass, and
+    a full pass checks every batch."""
+
+    def __init__(self, probe: Any, batch_size: int, model: Optional[nn.Module] = None) -> None:
         self.probe = check_probe(probe)
         self.batch_size = batch_size
+        self.model = model
         self.digests: List[str] = []
 
-    def _batches(self) -> Iterator[torch.Tensor]:
-        if isinstance(self.probe, torch.Tensor):
-            yield from self.probe.split(self.batch_size)
-        else:
-            for b in self.probe:
-                yield batch_inputs(b)
+    def _batches(self) -> Iterator[Inputs]:
+        yield from _iter_probe(self.probe, self.batch_size, self.model)
 
-    def inputs(self, n_images: Optional[int] = None) -> Iterator[torch.Tensor]:
-        """Yield input batches (the first ``n_images`` inputs, default all), checking each
-        batch's cumulative digest against the first pass."""
+    def size(self) -> int:
+        return probe_size(self.probe, self.model)
+
+    def inputs(self, n_images: Optional[int] = None) -> Iterator[Union[torch.Tensor, Inputs]]:
+        """Yield input batches (the first ``n_images`` inputs, default all; every input of a
+        batch of several sliced alike), checking each batch's cumulative digest against the
+        first pass."""
         h = hashlib.sha1()
         seen = 0
         for i, x in enumerate(self._batches()):
-            t = x.detach().to("cpu", torch.float32).contiguous()
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
+            _hash_batch(h, x)
             d = h.hexdigest()
             if i < len(self.digests):
                 if d != self.digests[i]:
@@ -194,19 +253,91 @@ class _Probe:
                     )
             else:
                 self.digests.append(d)
-            if n_images is not None and seen + x.shape[0] >= n_images:
-                yield x[: n_images - seen]
+            rows = x.rows
+            if n_images is not None and seen + rows >= n_images:
+                yield _plain(x.slice(0, n_images - seen))
                 return
-            seen += x.shape[0]
-            yield x
+            seen += rows
+            yield _plain(x)
+
+    def whole(self, n_images: Optional[int] = None) -> Union[torch.Tensor, Inputs]:
+        """The first ``n_images`` inputs (default all) as one batch (hashed as :meth:`inputs`)."""
+        return _cat(list(self.inputs(n_images)))
 
     @property
     def checksum(self) -> Optional[str]:
         """Digest of the whole probe (None before the first full pass)."""
         return self.digests[-1] if self.digests else None
 
-    def head(self, k: int) -> torch.Tensor:
-        return next(iter(self._batches()))[:k].clone()
+    def head(self, k: int) -> Union[torch.Tensor, Inputs]:
+        """The first ``k`` inputs of the first batch (copies; every input of a batch of several)."""
+        x = next(iter(self._batches()))
+        return _plain(x.slice(0, k).map(lambda t: t.clone()))
+
+    def non_finite(self) -> Tuple[int, int]:
+        """(probe inputs holding a NaN or Inf in any of their tensors, the first one's index or -1)."""
+        bad, first, seen = 0, -1, 0
+        for x in self._batches():
+            rows = torch.zeros(x.rows, dtype=torch.bool)
+            for t in x.tensors():
+                if t.is_floating_point() or t.is_complex():
+                    rows |= (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).cpu()
+            n = int(rows.sum())
+            if n and first < 0:
+                first = seen + int(rows.nonzero()[0, 0])
+            bad += n
+            seen += x.rows
+        return bad, first
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """PyTorch's fused multi-head-attention fast path off inside (restored after)."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+def _swamped(t: torch.Tensor, earlier: Optional[ReducedBasis]) -> Optional[str]:
+    """Why a recorded layer the kernel found constant (every neuron within the rounding of its
+    mean) is not dead, or None when it is: its values do vary over the probe, below the float
+    rounding of their mean, and their spread did not collapse since ``earlier`` (the layer's
+    last reduced basis, if any: at least 1% of its root-mean-square spread then). A dead layer
+    (ReLUs all off, zeroed weights, a saturated activation) is exactly constant or lost its
+    spread."""
+    x = t.detach().double()
+    if x.ndim != 2 or x.shape[0] < 2 or not bool(torch.isfinite(x).all()):
+        return None
+    spread = float((x - x.mean(0)).pow(2).sum().div(x.shape[0]).sqrt())
+    if not spread > 0:
+        return None
+    if earlier is not None and earlier.n_datapoints:
+        before = float(earlier.singular_values.double().pow(2).sum().div(earlier.n_datapoints).sqrt())
+        if spread < 0.01 * before:
+            return None
+    return (f"its values vary over the probe (root-mean-square spread {spread:.2g}), below the float rounding of their "
+            f"mean (mean |value| {float(x.abs().mean()):.2g})")
+
+
+class _Bound(nn.Module):
+    """``model`` called on fixed :class:`~svcca_torch.recorder.Inputs` whatever it is given
+    (for code that calls ``model(x)`` with one input: the FLOPs counter). Its parameters and
+    modules are ``model``'s."""
+
+    def __init__(self, model: nn.Module, inputs: Inputs) -> None:
+        super().__init__()
+        self.model = model
+        self._svcca_inputs = inputs
+
+    def forward(self, *_: Any) -> Any:
+        return self._svcca_inputs.call(self.model)
 
 
 # ----------------------------------------------------------------------------------- results
@@ -270,8 +401,11 @@ class DynamicsTracker:
 
     Args:
         model: the ``nn.Module`` being trained.
-        probe: fixed probe inputs: a tensor ``(N, ...)`` or a re-iterable of batches (a
-            DataLoader with ``shuffle=False``, a list of batches), same order every time.
+        probe: fixed probe inputs: a tensor ``(N, ...)``; for a model whose forward takes
+            several inputs (``forward(ids, mask)``), a tuple of tensors (positional) or a dict
+            of tensors (keywords), all with the same first dimension; or a re-iterable of
+            batches of either (a DataLoader with ``shuffle=False``, a list of batches; see
+            :func:`svcca_torch.recorder.model_inputs`), same order every time.
         layers: layers to record (see :func:`svcca_torch.recorder.select_layers`).
         run_dir: folder for the store (``<run_dir>/store``), figures and summary JSON.
         keep, max_directions: SVD truncation of the stored representations.
@@ -316,9 +450,12 @@ class DynamicsTracker:
         progress: progress bar during the final analysis.
         is_writer: whether this process writes the store (rank 0 under DDP).
         broadcast: ``obj -> obj`` from rank 0 to every rank (default identity).
-        sharded_record: ``(recorder, inputs) -> {layer: rows} or None`` recording a probe
-            tensor split across ranks (rows gathered on rank 0) for full captures (common
-            rows); default: record here. Freeze-signal recordings run on the writer alone.
+        sharded_record: ``(recorder, inputs) -> {layer: rows} or None`` recording the probe
+            split across ranks (rows gathered on rank 0) for full captures (common rows);
+            ``inputs`` is the probe as one batch: a tensor, or an
+            :class:`~svcca_torch.recorder.Inputs` for a model of several inputs (slice it with
+            ``inputs.slice(start, stop)``, every input alike); default: record here.
+            Freeze-signal recordings run on the writer alone.
         analysis_device: where the end-of-run analysis decodes and compares the stored
             bases (e.g. ``"cpu"`` to keep a GPU free); default: the model's device.
 
@@ -375,7 +512,8 @@ class DynamicsTracker:
         progress: bool = False,
         is_writer: bool = True,
         broadcast: Optional[Callable[[Any], Any]] = None,
-        sharded_record: Optional[Callable[[ActivationRecorder, torch.Tensor], Optional[Dict[str, torch.Tensor]]]] = None,
+        sharded_record: Optional[Callable[[ActivationRecorder, Union[torch.Tensor, Inputs]],
+                                          Optional[Dict[str, torch.Tensor]]]] = None,
         analysis_device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -387,7 +525,7 @@ class DynamicsTracker:
                 f"`freeze_training` must be False, True (= 'adaptive'), 'adaptive' or 'schedule'; got {freeze!r}."
             )
         self.model = model
-        self._probe = _Probe(probe, check_positive_int(batch_size, "batch_size"))
+        self._probe = _Probe(probe, check_positive_int(batch_size, "batch_size"), model)
         self.layers_spec = layers
         self.run_dir = Path(run_dir)
         self.keep = check_keep(keep)
@@ -503,7 +641,7 @@ class DynamicsTracker:
         :meth:`start` calls it). Unknown layer names fail here, listing the names that exist."""
         if self._set_up:
             return
-        n = self._n_probe = probe_size(self.probe)
+        n = self._n_probe = self._probe.size()
         if n < 2:
             raise ValueError(
                 f"`probe` holds {n} input(s): SVCCA compares layers across probe datapoints, so it needs at least "
@@ -835,17 +973,26 @@ class DynamicsTracker:
                 bases: Dict[str, ReducedBasis] = {}
                 first = not self.captured_steps
                 constant: List[CaptureError] = []
+                swamped: Dict[str, str] = {}
                 for name in list(acts):
+                    t = acts.pop(name)
                     try:
-                        bases[name] = self._reduce(name, acts.pop(name), step, settings["keep"], settings["keep_rule"],
+                        bases[name] = self._reduce(name, t, step, settings["keep"], settings["keep_rule"],
                                                    limits[name] if cap is None else min(cap, limits[name]), kind=kind)
                     except CaptureError as err:
                         if err.constant and (first or self._pending(name, "first_varied")):
                             constant.append(err)  # constant since the start (a zero-initialised head): left out
                             continue
+                        why = _swamped(t, (self._prev or {}).get(name)) if err.constant else None
+                        if why is not None:  # not dead: its variation is below its values' rounding for now
+                            swamped[name] = why
+                            continue
                         if not self._final:
                             raise
                         self.failures.append(err.entry())  # finish(): stored and analysed without this layer
+                    finally:
+                        del t
+                self._note_swamped(step, swamped, kind)
                 if constant and not bases and first and not self.failures:
                     raise constant[0]  # every layer constant at the first capture: the probe is
                 self._note_constant(step, [e.layer for e in constant], bases)
@@ -878,6 +1025,23 @@ class DynamicsTracker:
             self.captured_steps.append(step)
             self._capture_cost = time.perf_counter() - t0
             return {"step": step, "to_previous": sims}
+
+    def _note_swamped(self, step: int, swamped: Mapping[str, str], where: str) -> None:
+        """Layers found constant at ``step`` that are not dead (:func:`_swamped`): left out of
+        the captures and the freeze signal until they vary again, like a layer constant at the
+        start (:attr:`constant_layers`, ``"reason"`` says why), one warning per layer."""
+        for n, why in swamped.items():
+            self.constant_layers[n] = {"constant_at": int(step), "first_varied": None, "signal_from": None,
+                                       "reason": why}
+            if ("swamped", n) in self._warned:
+                continue
+            self._warned.add(("swamped", n))
+            warnings.warn(
+                f"{type(self).__name__}: layer {n!r} is constant over the probe at step {step} ({where}), but it is "
+                f"not dead: {why}, as when an output bias grows over activations that are still tiny in eval mode "
+                "(BatchNorm running statistics not adapted yet). It is left out of the captures and the freeze signal "
+                "until it varies, then recorded and judged from there (svcca_summary.json, \"constant_at_start\", "
+                "says when).", UserWarning, stacklevel=4)
 
     def _pending(self, name: str, key: str) -> bool:
         """Whether ``name`` was constant at the first capture and has not varied since, in the
@@ -927,7 +1091,7 @@ class DynamicsTracker:
         rec.device = self._model_device()
         if layers is None:
             if self._sharded_record is not None:
-                return self._sharded_record(rec, torch.cat(list(self._probe.inputs(n_images))))
+                return self._sharded_record(rec, self._probe.whole(n_images))
             if not self.is_writer:
                 return None
             return rec.record(self._probe.inputs(n_images), rows="common")
@@ -967,7 +1131,7 @@ class DynamicsTracker:
             constant = False
             what = (f"layer {name!r} has {err.count} NaN or Inf values ({err.nan} NaN, {err.count - err.nan} Inf, "
                     f"in {err.rows} of {err.n_rows} probe datapoints) {at}")
-            bad, where = self._probe_non_finite() if first else (0, -1)
+            bad, where = self._probe.non_finite() if first else (0, -1)
             if bad:
                 msg = (f"{what}: the probe holds {bad} input{'s' if bad > 1 else ''} with NaN or Inf values (the "
                        f"first: input {where}). SVCCA compares finite activations; fix: drop or repair those "
@@ -982,20 +1146,6 @@ class DynamicsTracker:
                        f"only this layer overflows, leave {name!r} out of `layers`.")
         raise CaptureError(msg, step=step, layer=name, kind=kind, owner=type(self).__name__,
                            constant=constant) from None
-
-    def _probe_non_finite(self) -> Tuple[int, int]:
-        """(probe inputs holding a NaN or Inf, the index of the first of them or -1): only
-        when a recording is not finite, to tell a bad probe from a bad model."""
-        bad, first, seen = 0, -1, 0
-        for x in self._probe._batches():
-            if x.is_floating_point() or x.is_complex():
-                rows = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1)
-                n = int(rows.sum())
-                if n and first < 0:
-                    first = seen + int(rows.nonzero()[0, 0])
-                bad += n
-            seen += int(x.shape[0])
-        return bad, first
 
     # ------------------------------------------------------------------ freeze signal
     def _signal_plan(self, groups: Sequence[str]) -> Tuple[List[str], Dict[str, int], int]:
@@ -1017,7 +1167,7 @@ class DynamicsTracker:
             for n, t in tiny.items():
                 h, w = rec.layer_grids[n]
                 self._signal_shapes[n] = (int(t.shape[1]), h * w)
-        total = self._n_probe or probe_size(self.probe)
+        total = self._n_probe or self._probe.size()
         images = {n: min(total, -(-self.signal_ratio * self._signal_shapes[n][0] // self._signal_shapes[n][1]))
                   for n in layers}
         return layers, images, max(images.values())
@@ -1112,13 +1262,20 @@ class DynamicsTracker:
         bases: Dict[str, ReducedBasis] = {}
         for n in layers:
             t = acts.pop(n)
+            t = t[(index[n] < images[n]).to(t.device)]
             try:
-                bases[n] = self._reduce(n, t[(index[n] < images[n]).to(t.device)], step, SIGNAL_KEEP, "variance",
-                                        kind="freeze signal")
+                bases[n] = self._reduce(n, t, step, SIGNAL_KEEP, "variance", kind="freeze signal")
             except CaptureError as err:
                 if err.constant and self._pending(n, "signal_from"):
                     continue  # constant since the start (a zero-initialised head): its signal starts when it varies
-                raise
+                earlier = (self._ref or {}).get("bases", {}).get(n)
+                if earlier is None:
+                    earlier = (self._prev or {}).get(n)
+                why = _swamped(t, earlier) if err.constant else None
+                if why is None:
+                    raise
+                self._note_swamped(step, {n: why}, "freeze signal")  # not dead: left out until it varies
+                continue
             if self._pending(n, "signal_from"):
                 self.constant_layers[n]["signal_from"] = int(step)
         return bases
@@ -1421,14 +1578,19 @@ class DynamicsTracker:
             self._cache = None
 
     def _backward_flops(self, all_trainable: bool = False) -> int:
+        """FLOPs of one backward pass on one probe input (eval mode, grad enabled), with
+        PyTorch's fused attention fast path off: ``nn.TransformerEncoder`` decides on it from
+        its first layer alone, so with that layer frozen and a padding mask it would hand a
+        nested tensor to a trainable layer above, which refuses it outside the fast path (the
+        fast path is for inference: training forwards never take it)."""
         x = to_model(self._probe.head(1), self.model)  # FLOPs are linear in the batch: one input (eval mode)
-        if not all_trainable:
-            return backward_flops(self.model, x)
-        frozen = [p for g in self.groups for p in g.parameters() if not p.requires_grad]
+        model, arg = (self.model, x) if isinstance(x, torch.Tensor) else (_Bound(self.model, x), None)
+        frozen = [p for g in self.groups for p in g.parameters() if not p.requires_grad] if all_trainable else []
         for p in frozen:
             p.requires_grad_(True)
         try:
-            return backward_flops(self.model, x)
+            with _mha_fastpath_off():
+                return backward_flops(model, arg)
         finally:
             for p in frozen:
                 p.requires_grad_(False)
