@@ -11,7 +11,6 @@ frozen-output cache and the DDP shards."""
 from __future__ import annotations
 
 import copy
-import functools
 import importlib
 import json
 import threading
@@ -24,7 +23,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from svcca_torch import dynamics
 from svcca_torch.recorder import ActivationRecorder, Inputs
 from svcca_torch.store import RepresentationStore
 from svcca_torch.tracker import DynamicsTracker, probe_size
@@ -32,13 +30,6 @@ from svcca_torch.tracker import DynamicsTracker, probe_size
 tv = pytest.importorskip("torchvision.models")
 
 N_PROBE, BATCH, STEPS, WINDOW, VOCAB, LENGTH = 64, 16, 8, 2, 50, 8
-
-
-@pytest.fixture(autouse=True)
-def _fewer_permutations(monkeypatch):
-    """The convergence statement's permutation p-value draws 20,000 permutations one by one in
-    Python for more than 8 layers (~12 s on one loaded core for ResNet-18's 10): fewer here."""
-    monkeypatch.setattr(dynamics, "_permutation_p", functools.partial(dynamics._permutation_p, draws=200))
 
 
 # ------------------------------------------------------------------------------ the models
