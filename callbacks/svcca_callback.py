@@ -21,7 +21,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info  # the one both packages re-export
 
 from svcca_torch.board import BoardLogger
-from svcca_torch.freeze import FreezePolicy, LayerGroup
+from svcca_torch.freeze import DEFAULT_THRESHOLD, FreezePolicy, LayerGroup
 from svcca_torch.recorder import ActivationRecorder, Inputs, _input_set
 from svcca_torch.tracker import FREEZE_CHOICES, DynamicsTracker, FinalAnalysis, TrackerEvents, check_probe
 from svcca_torch.utils.validation import check_keep, check_positive_int
@@ -218,7 +218,7 @@ class SVCCACallback(*_CALLBACK_BASES):  # type: ignore[misc]
         freeze_training: Union[bool, str] = False,
         freeze_groups: Optional[Union[Mapping[str, Sequence[str]], Sequence[Sequence[str]]]] = None,
         freeze_window: Optional[int] = None,
-        freeze_threshold: float = 0.9,
+        freeze_threshold: float = DEFAULT_THRESHOLD,
         freeze_patience: int = 1,
         max_frozen_fraction: float = 0.75,
         schedule_start: float = 0.25,

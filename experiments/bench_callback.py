@@ -428,7 +428,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="only the overhead arms (no callback, callback at defaults); no freeze sections")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[],
                         help="extra adaptive arms at these freeze_threshold values (default: none; the default "
-                        "arm uses the default, 0.9), e.g. --thresholds 0.95 0.85 for the speed/accuracy trade-off")
+                        "arm uses the default, 0.5), e.g. --thresholds 0.6 0.9 for the speed/accuracy trade-off")
     parser.add_argument("--patience", type=int, nargs="*", default=[],
                         help="extra adaptive arms at these freeze_patience values (default: none; the default arm "
                         "uses the default, 1), e.g. --patience 2 for the previous default")

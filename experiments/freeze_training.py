@@ -41,6 +41,7 @@ from .common import (
     write_json,
 )
 from svcca_torch.callbacks import SVCCACallback
+from svcca_torch.freeze import DEFAULT_THRESHOLD
 
 POLICIES = ("none", "schedule", "adaptive")
 TARGET_SAVED = 0.25
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="policies to compare")
     p.add_argument("--freeze-window", type=int, default=None,
                    help="adaptive: steps between the two recordings its signal compares (default one epoch)")
-    p.add_argument("--freeze-threshold", type=float, default=0.9, help="adaptive: similarity to one window earlier")
+    p.add_argument("--freeze-threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="adaptive: calibrated similarity to one window earlier (default: the policy's)")
     p.add_argument("--freeze-patience", type=int, default=1, help="adaptive: consecutive settled windows")
     p.add_argument("--max-frozen-fraction", type=float, default=0.75, help="most layer groups frozen")
     p.add_argument("--schedule-start", type=float, default=0.25, help="schedule: fraction at which the lowest group freezes")

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.95,
                    help="similarity to the final state counted as converged")
     p.add_argument("--freeze-threshold", type=float, default=None,
-                   help="adaptive policy's similarity threshold (default: SVCCACallback's, 0.9)")
+                   help="adaptive policy's calibrated similarity threshold (default: SVCCACallback's, 0.5)")
     p.add_argument("--freeze-patience", type=int, default=1, help="adaptive policy's patience (windows)")
     return p
 

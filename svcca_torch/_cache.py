@@ -260,6 +260,11 @@ class FrozenOutputCache:
             if plan is None or pos != plan.next:
                 self._plan = None
                 return real(*args, **kwargs)
+            if pos > 0 and len(_tensors([args, kwargs])) > 1:  # e.g. an attention mask: not in the key
+                self._plan = None
+                self.turn_off(f"{name!r} takes tensors besides the previous frozen module's output (e.g. an "
+                              "attention mask), which the key (the first frozen module's input) does not cover")
+                return real(*args, **kwargs)
             plan.next += 1
             if pos <= plan.serve:
                 x = input_tensor(args, kwargs)

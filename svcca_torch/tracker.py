@@ -86,6 +86,7 @@ from ._cache import CACHE_BYTES, FrozenOutputCache
 from ._prefix import PrefixReuse, Recording, call_order, outermost
 from .freeze import (
     CHANCE_LIMIT,
+    DEFAULT_THRESHOLD,
     AdaptiveFreezePolicy,
     FreezePolicy,
     LayerGroup,
@@ -497,7 +498,7 @@ class DynamicsTracker:
         freeze: Union[bool, str] = False,
         freeze_groups: Optional[Groups] = None,
         freeze_window: Optional[int] = None,
-        freeze_threshold: float = 0.9,
+        freeze_threshold: float = DEFAULT_THRESHOLD,
         freeze_patience: int = 1,
         signal_datapoints_per_neuron: int = 10,
         max_frozen_fraction: float = 0.75,

@@ -419,3 +419,39 @@ def test_a_cache_that_serves_nothing_frees_its_memory_without_epochs(tmp_path):
     stats = tracker.frozen_cache_stats
     assert stats["served"] == 0 and "served 0 of the 320 training samples" in stats["off"]
     assert stats["bytes"] == 0 and cache.lookups < 1000  # freed early: 60 steps x 64 = 3840 lookups otherwise
+
+
+class _Masked(nn.Module):
+    """Frozen blocks that also take a mask from outside the prefix (as encoder layers do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = nn.Linear(8, 8)
+        self.block2 = _MaskedLinear()
+        self.block3 = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = torch.ones_like(x) if mask is None else mask
+        return self.fc(torch.relu(self.block3(self.block2(self.block1(x), mask))))
+
+
+class _MaskedLinear(nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(8, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x * mask)
+
+
+def test_a_frozen_module_that_takes_another_input_turns_the_cache_off():
+    """The key covers the first frozen module's input only: a mask handed to a later frozen
+    module could change its output for the same key, so the cache must not serve."""
+    torch.manual_seed(0)
+    model = _Masked().eval()
+    for m in (model.block1, model.block2):
+        m.requires_grad_(False)
+    cache = FrozenOutputCache(model)
+    cache.update({"block1": model.block1, "block2": model.block2}, torch.randn(8, 8))
+    assert "attention mask" in cache.off  # seen by the check's served forward, before anything is kept
+    assert not any("forward" in m.__dict__ for m in model.modules())
