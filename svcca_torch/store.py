@@ -1096,7 +1096,11 @@ class RepresentationStore:
             (archive / rel).parent.mkdir(exist_ok=True)
             _link_or_copy(self.folder / rel, archive / rel)
         _atomic_write(archive / INDEX_NAME, lambda f: f.write(old))
-        self._write_index(dict(self._index, checkpoints=kept))
+        # the datapoint counts are those of the checkpoints kept: a new run (step=-1) with another probe size is
+        # not held to the archived run's
+        counts = {name: entry["n"] for ck in kept for name, entry in ck["files"].items()}
+        layers = [name for name in self._index["layers"] if name in counts] if kept else []
+        self._write_index(dict(self._index, checkpoints=kept, n_datapoints=counts, layers=layers))
         _remove_originals(self.folder, rels)
         return archive
 

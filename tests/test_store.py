@@ -743,3 +743,19 @@ def test_reduce_encode_and_analyse_on_the_gpu(tmp_path) -> None:
     # agree across devices to the kernels' float32 claim (1e-4)
     on_cpu = learning_dynamics(cpu, full=[20])
     assert float((on_gpu.matrices - on_cpu.matrices).nan_to_num().abs().max()) < 2e-3 + 1e-4
+
+
+def test_a_new_run_with_another_probe_size_after_archiving_everything(tmp_path):
+    """archive_after(-1) (a fresh run in an old run's folder) also drops the old run's
+    per-layer datapoint counts: the new run may use another probe size."""
+    g = torch.Generator().manual_seed(0)
+    store = RepresentationStore(tmp_path / "store")
+    store.add({"fc": torch.randn(100, 6, generator=g)}, step=0)
+    store.add({"fc": torch.randn(100, 6, generator=g)}, step=5)
+    store.archive_after(-1)
+    assert store.checkpoints == [] and store.datapoints == {}
+    store.add({"fc": torch.randn(120, 6, generator=g)}, step=0)  # was: "has 120 datapoints but the store holds 100"
+    assert store.datapoints == {"fc": 120}
+    store.archive_after(0)  # keeping a checkpoint keeps its count
+    assert store.datapoints == {"fc": 120}
+    store.close()
