@@ -17,6 +17,7 @@ from ..utils.validation import (
     zero_variance_error,
 )
 from ._linalg import (
+    CentredLayer,
     centre_layer,
     datapoint_whitened,
     default_rtol,
@@ -316,20 +317,28 @@ class Side(NamedTuple):
     scale: float
 
 
-def whitened_side(z: torch.Tensor, name: str, rtol: float) -> Side:
-    """:class:`Side` of CCA: the layer whitened through the eigendecomposition of its
-    correlation matrix, from the smaller of its two Grams (see
-    :func:`_linalg.prefer_datapoint_gram`)."""
+def centred_side(z: torch.Tensor, name: str) -> Tuple[bool, CentredLayer]:
+    """``(wide, centred layer)``: whether ``z`` ``(datapoints, neurons)`` is prepared from its
+    datapoints' Gram (:func:`_linalg.prefer_datapoint_gram`), and the layer centred for that
+    side; a ``ZeroVarianceError`` naming ``name`` when no neuron varies."""
     n, d = (int(v) for v in z.shape)
     wide = prefer_datapoint_gram(n, d)
     c = centre_layer(z, z.dtype, neuron_gram=not wide)
     if not bool(c.live.any()):
         raise zero_variance_error(name, d)
+    return wide, c
+
+
+def whitened_side(z: torch.Tensor, name: str, rtol: float) -> Side:
+    """:class:`Side` of CCA: the layer whitened through the eigendecomposition of its
+    correlation matrix, from the smaller of its two Grams (see
+    :func:`_linalg.prefer_datapoint_gram`)."""
+    wide, c = centred_side(z, name)
     if wide:
         u, w, _ = datapoint_whitened(c, rtol)
         return Side(u, w, c.mean, c.scale)
     g = unscale(c.gram, c.rel, c.rel)
-    live = live_neurons(g, c.mean * c.scale, n, name)
+    live = live_neurons(g, c.mean * c.scale, int(z.shape[0]), name)
     w, _ = equilibrated_whitener(sub_matrix(g, live, live), rtol)
     w = _embed(w, live)
     right = w if c.rel is None else w * c.rel[:, None]

@@ -32,7 +32,7 @@ from ._linalg import (
     prefer_datapoint_gram,
     rank_mask,
 )
-from .cca import CCAResult, Moments, Side, canonical_correlations, live_neurons, moments, prepare_pair
+from .cca import CCAResult, Moments, Side, canonical_correlations, centred_side, live_neurons, moments, prepare_pair
 
 KEEP_RULES = ("singular_values", "variance")
 
@@ -305,11 +305,8 @@ def svcca(
 def reduced_side(z: torch.Tensor, name: str, keep, keep_rule: str, rtol: float) -> Tuple[Side, torch.Tensor]:
     """A layer's kept singular directions as a :class:`cca.Side` (``w`` = ``V_k / s_k``),
     from the smaller of its two Grams, and their singular values (at its scale)."""
-    n, d = (int(v) for v in z.shape)
-    wide = prefer_datapoint_gram(n, d)
-    c = centre_layer(z, z.dtype, neuron_gram=not wide)
-    if not bool(c.live.any()):
-        raise zero_variance_error(name, d)
+    wide, c = centred_side(z, name)
+    d = int(z.shape[1])
     if wide:
         s, u = top_datapoint_directions(c, keep, keep_rule, None, rtol)
         if s.numel() == 0:
