@@ -11,7 +11,6 @@ frozen-output cache and the DDP shards."""
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import threading
 import warnings
@@ -401,14 +400,7 @@ def _threads(world: int, work: Callable[[int, _Rank], Any]) -> List[Any]:
 
 
 # ------------------------------------------------------------------------------ both Lightning packages
-PACKAGES = ["pytorch_lightning", "lightning.pytorch"]
-
-
-def _package(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        pytest.skip(f"{name} is not installed")
+from test_lightning_packages import PACKAGES, _package  # noqa: E402  (one list, one skip rule)
 
 
 def _lightning(pkg, name: str):
