@@ -11,21 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-import svcca_torch.tracker as tracker_module
 from svcca_torch.data import load_digits_dataset, probe_set
 from svcca_torch.freeze import CHANCE_LIMIT
 from svcca_torch.tracker import SHORT_RUN_SECONDS, SIGNAL_SHARE, DynamicsTracker
 
-
-class _Clock:
-    """``time.perf_counter`` for the tracker that advances only when told: the run's timing
-    (training steps, recordings) is set by the test, not by the machine."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def perf_counter(self) -> float:
-        return self.now
+from _clock import fake_clock
 
 
 class _LSTMClassifier(nn.Module):
@@ -47,8 +37,6 @@ def _lstm_run(tmp_path, monkeypatch, max_overhead, *, steps: int = 200, step_sec
     recording) costs ``recording_seconds`` of the tracker's clock and every training step
     ``step_seconds`` (200 x 2 s: a run of 400 s of training; a signal recording every 4
     steps, without a budget, is 1/8 of the training time)."""
-    clock = _Clock()
-    monkeypatch.setattr(tracker_module, "time", clock)
     torch.manual_seed(0)
     model = _LSTMClassifier()
     g = torch.Generator().manual_seed(0)
@@ -59,13 +47,7 @@ def _lstm_run(tmp_path, monkeypatch, max_overhead, *, steps: int = 200, step_sec
     tracker = DynamicsTracker(model, probe, ["emb", "lstm", "fc1", "fc"], run_dir=tmp_path, freeze="adaptive",
                               freeze_window=window, freeze_threshold=0.999, max_overhead=max_overhead,
                               total_steps=steps, final_analysis=True, figures=False)
-    record = tracker._record
-
-    def slow_record(*args, **kwargs):
-        clock.now += recording_seconds
-        return record(*args, **kwargs)
-
-    monkeypatch.setattr(tracker, "_record", slow_record)
+    clock = fake_clock(monkeypatch, tracker, recording_seconds)
     tracker.start()
     for step in range(1, steps + 1):
         i = (step * 32) % 256

@@ -222,6 +222,7 @@ def test_probe_checksum_covers_every_batch(tmp_path):
 
 
 # ---------------------------------------------------------------------------- forward order, store, bad layers
+from _clock import fake_clock  # noqa: E402
 from _modules import Scrambled as _Scrambled  # noqa: E402  (issue 8, section 1)
 
 
@@ -628,27 +629,12 @@ def test_non_finite_conv_layer_is_named_not_called_x(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- issue 22: the schedule
-class _Clock:
-    """A stand-in for ``time.perf_counter`` in the tracker: it advances only when told, so a
-    run's timing (training steps, capture cost) is set by the test, not by the machine."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-
 def _settling_run(run_dir, tracker_kwargs, monkeypatch, *, steps: int = 384, step_seconds: float = 1.0,
                   capture_seconds: float = 1.0, settle: int = 12):
     """A plain conv net on digits trained at a high learning rate for ``settle`` steps, then
     at 0: its layers settle within the first ``settle`` steps and never change again. The
     tracker's clock is fake: each training step takes ``step_seconds``, each recording
     ``capture_seconds`` (``steps`` x 1 s: a 6.4-minute run)."""
-    import svcca_torch.tracker as tracker_module
-
-    clock = _Clock()
-    monkeypatch.setattr(tracker_module, "time", clock)
     train, _ = load_digits_dataset()
     x, y = train.tensors
     probe = probe_set(train, 200, seed=0)
@@ -657,13 +643,7 @@ def _settling_run(run_dir, tracker_kwargs, monkeypatch, *, steps: int = 384, ste
                           nn.Flatten(), nn.Linear(512, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     tracker = DynamicsTracker(model, probe, ["0", "2", "5"], run_dir=run_dir, total_steps=steps, **tracker_kwargs)
-    record = tracker._record
-
-    def slow_record(*args, **kwargs):
-        clock.now += capture_seconds
-        return record(*args, **kwargs)
-
-    monkeypatch.setattr(tracker, "_record", slow_record)
+    clock = fake_clock(monkeypatch, tracker, capture_seconds)
     tracker.start()
     g = torch.Generator().manual_seed(0)
     for step in range(1, steps + 1):
