@@ -23,7 +23,8 @@ from lightning_utilities.core.rank_zero import rank_zero_info  # the one both pa
 from svcca_torch.board import BoardLogger
 from svcca_torch.freeze import DEFAULT_THRESHOLD, FreezePolicy, LayerGroup
 from svcca_torch.recorder import ActivationRecorder, Inputs, _input_set
-from svcca_torch.tracker import FREEZE_CHOICES, DynamicsTracker, FinalAnalysis, TrackerEvents, check_probe
+from svcca_torch.freeze import policy_names
+from svcca_torch.tracker import DynamicsTracker, FinalAnalysis, TrackerEvents, check_probe
 from svcca_torch.utils.validation import check_keep, check_positive_int
 
 __all__ = ["SVCCACallback", "LIGHTNING_PACKAGES"]
@@ -242,7 +243,7 @@ class SVCCACallback(*_CALLBACK_BASES):  # type: ignore[misc]
             raise ValueError(f"`name` must be a non-empty string without '/', got {name!r}.")
         if freeze_training is True:
             freeze_training = "adaptive"
-        if freeze_training is not False and freeze_training not in FREEZE_CHOICES:
+        if freeze_training is not False and freeze_training not in policy_names():
             raise ValueError(
                 f"`freeze_training` must be False, True (= 'adaptive'), 'adaptive' or 'schedule'; got {freeze_training!r}."
             )

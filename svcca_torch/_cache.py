@@ -63,8 +63,7 @@ from ._prefix import (RandomStreams, StateWatch, _same, bits_hash, forward_conte
                       restore_forward, streams_kept)
 from .recorder import Inputs, _modes_and_hooks_restored
 
-#: Most bytes of kept boundary outputs (host memory) by default.
-CACHE_BYTES = 1 << 30
+from .settings import CACHE_BYTES  # noqa: E402  (most bytes kept by default, declared with the settings)
 
 Key = Tuple[Any, int, int]  # (the forward's context, two 64-bit hashes of the sample's bits)
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .settings import DEFAULT_THRESHOLD
 from .recorder import NORM_TYPES, default_layers, first_tensor, forward_order
 from .utils.validation import check_fraction, check_positive_int
 
@@ -36,6 +37,11 @@ __all__ = [
     "AdaptiveFreezePolicy",
     "ScheduleFreezePolicy",
     "make_freeze_policy",
+    "register_policy",
+    "unregister_policy",
+    "get_policy",
+    "policy_names",
+    "DEFAULT_THRESHOLD",
     "calibrated_similarity",
     "CHANCE_LIMIT",
     "freeze_group",
@@ -226,12 +232,6 @@ def explicit_layer_groups(
 #: goes with the next judged group above it.
 CHANCE_LIMIT = 0.99
 
-#: The adaptive policy's default threshold on the calibrated signal: a layer settles when it
-#: moved less than half of the way from an unrelated network in one window. Chosen on the
-#: freeze bench (resnet18 on digits, seeds 0 1 2, docs/freeze_training.md): 0.5 gave 0.77x the
-#: CPU time of training without the callback at +1.3 points, first freezes at 13-27% of
-#: training; 0.9 (the raw-signal default of 0.2) froze at 53-80%, 0.98x, -0.9 points.
-DEFAULT_THRESHOLD = 0.5
 
 
 def calibrated_similarity(similarity: float, chance: Optional[float]) -> float:
@@ -291,6 +291,13 @@ class FreezePolicy:
             self.frozen.append(n)
             self.events.append({"step": int(step), "group": n})
         return names
+
+    @classmethod
+    def from_settings(cls, groups: Sequence[str], settings: Any) -> "FreezePolicy":
+        """The policy over ``groups`` configured from a run's
+        :class:`~svcca_torch.settings.TrackerSettings` (what the tracker calls; a registered
+        policy reads its own options from ``settings.freeze_options``)."""
+        return cls(groups, max_frozen_fraction=settings.max_frozen_fraction, **settings.freeze_options)
 
     def update(self, step: int, similarities: Optional[Mapping[str, float]] = None,
                fraction: Optional[float] = None) -> List[str]:
@@ -357,6 +364,11 @@ class AdaptiveFreezePolicy(FreezePolicy):
         #: consecutive settled captures per still-trained group
         self.streak: Dict[str, int] = {g: 0 for g in self.groups}
 
+    @classmethod
+    def from_settings(cls, groups: Sequence[str], settings: Any) -> "AdaptiveFreezePolicy":
+        return cls(groups, threshold=settings.freeze_threshold, patience=settings.freeze_patience,
+                   max_frozen_fraction=settings.max_frozen_fraction)
+
     def update(self, step: int, similarities: Optional[Mapping[str, float]] = None,
                fraction: Optional[float] = None) -> List[str]:
         """Feed one capture's similarities (group name -> similarity to the previous capture)
@@ -411,6 +423,11 @@ class ScheduleFreezePolicy(FreezePolicy):
         if self.end < self.start:
             raise ValueError(f"`end` ({end}) must be >= `start` ({start}).")
 
+    @classmethod
+    def from_settings(cls, groups: Sequence[str], settings: Any) -> "ScheduleFreezePolicy":
+        return cls(groups, start=settings.schedule_start, end=settings.schedule_end,
+                   max_frozen_fraction=settings.max_frozen_fraction)
+
     @property
     def freeze_fractions(self) -> Dict[str, float]:
         """Training fraction at which each freezable group is frozen."""
@@ -435,14 +452,51 @@ class ScheduleFreezePolicy(FreezePolicy):
         return state
 
 
+_POLICIES: Dict[str, type] = {}
+
+
+def register_policy(name: str, policy: type) -> None:
+    """Make ``policy`` (a :class:`FreezePolicy` subclass) available as ``freeze=name`` (the
+    callback's ``freeze_training=name``). Raises ``ValueError`` when ``name`` is taken."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a policy name must be a non-empty string, got {name!r}.")
+    if not (isinstance(policy, type) and issubclass(policy, FreezePolicy)):
+        raise ValueError(f"policy {name!r} must be a FreezePolicy subclass, got {policy!r}.")
+    if name in _POLICIES and _POLICIES[name] is not policy:
+        raise ValueError(f"a freeze policy named {name!r} is registered already ({_POLICIES[name].__name__}); "
+                         "unregister_policy it first or choose another name.")
+    _POLICIES[name] = policy
+
+
+def unregister_policy(name: str) -> None:
+    """Forget the policy registered as ``name`` (no error when there is none)."""
+    _POLICIES.pop(name, None)
+
+
+def policy_names() -> tuple:
+    """The registered policy names, in registration order."""
+    return tuple(_POLICIES)
+
+
+def get_policy(name: str) -> type:
+    """The :class:`FreezePolicy` subclass registered as ``name``; a ``ValueError`` listing the
+    registered names otherwise."""
+    if name is True:
+        name = "adaptive"
+    if name not in _POLICIES:
+        raise ValueError(f"unknown freeze policy {name!r} (`freeze`, the callback's `freeze_training`); registered: "
+                         f"{list(_POLICIES)} (svcca_torch.freeze.register_policy adds one).")
+    return _POLICIES[name]
+
+
 def make_freeze_policy(kind: Union[str, bool], groups: Sequence[str], **kwargs: Any) -> FreezePolicy:
-    """``"adaptive"`` (or True) -> :class:`AdaptiveFreezePolicy`, ``"schedule"`` ->
-    :class:`ScheduleFreezePolicy`; ``kwargs`` go to the constructor."""
-    if kind is True or kind == "adaptive":
-        return AdaptiveFreezePolicy(groups, **kwargs)
-    if kind == "schedule":
-        return ScheduleFreezePolicy(groups, **kwargs)
-    raise ValueError(f"`freeze_training` must be True, False, 'adaptive' or 'schedule'; got {kind!r}.")
+    """The policy registered as ``kind`` (``True`` = ``"adaptive"``) over ``groups``;
+    ``kwargs`` go to its constructor."""
+    return get_policy(kind)(groups, **kwargs)  # type: ignore[arg-type]
+
+
+register_policy("adaptive", AdaptiveFreezePolicy)
+register_policy("schedule", ScheduleFreezePolicy)
 
 
 # --------------------------------------------------------------------------------------

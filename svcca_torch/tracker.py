@@ -96,10 +96,11 @@ from .freeze import (
     explicit_layer_groups,
     freeze_group,
     is_frozen,
-    make_freeze_policy,
+    get_policy,
 )
 from .functional.svcca import ReducedBasis, svd_reduce
 from .recorder import ActivationRecorder, Inputs, _input_set, _iter_probe, direction_limits, to_model
+from .settings import TrackerSettings
 from .store import RepresentationStore
 from .utils.validation import (
     NonFiniteError,
@@ -116,7 +117,6 @@ from .utils.validation import (
 __all__ = ["DynamicsTracker", "TrackerEvents", "FinalAnalysis", "CaptureError", "check_probe", "probe_size",
            "shown_dynamics"]
 
-FREEZE_CHOICES = ("adaptive", "schedule")
 #: SVD truncation of the freeze signal's recordings (fraction of variance kept, as in the paper)
 SIGNAL_KEEP = 0.99
 #: probe inputs of the traced forwards (layer order, layer shapes, frozen modules' call order)
@@ -487,78 +487,23 @@ class DynamicsTracker:
         probe: Any,
         layers: Optional[Sequence[Any]] = None,
         *,
-        run_dir: Union[str, os.PathLike] = "svcca_run",
-        keep: Union[int, float] = 0.99,
-        max_directions: Optional[int] = None,
-        grid: int = 2,
-        max_datapoints: Optional[int] = None,
-        batch_size: int = 256,
-        every_n_steps: Optional[int] = None,
-        max_overhead: Optional[float] = 0.05,
-        freeze: Union[bool, str] = False,
-        freeze_groups: Optional[Groups] = None,
-        freeze_window: Optional[int] = None,
-        freeze_threshold: float = DEFAULT_THRESHOLD,
-        freeze_patience: int = 1,
-        signal_datapoints_per_neuron: int = 10,
-        max_frozen_fraction: float = 0.75,
-        schedule_start: float = 0.25,
-        schedule_end: float = 0.75,
-        frozen_cache: Union[bool, int] = False,
-        total_steps: Optional[int] = None,
-        final_analysis: bool = True,
-        final_heatmaps: int = 6,
-        grid_fractions: Optional[Sequence[float]] = None,
-        figures: bool = True,
-        progress: bool = False,
+        settings: Optional[TrackerSettings] = None,
         is_writer: bool = True,
         broadcast: Optional[Callable[[Any], Any]] = None,
         sharded_record: Optional[Callable[[ActivationRecorder, Union[torch.Tensor, Inputs]],
                                           Optional[Dict[str, torch.Tensor]]]] = None,
-        analysis_device: Optional[Union[str, torch.device]] = None,
+        **kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if freeze is True:
-            freeze = "adaptive"
-        if freeze is not False and freeze not in FREEZE_CHOICES:
-            raise ValueError(
-                f"`freeze_training` must be False, True (= 'adaptive'), 'adaptive' or 'schedule'; got {freeze!r}."
-            )
+        if layers is not None:
+            kwargs["layers"] = layers
+        #: the run's :class:`~svcca_torch.settings.TrackerSettings` (immutable; validated once)
+        self.settings = TrackerSettings.build(settings, **kwargs)
         self.model = model
-        self._probe = _Probe(probe, check_positive_int(batch_size, "batch_size"), model)
-        self.layers_spec = layers
-        self.run_dir = Path(run_dir)
-        self.keep = check_keep(keep)
-        self.max_directions = max_directions
-        self.recorder_kwargs = dict(grid=check_positive_int(grid, "grid"), max_datapoints=max_datapoints,
-                                    batch_size=batch_size)
-        self.every_n_steps = None if every_n_steps is None else check_positive_int(every_n_steps, "every_n_steps")
-        self.max_overhead = None if max_overhead is None else check_fraction(max_overhead, "max_overhead")
-        self.freeze: Union[bool, str] = freeze
-        self.freeze_groups = freeze_groups
-        self.freeze_window = None if freeze_window is None else check_positive_int(freeze_window, "freeze_window")
-        self.signal_ratio = check_positive_int(signal_datapoints_per_neuron, "signal_datapoints_per_neuron")
-        self.policy_kwargs: Dict[str, Any] = {"max_frozen_fraction": check_fraction(
-            max_frozen_fraction, "max_frozen_fraction", high_inclusive=True)}
-        if freeze == "adaptive":
-            self.policy_kwargs.update(threshold=check_fraction(freeze_threshold, "freeze_threshold", high_inclusive=True),
-                                      patience=check_positive_int(freeze_patience, "freeze_patience"))
-        elif freeze == "schedule":
-            self.policy_kwargs.update(
-                start=check_fraction(schedule_start, "schedule_start", low_inclusive=True, high_inclusive=True),
-                end=check_fraction(schedule_end, "schedule_end", low_inclusive=True, high_inclusive=True))
-        self.frozen_cache = check_flag_or_bytes(frozen_cache, "frozen_cache", CACHE_BYTES)
-        self.total_steps = None if total_steps is None else check_positive_int(total_steps, "total_steps")
-        self.final_analysis = check_bool(final_analysis, "final_analysis")
-        self.final_heatmaps = check_positive_int(final_heatmaps, "final_heatmaps", minimum=2)
-        self.grid_fractions = None if grid_fractions is None else [
-            check_fraction(f, "grid_fractions[i]", low_inclusive=True, high_inclusive=True) for f in grid_fractions]
-        self.figures = check_bool(figures, "figures")
-        self.progress = bool(progress)
+        self._probe = _Probe(probe, self.settings.batch_size, model)
         self.is_writer = bool(is_writer)
         self._broadcast = broadcast or (lambda obj: obj)
-        self.analysis_device = check_device(analysis_device, "analysis_device")
         self._sharded_record = sharded_record
 
         self.recorder: Optional[ActivationRecorder] = None
@@ -605,8 +550,6 @@ class DynamicsTracker:
         self._warned: set = set()
         # the default schedule: front-loaded fractions still ahead; what each capture was for
         self._ladder: List[float] = list(LADDER)
-        #: a caller's explicit schedule in words (e.g. ``"every 2 epochs"``), for the report
-        self.explicit_schedule: Optional[str] = None
         self.schedule_log: Dict[str, List[Any]] = _empty_schedule_log()
         self.frozen_cache_stats: Optional[Dict[str, Any]] = None  # the frozen-output cache's, at the end
         #: what :meth:`finish` could not record or analyse (data errors): ``{"step", "layer", "kind", "message"}``
@@ -621,6 +564,20 @@ class DynamicsTracker:
         self.freeze_log: List[Dict[str, Any]] = []
         self.baseline_backward_flops: Optional[int] = None
         self._restored: Optional[Dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ settings, read through
+    @property
+    def frozen_cache(self) -> Optional[int]:
+        """The frozen-output cache's memory cap in bytes, None when off (``settings.cache_bytes``)."""
+        return self.settings.cache_bytes
+
+    @property
+    def layers_spec(self) -> Optional[Sequence[Any]]:
+        return self.settings.layers
+
+    @property
+    def signal_ratio(self) -> int:
+        return self.settings.signal_datapoints_per_neuron
 
     # ------------------------------------------------------------------ setup
     @property
@@ -648,7 +605,9 @@ class DynamicsTracker:
                 f"`probe` holds {n} input(s): SVCCA compares layers across probe datapoints, so it needs at least "
                 "2 inputs (a few hundred to a few thousand in practice, e.g. svcca_torch.data.probe_set(dataset, 1024))."
             )
-        self.recorder = ActivationRecorder(self.model, self.layers_spec, **self.recorder_kwargs)
+        st = self.settings
+        self.recorder = ActivationRecorder(self.model, st.layers, grid=st.grid, max_datapoints=st.max_datapoints,
+                                           batch_size=st.batch_size)
         # groups, "bottom-up" and "the output group is never frozen" follow the forward pass, not the
         # order the modules were registered in: one traced forward of two probe inputs (falls back to
         # the given order with a LayerOrderWarning when the forward fails)
@@ -680,7 +639,7 @@ class DynamicsTracker:
                     f"freeze groups {silent} contain no recorded layer, so the adaptive policy has no similarity "
                     "to judge them by; add a layer of each group to `layers` or change `freeze_groups`."
                 )
-        self.policy = make_freeze_policy(self.freeze, names, **self.policy_kwargs)
+        self.policy = get_policy(self.freeze).from_settings(names, self.settings)
 
     def accounted(self) -> "contextlib.AbstractContextManager[None]":
         """``with tracker.accounted(): ...`` counts the time inside as the tracker's own, so
@@ -1938,3 +1897,24 @@ def _nan_to_none(x: Any) -> Any:
     if isinstance(x, list):
         return [_nan_to_none(v) for v in x]
     return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _setting(name: str) -> property:
+    def get(self: "DynamicsTracker") -> Any:
+        return getattr(self.settings, name)
+
+    def put(self: "DynamicsTracker", value: Any) -> None:
+        if ("setting", name) not in _WARNED:
+            _WARNED.add(("setting", name))
+            warnings.warn(f"setting DynamicsTracker.{name} after construction is deprecated: pass {name}= to "
+                          f"DynamicsTracker(...) (or settings=TrackerSettings(...).replace({name}=...)).",
+                          FutureWarning, stacklevel=2)
+        self.settings = self.settings.replace(**{name: value})
+
+    return property(get, put, doc=f"``settings.{name}`` (:class:`~svcca_torch.settings.TrackerSettings`).")
+
+
+_WARNED: set = set()
+for _name in TrackerSettings.names():
+    if _name not in ("layers", "frozen_cache"):
+        setattr(DynamicsTracker, _name, _setting(_name))
