@@ -233,16 +233,6 @@ def run_model(name: str, args: argparse.Namespace, root: Path) -> Dict[str, Any]
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             phase = "setup"
             tracker = DynamicsTracker(model, probe, run_dir=root / name, freeze="adaptive", freeze_window=n_batches)
-            original = tracker.capture
-
-            def timed_capture(step: int, epoch: Optional[int] = None, _original=original) -> Dict[str, Any]:
-                t = time.perf_counter()
-                try:
-                    return _original(step, epoch)
-                finally:
-                    captures.append((int(step), time.perf_counter() - t))
-
-            tracker.capture = timed_capture  # type: ignore[method-assign]
             t0 = time.perf_counter()
             try:
                 tracker.setup()
@@ -293,6 +283,8 @@ def run_model(name: str, args: argparse.Namespace, root: Path) -> Dict[str, Any]
                     tracker.close()
                 except Exception:  # noqa: BLE001
                     pass
+    if tracker is not None and tracker.capturer is not None:
+        captures = list(tracker.capturer.timings)  # the tracker's own record of each capture's cost
     train_s = sum(step_times)
     warm = step_times[2:] or step_times
     out["step_s"] = statistics.median(warm) if warm else None

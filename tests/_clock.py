@@ -1,7 +1,14 @@
 """A fake clock for the tracker's time budget: tests set a run's timing, not the machine."""
 from __future__ import annotations
 
-import svcca_torch.tracker as tracker_module
+import svcca_torch.capture
+import svcca_torch.freeze.chance
+import svcca_torch.freeze.signal
+import svcca_torch.schedule
+from svcca_torch.tracker import DynamicsTracker
+
+#: every module of the tracker that reads ``time.perf_counter``
+TIMED = (svcca_torch.schedule, svcca_torch.capture, svcca_torch.freeze.signal, svcca_torch.freeze.chance)
 
 
 class Clock:
@@ -14,16 +21,18 @@ class Clock:
         return self.now
 
 
-def fake_clock(monkeypatch, tracker: tracker_module.DynamicsTracker, recording_seconds: float) -> Clock:
-    """Install a :class:`Clock` in the tracker module; every recording of ``tracker`` then costs
-    ``recording_seconds`` of it (advance ``clock.now`` yourself for the training steps)."""
+def fake_clock(monkeypatch, tracker: DynamicsTracker, recording_seconds: float) -> Clock:
+    """Install a :class:`Clock` in the tracker's modules; every recording of ``tracker`` then
+    costs ``recording_seconds`` of it (advance ``clock.now`` yourself for the training steps)."""
     clock = Clock()
-    monkeypatch.setattr(tracker_module, "time", clock)
-    record = tracker._record
+    for module in TIMED:
+        monkeypatch.setattr(module, "time", clock)
+    tracker.setup()
+    record = tracker.capturer.record
 
     def slow_record(*args, **kwargs):
         clock.now += recording_seconds
         return record(*args, **kwargs)
 
-    monkeypatch.setattr(tracker, "_record", slow_record)
+    monkeypatch.setattr(tracker.capturer, "record", slow_record)
     return clock

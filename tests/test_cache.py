@@ -209,7 +209,7 @@ def test_a_frozen_weight_changed_before_the_next_freeze_turns_the_cache_off(tmp_
         next(p for p in model.parameters() if not p.requires_grad).mul_(2.0)
     first = tracker.groups[len(tracker.policy.frozen)]
     tracker.policy.frozen.append(first.name)  # the next freeze, as the policy would decide it
-    with tracker._timed():  # as maybe_capture runs it: the cache is paused
+    with tracker.accounted():  # as maybe_capture runs it: the cache is paused
         tracker._apply_frozen(3)
     assert "changed" in cache.off and not cache.levels
     tracker.finish(3)

@@ -13,7 +13,9 @@ from torch import nn
 
 from svcca_torch.data import load_digits_dataset, probe_set
 from svcca_torch.freeze import CHANCE_LIMIT
-from svcca_torch.tracker import SHORT_RUN_SECONDS, SIGNAL_SHARE, DynamicsTracker
+from svcca_torch.freeze.signal import SIGNAL_SHARE
+from svcca_torch.schedule import SHORT_RUN_SECONDS
+from svcca_torch.tracker import DynamicsTracker
 
 from _clock import fake_clock
 

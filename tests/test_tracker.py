@@ -152,9 +152,9 @@ def test_signal_records_only_the_groups_it_judges(tmp_path, monkeypatch):
     assert kwargs["layers"] == first_two and kwargs["rows"] == "per_layer" and stopped
     # each layer has ratio x neurons datapoints at its own grid (whole images), sliced from the recording
     for n in first_two:
-        neurons, cells = tracker._signal_shapes[n]
+        neurons, cells = tracker.capturer.layer_shapes([n])[n]
         assert tracker.recorder.layer_grids[n][0] * tracker.recorder.layer_grids[n][1] == cells
-        assert tracker._ref["bases"][n].n_datapoints == -(-10 * neurons // cells) * cells
+        assert tracker.policy.signal.ref["bases"][n].n_datapoints == -(-10 * neurons // cells) * cells
     # the full capture is on the common grid of all layers (1x1 here: the last map is dense)
     assert len({t for t in full[0][1].values()}) == 1
     tracker.close()
@@ -289,7 +289,7 @@ def test_a_layer_constant_at_initialisation_is_judged_from_when_it_varies(tmp_pa
         tracker.start()
     assert len([w for w in caught if "'dead' is constant" in str(w.message)]) == 1
     assert [c.layers for c in tracker.store.checkpoints] == [("body", "head")]
-    assert "dead" not in tracker._ref["bases"]  # nor in the signal's first recording
+    assert "dead" not in tracker.policy.signal.ref["bases"]  # nor in the signal's first recording
     with warnings.catch_warnings(record=True) as later:
         warnings.simplefilter("always")
         for step in range(1, 7):
@@ -333,7 +333,7 @@ def test_close_releases_the_store_and_a_second_start_resumes(tmp_path):
     resumed.load_state_dict(state)
     resumed.start(step=5)
     assert resumed.captured_steps == [0, 5]
-    assert resumed._prev is not None and set(resumed._prev) == set(model.layer_names)
+    assert resumed.last_capture is not None and set(resumed.last_capture) == set(model.layer_names)
     resumed.capture(6)
     assert [c.step for c in RepresentationStore(tmp_path / "store", read_only=True).checkpoints] == [0, 5, 6]
     resumed.start(step=6)  # the same tracker started again: the store is reopened, nothing re-captured
@@ -399,10 +399,14 @@ def test_final_analysis_full_matrices_only_for_the_captures_shown(tmp_path):
 def test_final_analysis_recomputes_to_previous_it_did_not_see(tmp_path):
     """A capture without an online to-previous value (e.g. state lost): the analysis
     computes the curves from the store in its one pass."""
-    _, tracker = _train(dict(every_n_steps=5, max_overhead=None, final_analysis=False), tmp_path, epochs=2)
-    tracker.to_previous = tracker.to_previous[1:]  # the value at step 5 is unknown
-    tracker.final_analysis = True
-    analysis = tracker._analyse()
+    model, tracker = _train(dict(every_n_steps=5, max_overhead=None, final_analysis=False), tmp_path, epochs=2)
+    state = tracker.state_dict()
+    state["to_previous"] = state["to_previous"][1:]  # the value at step 5 is unknown
+    last = tracker.captured_steps[-1]
+    resumed = DynamicsTracker(model, _data()[1], run_dir=tmp_path, every_n_steps=5, max_overhead=None)
+    resumed.load_state_dict(state)
+    resumed.start(last)
+    analysis = resumed.finish(last)
     again = similarity_to_previous(RepresentationStore(tmp_path / "store", read_only=True))
     torch.testing.assert_close(analysis.to_previous.values, again.values, rtol=0, atol=0, equal_nan=True)
 
@@ -573,7 +577,7 @@ def test_an_unexpected_error_at_the_final_capture_raises_after_the_summary_is_wr
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(tracker, "_record", broken)
+    monkeypatch.setattr(tracker.capturer, "record", broken)
     with pytest.raises(RuntimeError, match="boom"):
         tracker.finish(20)
     summary = _summary(tmp_path)
@@ -585,7 +589,7 @@ def test_an_unexpected_error_at_the_final_capture_raises_after_the_summary_is_wr
 @pytest.mark.parametrize("where", ["dynamics", "figure"])
 def test_a_failing_final_analysis_still_writes_the_summary(tmp_path, monkeypatch, where):
     import svcca_torch.plotting
-    import svcca_torch.tracker
+    import svcca_torch.analysis
     from svcca_torch import ZeroVarianceError
 
     tracker = _skip_tracker(tmp_path)
@@ -595,7 +599,7 @@ def test_a_failing_final_analysis_still_writes_the_summary(tmp_path, monkeypatch
         def bad(*args, **kwargs):
             raise ZeroVarianceError("`layers['mid']` has zero variance")
 
-        monkeypatch.setattr(svcca_torch.tracker, "shown_dynamics", bad)
+        monkeypatch.setattr(svcca_torch.analysis, "shown_dynamics", bad)
         with pytest.warns(UserWarning, match=r"(?s)1 failure.*\n  - final analysis: `layers\['mid'\]` has zero variance"):
             tracker.finish(20)
         summary = _summary(tmp_path)
