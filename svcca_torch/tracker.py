@@ -629,8 +629,9 @@ def _setting(name: str) -> property:
         return getattr(self.settings, name)
 
     def put(self: DynamicsTracker, value: Any) -> None:
-        if name not in _WARNED:
-            _WARNED.add(name)
+        warned = self.__dict__.setdefault("_warned_settings", set())
+        if name not in warned:  # once per tracker and setting
+            warned.add(name)
             warnings.warn(f"setting DynamicsTracker.{name} after construction is deprecated: pass {name}= to "
                           f"DynamicsTracker(...) (or settings=TrackerSettings(...).replace({name}=...)).",
                           FutureWarning, stacklevel=2)
@@ -642,7 +643,6 @@ def _setting(name: str) -> property:
     return property(get, put, doc=f"``settings.{name}`` (:class:`~svcca_torch.settings.TrackerSettings`).")
 
 
-_WARNED: set = set()
 for _name in TrackerSettings.names():  # 0.2 read these as attributes: read through to the settings
     if _name not in ("layers", "frozen_cache"):
         setattr(DynamicsTracker, _name, _setting(_name))
