@@ -59,7 +59,7 @@ It owns four things:
   ``requires_grad=False`` and ``grad=None`` and their BatchNorm layers stay in eval mode,
   so they stay bit-identical. With ``frozen_cache=True`` (opt-in) the frozen prefix's output
   is kept per training input, so a batch seen before skips the frozen forward too
-  (:mod:`svcca_torch._cache`: exact or off, off by itself under random augmentation).
+  (:mod:`svcca_torch.frozen_prefix`: exact or off, off by itself under random augmentation).
 * the **final analysis**: learning-dynamics matrices, figures and ``svcca_summary.json``.
 
 Activations are ``(datapoints, neurons)`` (batch-first), or ``(N, C, H, W)`` for conv
@@ -82,8 +82,7 @@ import torch
 from torch import nn
 
 from .dynamics import LayerCurves, LearningDynamics, learning_dynamics, paired_similarity
-from ._cache import CACHE_BYTES, FrozenOutputCache
-from ._prefix import PrefixReuse, Recording, call_order, outermost
+from .frozen_prefix import FrozenPrefix, outermost
 from .freeze import (
     CHANCE_LIMIT,
     DEFAULT_THRESHOLD,
@@ -429,7 +428,7 @@ class DynamicsTracker:
         signal_datapoints_per_neuron: datapoints per neuron the signal records (10).
         max_frozen_fraction, schedule_start, schedule_end: see :mod:`svcca_torch.freeze`.
         frozen_cache: opt in to keeping the frozen prefix's output per training input and
-            skipping the frozen forward for batches seen before (:mod:`svcca_torch._cache`:
+            skipping the frozen forward for batches seen before (:mod:`svcca_torch.frozen_prefix`:
             exact or off, and off by itself when inputs never repeat, as under random
             augmentation): ``True`` (up to 1 GiB of host memory), a number of bytes, or
             ``False`` (the default: the forward must be a function of the input and the
@@ -530,11 +529,8 @@ class DynamicsTracker:
         #: how the chance levels were measured: ``{"step", "seconds", "error", "layers": {layer:
         #: {"chance", "judged", "reason"}}}``
         self.chance_info: Dict[str, Any] = {}
-        # the frozen prefix's output on the probe, reused by signal recordings (runtime only)
-        self._reuse = PrefixReuse()
-        # the frozen prefix's output per training input (runtime only)
-        self._cache: Optional[FrozenOutputCache] = None
-        self._cache_epoch: Optional[int] = None
+        # the frozen prefix's output on the probe and, opted in, per training input (runtime only)
+        self._frozen_prefix = FrozenPrefix(model, self.frozen_cache)
         self._set_up = False
         self._started = False
         # time accounting (seconds): own time nests, only the outermost section counts
@@ -566,6 +562,12 @@ class DynamicsTracker:
         self._restored: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ settings, read through
+    @property
+    def frozen_prefix(self) -> FrozenPrefix:
+        """The frozen prefix's kept outputs (probe recordings, the opt-in training cache): read
+        :meth:`~svcca_torch.frozen_prefix.FrozenPrefix.stats`."""
+        return self._frozen_prefix
+
     @property
     def frozen_cache(self) -> Optional[int]:
         """The frozen-output cache's memory cap in bytes, None when off (``settings.cache_bytes``)."""
@@ -655,7 +657,7 @@ class DynamicsTracker:
             self._t_outer = t0
         self._depth += 1
         try:
-            with self._cache.paused() if self._cache is not None else contextlib.nullcontext():
+            with self._frozen_prefix.paused():
                 yield
         finally:
             self._depth -= 1
@@ -741,8 +743,9 @@ class DynamicsTracker:
             raise RuntimeError(f"{type(self).__name__}.maybe_capture: call start() once before the first step.")
         with self._timed():
             events = TrackerEvents(step)
-            if self._cache is not None:
-                self._note_cache_window(step, epoch)
+            # the training cache's window rule: inputs repeat once per epoch, else every freeze
+            # window, else every 5% of total_steps (100 steps when that is unknown too)
+            self._frozen_prefix.note_step(step, epoch, self.freeze_window or max(1, (self.total_steps or 2000) // 20))
             if self.freeze == "schedule":
                 fraction = progress if progress is not None else (
                     min(1.0, step / self.total_steps) if self.total_steps else None)
@@ -1450,21 +1453,15 @@ class DynamicsTracker:
                 pass
         return out
 
-    def _record_signal(self, layers: List[str], n_images: int) -> Recording:
+    def _record_signal(self, layers: List[str], n_images: int
+                       ) -> Tuple[Optional[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
         """A freeze-signal recording (per-layer rows) of ``layers`` on the first ``n_images``
-        probe images, reusing the frozen prefix's output on the probe where that is exact
-        (:class:`svcca_torch._prefix.PrefixReuse`: checked once per prefix on the first batch)."""
+        probe images: (rows per layer, row -> probe image per layer), reusing the frozen
+        prefix's output on the probe where that is exact (:attr:`frozen_prefix`)."""
         assert self.recorder is not None and self.policy is not None
-        rec = self.recorder
-
-        def record(n: int) -> Recording:
-            acts = self._record(layers, n)
-            return acts, (dict(rec.layer_datapoint_index) if acts is not None else {})
-
-        frozen = self._frozen_modules()
-        example = lambda mods: call_order(self.model, mods, to_model(self._probe.head(_FLOPS_EXAMPLES),  # noqa: E731
-                                                                     self.model))
-        return self._reuse.run(frozen, layers, n_images, record, example, self._model_device())
+        with self._frozen_prefix.probe_recording():
+            acts = self._record(layers, n_images)
+        return acts, (dict(self.recorder.layer_datapoint_index) if acts is not None else {})
 
     def _trusted(self, basis: ReducedBasis, name: str) -> bool:
         ok = basis.n_datapoints >= self.signal_ratio * basis.k
@@ -1501,27 +1498,10 @@ class DynamicsTracker:
         return entry
 
     def _update_cache(self) -> None:
-        """Let the frozen-output cache serve the frozen modules (after a freeze)."""
-        if self.frozen_cache is None or self.policy is None:
-            return
-        if self._cache is None:
-            self._cache = FrozenOutputCache(self.model, self.frozen_cache)
-        self._cache.update(self._frozen_modules(),
-                           to_model(self._probe.head(FrozenOutputCache.CHECK_IMAGES), self.model))
-
-    def _note_cache_window(self, step: int, epoch: Optional[int]) -> None:
-        """End the cache's window (its rule for serving nothing): at each new epoch the loop
-        passes (inputs repeat once per epoch), else every ``freeze_window`` steps, else every 5%
-        of ``total_steps`` (100 steps when that is unknown too)."""
-        assert self._cache is not None
-        if epoch is not None:
-            if self._cache_epoch is not None and epoch != self._cache_epoch:
-                self._cache.note_window(f"epoch ({self._cache_epoch})")
-            self._cache_epoch = epoch
-            return
-        window = self.freeze_window or max(1, (self.total_steps or 2000) // 20)
-        if step % window == 0:
-            self._cache.note_window(f"window of {window} steps")
+        """Let the frozen prefix serve the frozen modules (after a freeze)."""
+        if self.policy is not None:
+            self._frozen_prefix.update(self._frozen_modules(),
+                                       to_model(self._probe.head(FrozenPrefix.CHECK_IMAGES), self.model))
 
     def _frozen_modules(self) -> Dict[str, nn.Module]:
         """The frozen groups' modules, outermost only (name -> module)."""
@@ -1531,11 +1511,10 @@ class DynamicsTracker:
                           zip(by_name[g].module_names, by_name[g].modules)})
 
     def _close_cache(self) -> None:
-        if self._cache is not None:
-            if self._cache.lookups or self._cache.off:
-                self.frozen_cache_stats = self._cache.stats()
-            self._cache.close()
-            self._cache = None
+        self._frozen_prefix.close()
+        cache = self._frozen_prefix.stats().cache
+        if cache is not None and (cache.lookups or cache.off):
+            self.frozen_cache_stats = cache.summary()
 
     def _backward_flops(self, all_trainable: bool = False) -> int:
         """FLOPs of one backward pass on one probe input (eval mode, grad enabled), with
@@ -1767,8 +1746,8 @@ class DynamicsTracker:
                 self.schedule_log[k] = [dict(e) if isinstance(e, dict) else e for e in v]
 
     def _restore(self, step: int) -> None:
-        self._reuse = PrefixReuse()  # kept outputs came from weights this start may replace
         self._close_cache()
+        self._frozen_prefix = FrozenPrefix(self.model, self.frozen_cache)  # kept outputs came from replaced weights
         state, self._restored = self._restored, None
         if state is None:
             return
