@@ -7,8 +7,8 @@ each arm in turn, in rotating order, so that machine load hits all alike):
 
 - ``trainable``: nothing frozen;
 - ``frozen``: the lowest ``--frozen`` of the 10 layer groups frozen (``freeze_group``);
-- ``frozen+cache``: the same, with :class:`svcca_torch._cache.FrozenOutputCache` serving
-  the frozen prefix's output (its kept outputs filled and checked by two passes over the
+- ``frozen+cache``: the same, with :class:`svcca_torch.frozen_prefix.FrozenPrefix`'s training
+  cache serving the frozen prefix's output (its kept outputs filled and checked by two passes over the
   batches before timing).
 
 Prints the median time of the forward, backward and optimizer step of each arm and their
@@ -39,8 +39,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     import torchvision
 
-    from svcca_torch._cache import FrozenOutputCache
-    from svcca_torch._prefix import outermost
+    from svcca_torch.frozen_prefix import FrozenPrefix, outermost
+    from svcca_torch.settings import CACHE_BYTES
     from svcca_torch.data import load_digits_dataset
     from svcca_torch.freeze import default_layer_groups, freeze_group
 
@@ -61,10 +61,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             freeze_group(g)
         if arm == "frozen+cache":
             frozen = outermost({n: m for g in groups[: args.frozen] for n, m in zip(g.module_names, g.modules)})
-            cache = caches[arm] = FrozenOutputCache(model)
-            cache.update(frozen, x[:8])
+            cache = caches[arm] = FrozenPrefix(model, CACHE_BYTES)
+            cache.update(frozen, x[: FrozenPrefix.CHECK_IMAGES])
             print(f"{args.frozen} of {len(groups)} groups frozen: {', '.join(g.name for g in groups[:args.frozen])}; "
-                  f"boundary {cache.order[-1]}")
+                  f"boundary {cache.stats().cache.boundary}")
     opts = {arm: torch.optim.SGD([q for q in m.parameters() if q.requires_grad], lr=0.01, momentum=0.9)
             for arm, m in models.items()}
 
@@ -84,14 +84,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     for _ in range(2):  # the cache keeps every batch's output, then checks its first serve against a real one
         for xb, yb in batches:
             step("frozen+cache", xb, yb)
-    served_before = caches["frozen+cache"].served
+    served_before = caches["frozen+cache"].stats().cache.served
     times: Dict[str, List[List[float]]] = {arm: [] for arm in models}
     arms = list(models)
     for i in range(args.steps):
         xb, yb = batches[i % len(batches)]
         for arm in arms[i % 3:] + arms[: i % 3]:
             times[arm].append(step(arm, xb, yb))
-    assert caches["frozen+cache"].served - served_before == args.steps * args.batch_size, "every timed step served"
+    assert caches["frozen+cache"].stats().cache.served - served_before == args.steps * args.batch_size, \
+        "every timed step served"
 
     med = {arm: [statistics.median(t[j] for t in ts) for j in range(3)] for arm, ts in times.items()}
     base_t = med["trainable"]

@@ -116,7 +116,7 @@ def recorder_and_callback(dev: str) -> None:
 def signal_prefix_on_device(dev: str) -> None:
     """The freeze signal's kept frozen prefix (host memory, copied to the device per batch)
     gives the similarities of full recordings on the device."""
-    import svcca_torch._prefix as prefix
+    from svcca_torch.frozen_prefix import FrozenPrefix
     from svcca_torch.data import load_digits_dataset, probe_set
     from svcca_torch.models import ConvNet
     from svcca_torch.tracker import DynamicsTracker
@@ -125,7 +125,7 @@ def signal_prefix_on_device(dev: str) -> None:
     x, y = (t.to(dev) for t in train.tensors)
     probe = probe_set(train, 300, seed=0).to(dev)
     logs = []
-    for max_bytes in (prefix.PREFIX_BYTES, 0):
+    for max_bytes in (FrozenPrefix.PROBE_BYTES, 0):
         torch.manual_seed(0)
         model = ConvNet(width=8, depth=4, hidden=32).to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -134,8 +134,11 @@ def signal_prefix_on_device(dev: str) -> None:
             # patience 1 every group settles at the first window and freezes at once)
             tr = DynamicsTracker(model, probe, run_dir=tmp, freeze="adaptive", freeze_window=5, freeze_threshold=1e-6,
                                  freeze_patience=2, max_overhead=None, final_analysis=False)
-            tr._reuse.max_bytes = max_bytes
-            tr.start()
+            default, FrozenPrefix.PROBE_BYTES = FrozenPrefix.PROBE_BYTES, max_bytes  # read by start()
+            try:
+                tr.start()
+            finally:
+                FrozenPrefix.PROBE_BYTES = default
             g = torch.Generator().manual_seed(0)
             for step in range(1, 31):
                 idx = torch.randint(0, len(x), (64,), generator=g).to(dev)
@@ -145,7 +148,7 @@ def signal_prefix_on_device(dev: str) -> None:
                 opt.step()
                 tr.maybe_capture(step)
             tr.finish(30)
-        logs.append((tr.signal_log, tr._reuse.hits, tr.freeze_log))
+        logs.append((tr.signal_log, tr.frozen_prefix.stats().probe.forwards_served, tr.freeze_log))
     (kept, hits, frozen), (full, _, frozen_full) = logs
     worst = max((abs(e[k] - f[k]) for e, f in zip(kept, full) for k in e if k != "step"), default=0.0)
     same = [(e["step"], e["groups"]) for e in frozen] == [(e["step"], e["groups"]) for e in frozen_full]

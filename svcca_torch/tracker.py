@@ -20,8 +20,8 @@ The tracker is a short coordinator; each job has its own module:
 * freeze training (:mod:`svcca_torch.freeze`): the policy owns its signal and decides; the
   tracker freezes what it decides (``requires_grad=False``, ``grad=None``, normalisation kept
   in eval mode, so frozen groups stay bit-identical) and never asks which policy it holds;
-* the frozen prefix (:mod:`svcca_torch._prefix`, :mod:`svcca_torch._cache`): its output reused
-  on the probe, and (``frozen_cache=True``) per training input; exact or off;
+* the frozen prefix (:mod:`svcca_torch.frozen_prefix`): its output reused on the probe, and
+  (``frozen_cache=True``) per training input; exact or off;
 * the end of the run (:mod:`svcca_torch.analysis`): matrices, figures, ``svcca_summary.json``.
 
 Activations are ``(datapoints, neurons)``, ``(N, C, H, W)`` for conv layers (pooled to
@@ -30,7 +30,6 @@ datapoints by the recorder) and ``(N, L, D)`` for tokens (each token a datapoint
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +38,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ._cache import FrozenOutputCache
-from ._prefix import PrefixReuse, Recording, call_order, outermost
 from .analysis import FinalAnalysis, analyse, shown_dynamics
 from .capture import EXAMPLES, CaptureError, Capturer, ShardedRecord, model_device
 from .freeze import (FreezePolicy, LayerGroup, PolicyRun, default_layer_groups, explicit_layer_groups, freeze_group,
                      get_policy, is_frozen)
 from .freeze.groups import probe_backward_flops
+from .freeze.policy import Recording
+from .frozen_prefix import FrozenPrefix, outermost
 from .functional.svcca import ReducedBasis
 from .probe import Probe, check_probe, probe_size
 from .recorder import ActivationRecorder, to_model
@@ -140,9 +139,8 @@ class DynamicsTracker:
         #: the archive folder of captures moved aside by the last :meth:`start` (resume)
         self.archived: Optional[Path] = None
         self.frozen_cache_stats: Optional[Dict[str, Any]] = None  # the frozen-output cache's, at the end
-        self._reuse = PrefixReuse()  # the frozen prefix's output on the probe (runtime only)
-        self._cache: Optional[FrozenOutputCache] = None  # ... per training input (runtime only)
-        self._cache_epoch: Optional[int] = None
+        # the frozen prefix's output on the probe and, opted in, per training input (runtime only)
+        self._frozen_prefix = FrozenPrefix(model, self.frozen_cache)
         self._started = False
         self._restored: Optional[Dict[str, Any]] = None
         self._pending: Dict[str, Any] = {}  # capture history loaded before setup
@@ -156,6 +154,12 @@ class DynamicsTracker:
     def probe_checksum(self) -> Optional[str]:
         """SHA-1 of every probe input, in order (None before the first capture)."""
         return self._probe.checksum
+
+    @property
+    def frozen_prefix(self) -> FrozenPrefix:
+        """The frozen prefix's kept outputs (probe recordings, the opt-in training cache): read
+        :meth:`~svcca_torch.frozen_prefix.FrozenPrefix.stats`."""
+        return self._frozen_prefix
 
     @property
     def frozen_cache(self) -> Optional[int]:
@@ -302,7 +306,7 @@ class DynamicsTracker:
         return self.clock.timed()
 
     def _paused(self) -> "contextlib.AbstractContextManager[Any]":
-        return self._cache.paused() if self._cache is not None else contextlib.nullcontext()
+        return self._frozen_prefix.paused()
 
     # ------------------------------------------------------------------ the run
     def start(self, step: int = 0, epoch: Optional[int] = None) -> TrackerEvents:
@@ -361,8 +365,9 @@ class DynamicsTracker:
             events = TrackerEvents(step)
             total = self.settings.total_steps
             fraction = progress if progress is not None else (min(1.0, step / total) if total else None)
-            if self._cache is not None:
-                self._note_cache_window(step, epoch)
+            # the training cache's window: inputs repeat once per epoch, else every freeze window,
+            # else every 5% of total_steps (100 steps when that is unknown too)
+            self._frozen_prefix.note_step(step, epoch, self.settings.freeze_window or max(1, (total or 2000) // 20))
             if self.policy is not None:
                 events.signal = self.policy.on_step(step, fraction)
                 events.freeze = self._apply_frozen(step)
@@ -440,49 +445,25 @@ class DynamicsTracker:
                           zip(by_name[g].module_names, by_name[g].modules)})
 
     def _record_signal(self, layers: List[str], n_images: int) -> Recording:
-        """A per-layer-rows recording of ``layers`` on the first ``n_images`` probe inputs,
-        reusing the frozen prefix's output on the probe where that is exact
-        (:class:`svcca_torch._prefix.PrefixReuse`: checked once per prefix on the first batch)."""
+        """A per-layer-rows recording of ``layers`` on the first ``n_images`` probe inputs:
+        (rows per layer, row -> probe input per layer), reusing the frozen prefix's output on
+        the probe where that is exact (:attr:`frozen_prefix`)."""
         assert self.capturer is not None and self.recorder is not None
-        capturer, rec = self.capturer, self.recorder
-
-        def record(n: int) -> Recording:
-            acts = capturer.record(layers, n)
-            return acts, (dict(rec.layer_datapoint_index) if acts is not None else {})
-
-        frozen = self._frozen_modules()
-        example = lambda mods: call_order(self.model, mods, to_model(self._probe.head(EXAMPLES),  # noqa: E731
-                                                                     self.model))
-        return self._reuse.run(frozen, layers, n_images, record, example, model_device(self.model))
+        with self._frozen_prefix.probe_recording():
+            acts = self.capturer.record(layers, n_images)
+        return acts, (dict(self.recorder.layer_datapoint_index) if acts is not None else {})
 
     def _update_cache(self) -> None:
-        """Let the frozen-output cache serve the frozen modules (after a freeze)."""
-        if self.frozen_cache is None or self.policy is None:
-            return
-        if self._cache is None:
-            self._cache = FrozenOutputCache(self.model, self.frozen_cache)
-        self._cache.update(self._frozen_modules(),
-                           to_model(self._probe.head(FrozenOutputCache.CHECK_IMAGES), self.model))
-
-    def _note_cache_window(self, step: int, epoch: Optional[int]) -> None:
-        """End the cache's window: at each new epoch the loop passes (inputs repeat once per
-        epoch), else every ``freeze_window`` steps, else every 5% of ``total_steps``."""
-        assert self._cache is not None
-        if epoch is not None:
-            if self._cache_epoch is not None and epoch != self._cache_epoch:
-                self._cache.note_window(f"epoch ({self._cache_epoch})")
-            self._cache_epoch = epoch
-            return
-        window = self.settings.freeze_window or max(1, (self.settings.total_steps or 2000) // 20)
-        if step % window == 0:
-            self._cache.note_window(f"window of {window} steps")
+        """Let the frozen prefix serve the frozen modules (after a freeze)."""
+        if self.policy is not None:
+            self._frozen_prefix.update(self._frozen_modules(),
+                                       to_model(self._probe.head(FrozenPrefix.CHECK_IMAGES), self.model))
 
     def _close_cache(self) -> None:
-        if self._cache is not None:
-            if self._cache.lookups or self._cache.off:
-                self.frozen_cache_stats = self._cache.stats()
-            self._cache.close()
-            self._cache = None
+        self._frozen_prefix.close()
+        cache = self._frozen_prefix.stats().cache
+        if cache is not None and (cache.lookups or cache.off):
+            self.frozen_cache_stats = cache.summary()
 
     # ------------------------------------------------------------------ end
     def close(self) -> None:
@@ -599,8 +580,8 @@ class DynamicsTracker:
         self.schedule.load_state_dict(state.get("schedule", {}))
 
     def _restore(self, step: int) -> None:
-        self._reuse = PrefixReuse()  # kept outputs came from weights this start may replace
         self._close_cache()
+        self._frozen_prefix = FrozenPrefix(self.model, self.frozen_cache)  # kept outputs came from replaced weights
         state, self._restored = self._restored, None
         if state is None:
             return

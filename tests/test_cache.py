@@ -1,4 +1,4 @@
-"""The frozen prefix's output kept per training input (svcca_torch._cache, issue 10)."""
+"""The frozen prefix's output kept per training input (svcca_torch.frozen_prefix's training cache, issue 10)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from svcca_torch._cache import FrozenOutputCache
-from svcca_torch._prefix import bits_hash
+from svcca_torch.frozen_prefix import FrozenPrefix, bits_hash
 from svcca_torch.data import load_digits_dataset, probe_set
 from svcca_torch.models import ConvBNReLU, ConvNet
 from svcca_torch.tracker import DynamicsTracker
@@ -29,8 +28,9 @@ def _batches(n_train: int = 640, batch: int = 64):
 
 def _fit(model: nn.Module, run_dir, epochs: int = 6, augment: Optional[Callable] = None, seed: int = 0,
          pass_epoch: bool = True, before: Optional[Callable] = None, **kwargs):
-    """Epochs over the same 640 digits (reshuffled each epoch); the losses of every step.
-    ``before(step, model)`` runs before each step and may return a context for its forward."""
+    """Epochs over the same 640 digits (reshuffled each epoch): the tracker, the losses of every
+    step and the training cache's stats at the end (None without it). ``before(step, model)``
+    runs before each step and may return a context for its forward."""
     x, y, probe = _batches()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tracker = DynamicsTracker(model, probe, run_dir=run_dir, freeze_window=5, **{**SIGNAL, **kwargs})
@@ -50,9 +50,8 @@ def _fit(model: nn.Module, run_dir, epochs: int = 6, augment: Optional[Callable]
             losses.append(float(loss.detach()))
             step += 1
             tracker.maybe_capture(step, epoch=epoch if pass_epoch else None)
-    cache = tracker._cache
     tracker.finish(step)
-    return tracker, losses, cache
+    return tracker, losses, tracker.frozen_prefix.stats().cache
 
 
 @pytest.fixture
@@ -182,7 +181,7 @@ def _frozen_after_two_steps(tmp_path):
     tracker.start()
     tracker.maybe_capture(1)
     tracker.maybe_capture(2)
-    assert tracker.policy.frozen and tracker._cache is not None and tracker._cache.order
+    assert tracker.policy.frozen and tracker.frozen_prefix.stats().cache.boundary is not None
     model.train()
     return model, x, tracker
 
@@ -191,11 +190,12 @@ def test_a_changed_frozen_weight_turns_the_cache_off(tmp_path):
     model, x, tracker = _frozen_after_two_steps(tmp_path)
     for _ in range(3):  # kept, checked against a real forward, served
         model(x[:64])
-    assert tracker._cache.served == 64
+    assert tracker.frozen_prefix.stats().cache.served == 64
     with torch.no_grad():
         next(p for p in model.parameters() if not p.requires_grad).add_(1.0)
     model(x[:64])
-    assert tracker._cache.served == 64 and "changed" in tracker._cache.off
+    cache = tracker.frozen_prefix.stats().cache
+    assert cache.served == 64 and "changed" in cache.off
     tracker.finish(2)
 
 
@@ -203,7 +203,6 @@ def test_a_frozen_weight_changed_before_the_next_freeze_turns_the_cache_off(tmp_
     """Kept outputs of an older boundary would be served after the next freeze: a change made
     between the last forward and that freeze must be seen too."""
     model, x, tracker = _frozen_after_two_steps(tmp_path)
-    cache = tracker._cache
     model(x[:64])  # kept
     with torch.no_grad():
         next(p for p in model.parameters() if not p.requires_grad).mul_(2.0)
@@ -211,7 +210,8 @@ def test_a_frozen_weight_changed_before_the_next_freeze_turns_the_cache_off(tmp_
     tracker.policy.frozen.append(first.name)  # the next freeze, as the policy would decide it
     with tracker.accounted():  # as maybe_capture runs it: the cache is paused
         tracker._apply_frozen(3)
-    assert "changed" in cache.off and not cache.levels
+    cache = tracker.frozen_prefix.stats().cache
+    assert "changed" in cache.off and cache.bytes == 0 and cache.boundary is None
     tracker.finish(3)
 
 
@@ -288,9 +288,11 @@ def test_a_trainable_module_inside_the_prefix_turns_the_cache_off(tmp_path):
 def test_a_frozen_module_called_twice_turns_the_cache_off():
     model = Twice()
     model.lin.requires_grad_(False)
-    cache = FrozenOutputCache(model)
-    cache.update({"lin": model.lin}, torch.randn(8, 3))
-    assert cache.off == "a frozen module is not called exactly once per forward"
+    prefix = FrozenPrefix(model, cache_bytes=1 << 20)
+    prefix.update({"lin": model.lin}, torch.randn(8, 3))
+    stats = prefix.stats()
+    assert stats.cache.off == stats.probe.off == "a frozen module is not called exactly once per forward"
+    assert stats.checks_failed == 1
     assert "forward" not in model.lin.__dict__ and model.training  # nothing left installed, modes restored
 
 
@@ -451,7 +453,10 @@ def test_a_frozen_module_that_takes_another_input_turns_the_cache_off():
     model = _Masked().eval()
     for m in (model.block1, model.block2):
         m.requires_grad_(False)
-    cache = FrozenOutputCache(model)
-    cache.update({"block1": model.block1, "block2": model.block2}, torch.randn(8, 8))
-    assert "attention mask" in cache.off  # seen by the check's served forward, before anything is kept
+    prefix = FrozenPrefix(model, cache_bytes=1 << 20)
+    prefix.update({"block1": model.block1, "block2": model.block2}, torch.randn(8, 8))
+    stats = prefix.stats()
+    assert "attention mask" in stats.cache.off  # seen by the check's forwards, before anything is kept
+    assert stats.probe.off is None  # a probe input's index stands for its mask: the probe's rows may serve
+    prefix.close()
     assert not any("forward" in m.__dict__ for m in model.modules())

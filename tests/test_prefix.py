@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import svcca_torch._prefix as prefix
 from svcca_torch.data import load_digits_dataset, probe_set
+from svcca_torch.frozen_prefix import FrozenPrefix, outermost
 from svcca_torch.models import ConvBNReLU, ConvNet
 from svcca_torch.tracker import DynamicsTracker
 
@@ -64,38 +64,37 @@ def test_signal_reuses_the_frozen_prefix_with_the_same_similarities(tmp_path, mo
     reused = _train(ConvNet(width=8, depth=6, hidden=32), tmp_path / "reused", steps=40)
     runs_reused = real["n"]
     real["n"] = 0
-    monkeypatch.setattr(prefix, "PREFIX_BYTES", 0)  # nothing may be kept: every recording runs in full
+    monkeypatch.setattr(FrozenPrefix, "PROBE_BYTES", 0)  # nothing may be kept: every recording runs in full
     torch.manual_seed(0)
     full = _train(ConvNet(width=8, depth=6, hidden=32), tmp_path / "full", steps=40)
-    # three freezes: recordings start from the prefix kept before the last freeze, and from one
-    # kept on fewer images (the look-ahead records deeper layers on more images)
+    # three freezes: a recording serves the probe from the prefix kept before the last freeze
+    # (running the newly frozen blocks), a later one from its own kept output; a recording on
+    # more images than were kept (the look-ahead records deeper layers on more) runs in full
     assert len(reused.freeze_log) >= 3, "the run should freeze groups one window after another"
     _same_signal(reused, full)
-    assert reused._reuse.hits >= 3 and not reused._reuse.disabled
-    assert full._reuse.hits == 0
+    probe = reused.frozen_prefix.stats().probe
+    assert probe.forwards_served >= 2 and probe.off is None
+    assert full.frozen_prefix.stats().probe.served == 0
     assert runs_reused < real["n"]
 
 
 def test_a_prefix_that_does_not_determine_what_follows_is_not_reused(tmp_path, monkeypatch):
     torch.manual_seed(0)
     checked = _train(Skip(), tmp_path / "checked")
-    monkeypatch.setattr(prefix, "PREFIX_BYTES", 0)
+    monkeypatch.setattr(FrozenPrefix, "PROBE_BYTES", 0)
     torch.manual_seed(0)
     full = _train(Skip(), tmp_path / "full")
     frozen = [g for e in checked.freeze_log for g in e["groups"]]
     assert "block2.conv" in frozen, "the run should freeze block1 and block2 while judging block3"
-    assert checked._reuse.disabled  # the first-batch check saw the difference
+    stats = checked.frozen_prefix.stats()
+    assert "skip connection" in stats.probe.off and stats.probe.served == 0  # the check saw the difference
     _same_signal(checked, full)
 
 
-def test_call_order_and_outermost():
+def test_outermost():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
     mods = dict(model.named_modules())
-    assert list(prefix.outermost({n: mods[n] for n in ("0", "2", "2.1")})) == ["0", "2"]
-    assert prefix.call_order(model, {n: mods[n] for n in ("2", "0")}, torch.randn(2, 3)) == ["0", "2"]
-    shared = nn.Sequential(mods["0"], nn.Linear(4, 3), mods["0"])  # called twice: no order
-    assert prefix.call_order(shared, {"0": mods["0"]}, torch.randn(2, 3)) is None
-    assert model.training  # modes restored
+    assert list(outermost({n: mods[n] for n in ("0", "2", "2.1")})) == ["0", "2"]
 
 
 def test_a_kept_output_whose_prefix_changed_is_kept_again(tmp_path, monkeypatch):
@@ -110,10 +109,12 @@ def test_a_kept_output_whose_prefix_changed_is_kept_again(tmp_path, monkeypatch)
     # the recording after the change starts from the output kept before it (same frozen groups)
     reused = _train(ConvNet(width=8, depth=6, hidden=32), tmp_path / "reused", steps=40, change=change,
                     max_frozen_fraction=0.5)
-    monkeypatch.setattr(prefix, "PREFIX_BYTES", 0)
+    monkeypatch.setattr(FrozenPrefix, "PROBE_BYTES", 0)
     torch.manual_seed(0)
     full = _train(ConvNet(width=8, depth=6, hidden=32), tmp_path / "full", steps=40, change=change,
                   max_frozen_fraction=0.5)
     assert reused.freeze_log and reused.freeze_log[0]["step"] < 17, "block1 should be frozen before the change"
     _same_signal(reused, full)
-    assert not reused._reuse.disabled  # seen as a change and kept again, not found later by a check
+    stats = reused.frozen_prefix.stats()
+    # seen as a change and kept again, not found later by a check
+    assert stats.probe.off is None and any(kind == "state" for kind, _ in stats.events)

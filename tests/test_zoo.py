@@ -266,7 +266,8 @@ def test_two_inputs_freeze_with_flops_prefix_reuse_and_the_cache_exact(tmp_path)
         _check_run(tracker, tmp_path / str(cache), watch)
         assert len(tracker.freeze_log) >= 2, tracker.freeze_log  # frozen in more than one step
         assert all(e["backward_flops_saved"] > 0 for e in tracker.freeze_log)
-        assert tracker._reuse.hits >= 1 and not tracker._reuse.disabled
+        probe = tracker.frozen_prefix.stats().probe
+        assert probe.served > 0 and probe.off is None, probe
         if cache:  # the encoder layers also take the mask, which the key does not cover: off, never served
             stats = tracker.frozen_cache_stats
             assert stats is not None and stats["served"] == 0 and "attention mask" in stats["off"], stats

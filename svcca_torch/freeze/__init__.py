@@ -14,7 +14,7 @@ drives it from a ``Trainer``, and a plain training loop can drive it directly::
 
 :class:`svcca_torch.tracker.DynamicsTracker` does all of this (and the recording) for you.
 """
-from .groups import (LayerGroup, _contains, backward_flops, default_layer_groups, explicit_layer_groups,
+from .groups import (LayerGroup, backward_flops, default_layer_groups, explicit_layer_groups,
                      freeze_group, frozen_parameter_count, is_frozen, unfreeze_group)
 from .policy import (FreezePolicy, PolicyRun, get_policy, make_freeze_policy, policy_names, register_policy,
                      unregister_policy)

@@ -55,7 +55,8 @@ class LayerGroup:
         return sum(p.numel() for p in self.parameters())
 
 
-def _contains(ancestor: str, name: str) -> bool:
+def contains(ancestor: str, name: str) -> bool:
+    """Whether module ``name`` is ``ancestor`` or inside it (``""`` is the model)."""
     return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
 
 
@@ -118,18 +119,18 @@ def default_layer_groups(model: nn.Module, layer_names: Optional[Sequence[str]] 
         raise ValueError("`layer_names` is empty; pass at least one module name.")
     modules = _check_names(model, layer_names, "layer_names")
     # drop layers nested in another recorded layer: the outer one's group covers them
-    tops = [n for n in layer_names if not any(o != n and _contains(o, n) for o in layer_names)]
+    tops = [n for n in layer_names if not any(o != n and contains(o, n) for o in layer_names)]
     roots: List[str] = []
     for n in tops:
         root, parent = n, _parent(n)
-        if parent != "" and not any(o != n and _contains(parent, o) for o in tops):
+        if parent != "" and not any(o != n and contains(parent, o) for o in tops):
             root = parent
         roots.append(root)
     order = [n for n, _ in model.named_modules()]
     position = {n: i for i, n in enumerate(order)}
     taken = set()
     for r in roots:
-        taken.update(n for n in order if _contains(r, n))
+        taken.update(n for n in order if contains(r, n))
     groups: List[LayerGroup] = []
     for layer, root in zip(tops, roots):
         names = [root]
@@ -137,21 +138,21 @@ def default_layer_groups(model: nn.Module, layer_names: Optional[Sequence[str]] 
             parent = _parent(root)
             siblings = [n for n in order if _parent(n) == parent and n != ""]
             for n in reversed(siblings[: siblings.index(root)]):
-                if n in taken or any(_contains(n, r) for r in roots):
+                if n in taken or any(contains(n, r) for r in roots):
                     break
                 names.insert(0, n)
-                taken.update(o for o in order if _contains(n, o))
+                taken.update(o for o in order if contains(n, o))
                 if not isinstance(modules[n], _NORM_TYPES) and any(True for _ in modules[n].parameters()):
                     break
         # normalisation layers that directly follow the group in module order
         i = position[root] + 1
         while i < len(order):
             n = order[i]
-            if _contains(root, n):
+            if contains(root, n):
                 i += 1
                 continue
             m = modules[n]
-            if n in taken or any(_contains(n, r) for r in roots):
+            if n in taken or any(contains(n, r) for r in roots):
                 break
             if isinstance(m, _NORM_TYPES):
                 names.append(n)
