@@ -13,7 +13,7 @@ Per arm, the median over ``--repeats`` interleaved repeats of:
 
 * ``full capture``: :meth:`DynamicsTracker.capture` (every layer on the common rows, the
   SVD reduction of each, the store write, the similarity to the previous capture);
-* ``signal``: one freeze-signal recording (``DynamicsTracker._signal``: the two lowest
+* ``signal``: one freeze-signal recording (``tracker.policy.signal.observe``: the two lowest
   still-trained groups, ``signal_datapoints_per_neuron`` x neurons datapoints per layer, its
   SVD reduction and the comparison with one window earlier);
 * ``forward``: the whole probe through the network, eval + no_grad, nothing kept (the floor
@@ -61,8 +61,24 @@ def load_baseline(ref: str) -> Any:
     module.__package__ = "svcca_torch"
     module.__file__ = str(Path(svcca_torch.__file__).parent / "_tracker_baseline.py")
     sys.modules[name] = module
-    exec(compile(source, f"{ref}:svcca_torch/tracker.py", "exec"), module.__dict__)
+    try:
+        exec(compile(source, f"{ref}:svcca_torch/tracker.py", "exec"), module.__dict__)
+    except ImportError as err:  # a tracker of another package layout (before the 0.3 split)
+        print(f"bench_signal: the tracker at {ref} does not import against this checkout's modules ({err}); "
+              "measuring this version only")
+        return None
     return module
+
+
+def observe(tracker: Any, step: int) -> None:
+    """One freeze-signal recording: the policy's own signal (0.3), or the 0.2 tracker's."""
+    signal = getattr(tracker.policy, "signal", None)
+    signal.observe(step) if signal is not None else tracker._signal(step)
+
+
+def last_recording(tracker: Any) -> Dict[str, Any]:
+    signal = getattr(tracker.policy, "signal", None)
+    return signal.ref if signal is not None else tracker._ref
 
 
 def make_tracker(cls: Any, net: torch.nn.Module, probe: torch.Tensor, folder: str, frozen: int, grid: int) -> Any:
@@ -127,12 +143,12 @@ def main() -> None:
                 tracker.capture(step)
                 times[arm]["full capture"].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                tracker._signal(step)
+                observe(tracker, step)
                 times[arm]["signal"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             forward()
             times["-"]["forward"].append(time.perf_counter() - t0)
-        rows = {arm: {n: (b.n_datapoints, b.k) for n, b in t._ref["bases"].items()} for arm, t in trackers.items()}
+        rows = {arm: {n: (b.n_datapoints, b.k) for n, b in last_recording(t)["bases"].items()} for arm, t in trackers.items()}
         for t in trackers.values():
             if hasattr(t, "close"):
                 t.close()

@@ -21,7 +21,7 @@ from .settings import TrackerSettings
 from .store import RepresentationStore
 from .utils.validation import NonFiniteError, ZeroVarianceError
 
-__all__ = ["FinalAnalysis", "analyse", "shown_dynamics", "online_previous"]
+__all__ = ["FinalAnalysis", "analyse", "analyse_run", "shown_dynamics", "online_previous"]
 
 
 @dataclass
@@ -121,6 +121,32 @@ def analyse(store: RepresentationStore, settings: TrackerSettings, summary: Dict
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, run_dir / "svcca_summary.json")
     return result
+
+
+def analyse_run(tracker: Any, store: RepresentationStore) -> Optional[FinalAnalysis]:
+    """:func:`analyse` a :class:`~svcca_torch.tracker.DynamicsTracker`'s run from its public
+    record: the summary's run facts (layers in depth order, captures, probe, own time, the
+    freeze policy's log and :meth:`~svcca_torch.freeze.FreezePolicy.summary`, the capture
+    schedule, the layers constant at the start) and the analysis of ``store``."""
+    st, frozen_at, policy = tracker.settings, tracker.layer_freeze_steps, tracker.policy
+    # in depth order (a layer constant at the start is stored first when it varies, after the others)
+    order = [n for n in (tracker.recorder.layers if tracker.recorder is not None else []) if n in store.layers]
+    layers = order + [n for n in store.layers if n not in order]
+    freeze: Dict[str, Any] = {
+        "policy": st.freeze or None, "window": st.freeze_window,
+        "groups": [{"name": g.name, "modules": g.module_names} for g in tracker.groups],
+        "events": tracker.freeze_log, "signal": [], "freeze_steps": tracker.freeze_steps,
+        "layer_freeze_steps": frozen_at, "signal_raw": [], "signal_budget": None, "chance": None,
+        "policy_state": policy.state_dict() if policy is not None else None,
+        **(policy.summary() if policy is not None else {})}
+    summary: Dict[str, Any] = {
+        "layers": layers, "captured_steps": list(tracker.captured_steps), "probe_checksum": tracker.probe_checksum,
+        "store": str(store.folder), "overhead": tracker.overhead, "frozen_cache": tracker.frozen_cache_stats,
+        "freeze": freeze, "schedule": tracker.schedule_summary(),
+        "constant_at_start": {k: dict(v) for k, v in tracker.constant_layers.items()}}
+    device = st.analysis_device or next((t.device for t in tracker.model.parameters()), torch.device("cpu"))
+    return analyse(store, st, summary, layers=layers, to_previous=tracker.to_previous, freeze_steps=frozen_at,
+                   device=device, failures=tracker.failures)
 
 
 def write_figures(dyn: LearningDynamics, folder: Path, *, grid_fractions: Optional[Sequence[float]],

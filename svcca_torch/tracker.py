@@ -35,16 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-import torch
 from torch import nn
 
-from .analysis import FinalAnalysis, analyse, shown_dynamics
+from .analysis import FinalAnalysis, analyse_run, shown_dynamics
 from .capture import EXAMPLES, CaptureError, Capturer, ShardedRecord, model_device
-from .freeze import (FreezePolicy, LayerGroup, PolicyRun, default_layer_groups, explicit_layer_groups, freeze_group,
-                     get_policy, is_frozen)
-from .freeze.groups import probe_backward_flops
+from .freeze import FreezePolicy, LayerGroup, PolicyRun, default_layer_groups, explicit_layer_groups, get_policy
+from .freeze.freezer import Freezer
 from .freeze.policy import Recording
-from .frozen_prefix import FrozenPrefix, outermost
+from .frozen_prefix import FrozenPrefix
 from .functional.svcca import ReducedBasis
 from .probe import Probe, check_probe, probe_size
 from .recorder import ActivationRecorder, to_model
@@ -132,10 +130,7 @@ class DynamicsTracker:
         self.groups: List[LayerGroup] = []
         self.group_layers: Dict[str, List[str]] = {}
         self.policy: Optional[FreezePolicy] = None
-        #: the freeze log: ``{"step", "groups", "frozen_groups", "frozen_parameters",
-        #: "backward_flops_saved", "reason"}`` per step that froze groups
-        self.freeze_log: List[Dict[str, Any]] = []
-        self.baseline_backward_flops: Optional[int] = None
+        self.freezer: Optional[Freezer] = None  # applies the policy's decisions (with freeze training)
         #: the archive folder of captures moved aside by the last :meth:`start` (resume)
         self.archived: Optional[Path] = None
         self.frozen_cache_stats: Optional[Dict[str, Any]] = None  # the frozen-output cache's, at the end
@@ -205,6 +200,16 @@ class DynamicsTracker:
         return self.clock.overhead
 
     @property
+    def freeze_log(self) -> List[Dict[str, Any]]:
+        """``{"step", "groups", "frozen_groups", "frozen_parameters", "backward_flops_saved",
+        "reason"}`` per step that froze groups (:class:`svcca_torch.freeze.freezer.Freezer`)."""
+        return self.freezer.log if self.freezer is not None else self._pending.get("freezer", {}).get("freeze_log", [])
+
+    @property
+    def baseline_backward_flops(self) -> Optional[int]:
+        return self.freezer.baseline_backward_flops if self.freezer is not None else None
+
+    @property
     def freeze_steps(self) -> Dict[str, int]:
         """``{group: the step it was frozen at}`` (bottom-up; from the freeze log)."""
         return {g: int(e["step"]) for e in self.freeze_log for g in e["groups"]}
@@ -214,30 +219,6 @@ class DynamicsTracker:
         """``{recorded layer: the step its group was frozen at}``."""
         steps = self.freeze_steps
         return {n: steps[g] for g in steps for n in self.group_layers.get(g, [])}
-
-    def _signal(self) -> Any:
-        return getattr(self.policy, "signal", None)
-
-    @property
-    def signal_log(self) -> List[Dict[str, Any]]:
-        """The adaptive policy's calibrated group similarities per window (empty otherwise)."""
-        return self._signal().log if self._signal() is not None else []
-
-    @property
-    def signal_raw_log(self) -> List[Dict[str, Any]]:
-        return self._signal().raw_log if self._signal() is not None else []
-
-    @property
-    def signal_stats(self) -> Dict[str, Any]:
-        return self._signal().stats if self._signal() is not None else {}
-
-    @property
-    def chance(self) -> Optional[Dict[str, Optional[float]]]:
-        return self._signal().chance if self._signal() is not None else None
-
-    @property
-    def chance_info(self) -> Dict[str, Any]:
-        return self._signal().chance_info if self._signal() is not None else {}
 
     def schedule_summary(self) -> Dict[str, Any]:
         """What the capture schedule did (``svcca_summary.json``'s ``"schedule"``)."""
@@ -299,6 +280,9 @@ class DynamicsTracker:
                                      group_layers=self.group_layers, capture=self.capturer,
                                      record=self._record_signal, clock=self.clock, is_writer=self.is_writer,
                                      broadcast=self._broadcast, owner=type(self).__name__))
+        self.freezer = Freezer(self.model, self.groups, self.policy, lambda: self._probe.head(1),
+                               is_writer=self.is_writer, on_freeze=self._update_cache)
+        self.freezer.load_state_dict(self._pending.pop("freezer", {}))
 
     def accounted(self) -> "contextlib.AbstractContextManager[None]":
         """``with tracker.accounted(): ...`` counts the time inside as the tracker's own, so
@@ -333,8 +317,8 @@ class DynamicsTracker:
                     f"{type(self).__name__}: {store.folder} held the captures of an earlier run (steps {steps}); "
                     f"moved to {archive} so that this run's are not mixed with them. Resume with the saved state "
                     "(load_state_dict) to continue a run, or pass a new run_dir.", UserWarning, stacklevel=2)
-            if self.policy is not None and self.baseline_backward_flops is None and self.is_writer:
-                self.baseline_backward_flops = self._backward_flops(all_trainable=True)
+            if self.freezer is not None:
+                self.freezer.measure_baseline()
             events = TrackerEvents(step)
             total = self.settings.total_steps
             self.schedule.restart(step / total if total else 0.0)
@@ -342,7 +326,7 @@ class DynamicsTracker:
                 events.capture = self.capture(step, epoch)
             if self.policy is not None:
                 events.signal = self.policy.on_start(step)
-                events.freeze = self._apply_frozen(step)
+                events.freeze = self.freezer.apply(step)  # type: ignore[union-attr]
             self._started = True
             return events
 
@@ -370,7 +354,7 @@ class DynamicsTracker:
             self._frozen_prefix.note_step(step, epoch, self.settings.freeze_window or max(1, (total or 2000) // 20))
             if self.policy is not None:
                 events.signal = self.policy.on_step(step, fraction)
-                events.freeze = self._apply_frozen(step)
+                events.freeze = self.freezer.apply(step)  # type: ignore[union-attr]
             every = self.settings.every_n_steps
             if request is None and every is not None:
                 request = step % every == 0
@@ -411,39 +395,7 @@ class DynamicsTracker:
             self.schedule.analysis_cost = self.capturer.analysis_cost
             return out
 
-    # ------------------------------------------------------------------ freezing and the frozen prefix
-    def _apply_frozen(self, step: int, silent: bool = False) -> Optional[Dict[str, Any]]:
-        """Freeze every group the policy lists that is not frozen yet; the freeze-log entry."""
-        assert self.policy is not None
-        by_name = {g.name: g for g in self.groups}
-        # a group without parameters has nothing to freeze (and would count as newly frozen every time)
-        newly = [n for n in self.policy.frozen if by_name[n].parameters() and not is_frozen(by_name[n])]
-        if not newly:
-            return None
-        for n in newly:
-            freeze_group(by_name[n])
-        self._update_cache()
-        if silent:
-            return None
-        saved = None
-        if self.is_writer and self.baseline_backward_flops:
-            saved = 1.0 - self._backward_flops() / self.baseline_backward_flops
-        entry = {"step": int(step), "groups": newly, "frozen_groups": len(self.policy.frozen),
-                 "frozen_parameters": sum(by_name[n].num_parameters() for n in self.policy.frozen),
-                 "backward_flops_saved": saved, "reason": self.policy.reason(newly, step)}
-        self.freeze_log.append(entry)
-        return entry
-
-    def _backward_flops(self, all_trainable: bool = False) -> int:
-        return probe_backward_flops(self.model, self._probe.head(1), self.groups, all_trainable=all_trainable)
-
-    def _frozen_modules(self) -> Dict[str, nn.Module]:
-        """The frozen groups' modules, outermost only (name -> module)."""
-        assert self.policy is not None
-        by_name = {g.name: g for g in self.groups}
-        return outermost({m: mod for g in self.policy.frozen for m, mod in
-                          zip(by_name[g].module_names, by_name[g].modules)})
-
+    # ------------------------------------------------------------------ the frozen prefix
     def _record_signal(self, layers: List[str], n_images: int) -> Recording:
         """A per-layer-rows recording of ``layers`` on the first ``n_images`` probe inputs:
         (rows per layer, row -> probe input per layer), reusing the frozen prefix's output on
@@ -455,8 +407,8 @@ class DynamicsTracker:
 
     def _update_cache(self) -> None:
         """Let the frozen prefix serve the frozen modules (after a freeze)."""
-        if self.policy is not None:
-            self._frozen_prefix.update(self._frozen_modules(),
+        if self.freezer is not None:
+            self._frozen_prefix.update(self.freezer.frozen_modules(),
                                        to_model(self._probe.head(FrozenPrefix.CHECK_IMAGES), self.model))
 
     def _close_cache(self) -> None:
@@ -517,26 +469,7 @@ class DynamicsTracker:
 
     def _analyse(self) -> Optional[FinalAnalysis]:
         assert self.store is not None
-        st, frozen_at = self.settings, self.layer_freeze_steps
-        # in depth order (a layer constant at the start is stored first when it varies, after the others)
-        order = [n for n in (self.recorder.layers if self.recorder is not None else []) if n in self.store.layers]
-        layers = order + [n for n in self.store.layers if n not in order]
-        freeze: Dict[str, Any] = {
-            "policy": st.freeze or None, "window": st.freeze_window,
-            "groups": [{"name": g.name, "modules": g.module_names} for g in self.groups],
-            "events": self.freeze_log, "signal": [], "freeze_steps": self.freeze_steps,
-            "layer_freeze_steps": frozen_at, "signal_raw": [], "signal_budget": None, "chance": None,
-            "policy_state": self.policy.state_dict() if self.policy is not None else None}
-        if self.policy is not None:
-            freeze.update(self.policy.summary())
-        summary: Dict[str, Any] = {
-            "layers": layers, "captured_steps": list(self.captured_steps), "probe_checksum": self.probe_checksum,
-            "store": str(self.store.folder), "overhead": self.overhead, "frozen_cache": self.frozen_cache_stats,
-            "freeze": freeze, "schedule": self.schedule_summary(),
-            "constant_at_start": {k: dict(v) for k, v in self.constant_layers.items()}}
-        device = st.analysis_device or next((t.device for t in self.model.parameters()), torch.device("cpu"))
-        return analyse(self.store, st, summary, layers=layers, to_previous=self.to_previous,
-                       freeze_steps=frozen_at, device=device, failures=self.failures)
+        return analyse_run(self, self.store)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -575,8 +508,11 @@ class DynamicsTracker:
             self.capturer.captured_steps, self.capturer.to_previous = history["captured_steps"], history["to_previous"]
             self.capturer.constant.layers = history["constant"]
         self._probe.digests = list(state.get("probe_digests", []))
-        self.freeze_log = [dict(e) for e in state.get("freeze_log", [])]
-        self.baseline_backward_flops = state.get("baseline_backward_flops")
+        freezing = {k: state.get(k) for k in ("freeze_log", "baseline_backward_flops") if k in state}
+        if self.freezer is not None:
+            self.freezer.load_state_dict(freezing)
+        else:
+            self._pending["freezer"] = freezing
         self.schedule.load_state_dict(state.get("schedule", {}))
 
     def _restore(self, step: int) -> None:
@@ -588,7 +524,8 @@ class DynamicsTracker:
         assert self.capturer is not None
         # captures after the checkpoint's step belong to a run that was not kept
         self.capturer.keep_until(step)
-        self.freeze_log = [e for e in self.freeze_log if e["step"] <= step]
+        if self.freezer is not None:
+            self.freezer.keep_until(step)
         self.schedule.keep_until(step)
         if state.get("policy") is not None:
             if self.policy is None:
@@ -597,7 +534,7 @@ class DynamicsTracker:
                     f"{type(self).__name__} has freeze_training=False; resume with the same settings.")
             self.policy.load_state_dict(state["policy"])
             self.policy.keep_until(step)
-            self._apply_frozen(step, silent=True)
+            self.freezer.apply(step, silent=True)  # type: ignore[union-attr]
         if self.store is not None and len(self.store):
             self.archived = self.store.archive_after(step)
             done = [c for c in self.store.checkpoints if c.step <= step]
@@ -627,3 +564,19 @@ def _setting(name: str) -> property:
 for _name in TrackerSettings.names():  # 0.2 read these as attributes: read through to the settings
     if _name not in ("layers", "frozen_cache"):
         setattr(DynamicsTracker, _name, _setting(_name))
+
+
+def _signal_view(attr: str, empty: Callable[[], Any], doc: str) -> property:
+    def get(self: DynamicsTracker) -> Any:
+        signal = getattr(self.policy, "signal", None)
+        return getattr(signal, attr) if signal is not None else empty()
+
+    return property(get, doc=doc)
+
+
+# 0.2 read the adaptive signal's records on the tracker: read through to the policy's signal
+for _name, _attr, _empty in (("signal_log", "log", list), ("signal_raw_log", "raw_log", list),
+                             ("signal_stats", "stats", dict), ("chance", "chance", lambda: None),
+                             ("chance_info", "chance_info", dict)):
+    setattr(DynamicsTracker, _name, _signal_view(_attr, _empty, f"``policy.signal.{_attr}`` (the adaptive policy's "
+                                                               ":class:`~svcca_torch.freeze.signal.FreezeSignal`)."))

@@ -209,7 +209,7 @@ def test_a_frozen_weight_changed_before_the_next_freeze_turns_the_cache_off(tmp_
     first = tracker.groups[len(tracker.policy.frozen)]
     tracker.policy.frozen.append(first.name)  # the next freeze, as the policy would decide it
     with tracker.accounted():  # as maybe_capture runs it: the cache is paused
-        tracker._apply_frozen(3)
+        tracker.freezer.apply(3)
     cache = tracker.frozen_prefix.stats().cache
     assert "changed" in cache.off and cache.bytes == 0 and cache.boundary is None
     tracker.finish(3)
