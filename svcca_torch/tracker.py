@@ -1693,14 +1693,11 @@ class DynamicsTracker:
                 # judged on each layer before it froze, with its statistic
                 summary["convergence"] = convergence_order(fin, freeze_steps=frozen_at)
                 result = FinalAnalysis(dyn, fin, prev, summary)
-                if self.figures:
-                    grid = grid_checkpoints(dyn, fractions=self.grid_fractions)
-                    plot_learning_dynamics(dyn, checkpoints=grid, ncols=2, freeze_steps=frozen_at).savefig(
-                        run_dir / "learning_dynamics.png", dpi=110)
-                    plot_convergence(fin, freeze_steps=frozen_at).savefig(run_dir / "convergence.png", dpi=110)
-                if self.freeze and len(self.store) > 1:
-                    plot_convergence(prev, ylabel="SVCCA similarity to previous capture",
-                                     freeze_steps=frozen_at).savefig(run_dir / "to_previous.png", dpi=110)
+                if self.figures:  # the views' pixels (svcca_torch.views.write_figures, through a PNGSink)
+                    from .views import write_figures
+
+                    write_figures(result, run_dir, grid_fractions=self.grid_fractions, freeze_steps=frozen_at,
+                                  to_previous=bool(self.freeze))
         finally:
             summary["failures"] = [dict(f) for f in self.failures]
             tmp = run_dir / ".svcca_summary.json.tmp"
