@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
