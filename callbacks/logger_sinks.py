@@ -24,8 +24,8 @@ from svcca_torch.views import Sink, TensorBoardSink
 __all__ = ["LoggerSink", "sinks_for"]
 
 
-def _image_method(logger: Any) -> Tuple[Optional[Callable[[str, np.ndarray, int], None]], str]:
-    """``(write(tag, image, step), how)`` for ``logger``'s images, or ``(None, why not)``."""
+def _image_method(logger: Any) -> Tuple[Optional[Callable[[str, np.ndarray, int], None]], Optional[str]]:
+    """``(write(tag, image, step), how)`` for ``logger``'s images, or ``(None, None)``."""
     own = getattr(logger, "log_image", None)
     if callable(own):  # WandbLogger and anything with log_image(key, images, step)
         return (lambda tag, image, step: own(key=tag, images=[image], step=step)), "log_image"
@@ -38,7 +38,7 @@ def _image_method(logger: Any) -> Tuple[Optional[Callable[[str, np.ndarray, int]
         exp = logger.experiment
         if callable(getattr(exp, "log_image", None)):
             return (lambda tag, image, step: exp.log_image(image, name=tag, step=step)), "experiment.log_image (Comet)"
-    return None, "no image method"
+    return None, None
 
 
 def _text_method(logger: Any) -> Optional[Callable[[str, str, int], None]]:
@@ -68,14 +68,15 @@ class LoggerSink(Sink):
         self.owner = owner
         self._image: Any = ...  # found on first use (a logger's experiment may start a run)
         self._text: Any = ...
-        self._said = False
+        #: how images are written (``"log_image"``, ``"experiment.log_image (MLflow)"``, ...), or
+        #: None: scalars (and text) only; known after the first image was offered
+        self.image_method: Optional[str] = None
 
     def _find(self) -> None:
         if self._image is ...:
-            self._image, how = _image_method(self.logger)
+            self._image, self.image_method = _image_method(self.logger)
             self._text = _text_method(self.logger)
-            if self._image is None and not self._said:
-                self._said = True
+            if self._image is None:  # said once: found once
                 rank_zero_info(f"{self.owner}: {type(self.logger).__name__} gets the SVCCA scalars only (it has "
                                f"no image method); the figures are in the run folder.")
 

@@ -23,14 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.image import imsave
 
 from ..dynamics import LayerCurves, LearningDynamics
-from ..plotting import (
-    checkpoint_label,
-    freeze_note,
-    plot_convergence,
-    plot_learning_dynamics,
-    plot_similarity_matrix,
-    remember_layout,
-)
+from .. import plotting  # the figures, looked up when drawn (one place to patch or extend)
+from ..plotting import checkpoint_label, freeze_note, remember_layout
 
 __all__ = ["figure_to_array", "render", "save_png", "titled", "live_matrix", "curves", "to_final_matrix", "grid",
            "cache_note", "GRID_FONT_SCALE", "checkpoint_label"]
@@ -74,7 +68,7 @@ def live_matrix(matrix: torch.Tensor, layers: Sequence[str], *, title: str, step
                 frozen_layers: Sequence[str]) -> Figure:
     """The layers x layers heatmap of the previous capture vs this one:
     ``matrix[i, j]`` = layer ``i`` at the previous capture vs layer ``j`` now."""
-    return plot_similarity_matrix(matrix, list(layers), title=title,
+    return plotting.plot_similarity_matrix(matrix, list(layers), title=title,
                                   xlabel=f"layer at step {previous_step} (previous capture)",
                                   ylabel=f"layer at step {step}", frozen_layers=list(frozen_layers))
 
@@ -82,19 +76,19 @@ def live_matrix(matrix: torch.Tensor, layers: Sequence[str], *, title: str, step
 def curves(values: LayerCurves, *, title: str, freeze_steps: Mapping[str, int], x: str = "fraction",
            ylabel: str = "SVCCA similarity") -> Figure:
     """One chart, a line per layer coloured by depth, each freeze marked."""
-    return plot_convergence(values, x=x, ylabel=ylabel, title=title, freeze_steps=dict(freeze_steps))
+    return plotting.plot_convergence(values, x=x, ylabel=ylabel, title=title, freeze_steps=dict(freeze_steps))
 
 
 def to_final_matrix(dynamics: LearningDynamics, c: int, *, title: str, frozen_layers: Sequence[str]) -> Figure:
     """Checkpoint ``c``'s layers x layers heatmap against the end of training."""
-    return plot_similarity_matrix(dynamics.matrices[c], dynamics.layers, title=title,
+    return plotting.plot_similarity_matrix(dynamics.matrices[c], dynamics.layers, title=title,
                                   xlabel=f"layer at end (step {int(dynamics.steps[-1])})",
                                   ylabel=f"layer at step {int(dynamics.steps[c])}", frozen_layers=list(frozen_layers))
 
 
 def grid(dynamics: LearningDynamics, checkpoints: Sequence[int], freeze_steps: Mapping[str, int]) -> Figure:
     """The 2x2 grid of heatmaps (the paper's figure), sized for one TensorBoard card."""
-    return plot_learning_dynamics(dynamics, checkpoints=list(checkpoints), ncols=2, panel_size=2.6,
+    return plotting.plot_learning_dynamics(dynamics, checkpoints=list(checkpoints), ncols=2, panel_size=2.6,
                                   freeze_steps=dict(freeze_steps))
 
 
