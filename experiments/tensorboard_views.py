@@ -1,9 +1,9 @@
 """What SVCCA logs to TensorBoard, from a plain PyTorch training loop (no Lightning).
 
-Trains the digits ConvNet with SGD, captures its layers on a fixed probe set
-(:class:`~svcca_torch.ActivationRecorder` into a :class:`~svcca_torch.RepresentationStore`)
-a few times per epoch, freezes converged layer groups bottom-up (adaptive policy), and logs
-everything through :class:`svcca_torch.board.BoardLogger`: live views at each capture, the
+Trains the digits ConvNet with SGD; a :class:`~svcca_torch.tracker.DynamicsTracker` captures
+its layers on a fixed probe set a few times per epoch and freezes converged layer groups
+bottom-up (adaptive policy, the engine's signal); one :class:`svcca_torch.views.TrainingViews`
+logs everything to TensorBoard and the run folder's PNGs: live views at each capture, the
 freeze state from step 0, the paper's views at the end. Then prints the command that opens
 the logs.
 
@@ -24,15 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from svcca_torch import ActivationRecorder
-from svcca_torch.board import BoardLogger
 from svcca_torch.data import load_digits_dataset, probe_set
 from svcca_torch.experiments.common import DefaultsHelpFormatter, doc_examples, module_prog
-from svcca_torch.dynamics import learning_dynamics, paired_similarity
-from svcca_torch.freeze import backward_flops, default_layer_groups, freeze_group, make_freeze_policy
-from svcca_torch.functional.svcca import svd_reduce
 from svcca_torch.models import ConvNet
-from svcca_torch.store import RepresentationStore
+from svcca_torch.tracker import DynamicsTracker
+from svcca_torch.views import PNGSink, TensorBoardSink, TrainingViews
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
-    """Train, log, and return ``{"run_dir", "logdir", "captures", "frozen"}``."""
+    """Train, log, and return ``{"run_dir", "logdir", "captures", "frozen", "images"}``."""
     if args.smoke:
         args.epochs, args.captures_per_epoch, args.probe_size = 1, 3, 100
     torch.set_num_threads(args.threads)
@@ -65,44 +61,18 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     total = args.epochs * len(loader)
     every = max(1, len(loader) // args.captures_per_epoch)
     run_dir = Path(args.out) / "tensorboard_views" / datetime.now().strftime("digits-convnet-%Y%m%d-%H%M%S")
-    rec = ActivationRecorder(model, model.layer_names)
-    store = RepresentationStore(run_dir / "store")
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
-    board = BoardLogger(writer, args.name, rec.layers, total_steps=total)
-    groups = default_layer_groups(model, rec.layers)
-    policy = make_freeze_policy(args.freeze, [g.name for g in groups]) if args.freeze != "none" else None
-    example = probe[:2]
-    base_flops = backward_flops(model, example)
-    prev: Optional[Dict[str, Any]] = None
-    frozen: List[str] = []
-
-    def capture(step: int, final: bool = False) -> None:
-        nonlocal prev
-        model.eval()
-        bases = {n: svd_reduce(a, 0.99) for n, a in rec.record(probe).items()}
-        model.train()
-        store.add(bases, step=step, fraction=step / total)
-        sims = paired_similarity(prev, bases) if prev is not None else {}
-        board.log_capture(step, sims, previous=prev, current=bases, final=final)
-        newly: List[str] = []
-        if policy is not None:
-            by_name = {g.name: g for g in groups}
-            if sims:
-                # default groups are named after their recorded layer
-                policy.update(step, {g.name: sims[g.name] for g in groups if g.name in sims})
-            newly = [n for n in policy.frozen if n not in frozen and by_name[n].parameters()]
-            for n in newly:
-                freeze_group(by_name[n])
-                frozen.append(n)
-            saved = 1.0 - backward_flops(model, example) / base_flops
-            board.log_freeze(step, len(frozen), backward_flops_saved=saved, newly_frozen=newly, n_groups=len(groups))
-            if newly:
-                log(f"step {step}: froze {', '.join(newly)} ({100 * saved:.0f}% of backward FLOPs saved)")
-        prev = bases
-
+    logdir = run_dir / "tensorboard"
+    # the engine: captures every `every` steps, the adaptive freeze signal on the same grid
+    tracker = DynamicsTracker(model, probe, model.layer_names, run_dir=run_dir, total_steps=total, every_n_steps=every,
+                              max_overhead=None, freeze="adaptive" if args.freeze == "adaptive" else False,
+                              freeze_window=every, figures=False, progress=False)
+    writer = SummaryWriter(str(logdir))
+    # the views: TensorBoard and the run folder's PNGs, drawn once
+    views = TrainingViews.for_tracker(tracker, [TensorBoardSink(writer), PNGSink(run_dir, to_previous=True)],
+                                      args.name)
     t0 = time.perf_counter()
+    views.log(tracker.start())
     step = 0
-    capture(0)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(args.epochs):
         for x, y in loader:
@@ -112,16 +82,20 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             opt.step()
             step += 1
             writer.add_scalar("train/loss", loss.item(), step)
-            if step % every == 0 and step < total:
-                capture(step)
-    capture(step, final=True)
-    board.log_final(learning_dynamics(store))
+            events = tracker.maybe_capture(step, epoch=epoch)
+            if events.freeze is not None:
+                saved = events.freeze["backward_flops_saved"] or 0.0
+                log(f"step {step}: froze {', '.join(events.freeze['groups'])} ({100 * saved:.0f}% of backward "
+                    "FLOPs saved)")
+            views.log(events)
+    views.log_final(tracker.finish(step))
+    views.close()
     writer.close()
-    log(f"{len(store)} captures, {len(frozen)} groups frozen, {time.perf_counter() - t0:.0f} s")
-    logdir = run_dir / "tensorboard"
+    frozen = list(tracker.policy.frozen) if tracker.policy is not None else []
+    log(f"{len(tracker.captured_steps)} captures, {len(frozen)} groups frozen, {time.perf_counter() - t0:.0f} s")
     log(f"open the logs with:  {sys.executable} -m tensorboard.main --logdir {logdir}")
-    return {"run_dir": str(run_dir), "logdir": str(logdir), "captures": len(store), "frozen": list(frozen),
-            "images": board.images_written}
+    return {"run_dir": str(run_dir), "logdir": str(logdir), "captures": len(tracker.captured_steps),
+            "frozen": frozen, "images": views.images_written}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

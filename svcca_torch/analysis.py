@@ -42,7 +42,7 @@ def shown_dynamics(store: RepresentationStore, *, device: Optional[Union[str, to
     One pass over ``store`` compares every capture with the final one layer by layer (the
     to-final curves) and, for the first and the last capture (and the captures nearest the
     ``grid`` fractions, e.g. the paper's 0/35/75/100%, when given), layers x layers.
-    :func:`svcca_torch.board.full_checkpoints` then picks from the curves the heatmaps shown
+    :func:`svcca_torch.views.selection.full_checkpoints` then picks from the curves the heatmaps shown
     (at most ``max_images``: step 0, the end, then where the curves change most; the grid
     image's panels are among them), and only those not computed yet are loaded again for a
     full matrix. Off-diagonal entries of the other captures are NaN; ``.full`` lists the
@@ -50,7 +50,7 @@ def shown_dynamics(store: RepresentationStore, *, device: Optional[Union[str, to
     before it) in the first pass. Bases are compared on ``device`` (default CPU); the result
     is on the CPU. ``layers``: which stored layers, in which order (default the store's).
     """
-    from .board import full_checkpoints
+    from .views.selection import full_checkpoints
 
     first = sorted({store.checkpoints[0].step, store.checkpoints[-1].step}
                    | {store.nearest(f).step for f in grid})
@@ -113,8 +113,11 @@ def analyse(store: RepresentationStore, settings: TrackerSettings, summary: Dict
             # judged on each layer before it froze, with its statistic
             summary["convergence"] = convergence_order(fin, freeze_steps=freeze_steps)
             result = FinalAnalysis(dyn, fin, prev, summary)
-            write_figures(dyn, run_dir, grid_fractions=settings.grid_fractions, freeze_steps=freeze_steps,
-                          main=settings.figures, to_previous=bool(settings.freeze) and len(store) > 1)
+            if settings.figures:  # the views' pixels, through a PNGSink (the same as TensorBoard's)
+                from .views import write_figures
+
+                write_figures(result, run_dir, grid_fractions=settings.grid_fractions, freeze_steps=freeze_steps,
+                              to_previous=bool(settings.freeze))
     finally:
         summary["failures"] = [dict(f) for f in failures]
         tmp = run_dir / ".svcca_summary.json.tmp"
@@ -147,23 +150,6 @@ def analyse_run(tracker: Any, store: RepresentationStore) -> Optional[FinalAnaly
     device = st.analysis_device or next((t.device for t in tracker.model.parameters()), torch.device("cpu"))
     return analyse(store, st, summary, layers=layers, to_previous=tracker.to_previous, freeze_steps=frozen_at,
                    device=device, failures=tracker.failures)
-
-
-def write_figures(dyn: LearningDynamics, folder: Path, *, grid_fractions: Optional[Sequence[float]],
-                  freeze_steps: Mapping[str, int], main: bool = True, to_previous: bool = False) -> None:
-    """The run folder's figures: with ``main``, ``learning_dynamics.png`` (the grid) and
-    ``convergence.png``; with ``to_previous``, ``to_previous.png``."""
-    from .board import grid_checkpoints
-    from .plotting import plot_convergence, plot_learning_dynamics
-
-    if main:
-        grid = grid_checkpoints(dyn, fractions=grid_fractions)
-        plot_learning_dynamics(dyn, checkpoints=grid, ncols=2, freeze_steps=freeze_steps).savefig(
-            folder / "learning_dynamics.png", dpi=110)
-        plot_convergence(dyn.curves(), freeze_steps=freeze_steps).savefig(folder / "convergence.png", dpi=110)
-    if to_previous:
-        plot_convergence(dyn.to_previous(), ylabel="SVCCA similarity to previous capture",
-                         freeze_steps=freeze_steps).savefig(folder / "to_previous.png", dpi=110)
 
 
 def _nan_to_none(x: Any) -> Any:

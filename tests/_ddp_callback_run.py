@@ -34,6 +34,11 @@ class FrozenWatch(pl.Callback):
     def __init__(self, svcca: SVCCACallback) -> None:
         self.svcca = svcca
         self.saved = {}
+        self.find_unused_parameters = None
+
+    def on_train_start(self, trainer, pl_module):
+        # the wrapped model's public attribute (what the callback checks)
+        self.find_unused_parameters = getattr(trainer.strategy.model, "find_unused_parameters", None)
 
     def on_train_epoch_end(self, trainer, pl_module):
         for g in self.svcca.groups:
@@ -63,7 +68,8 @@ def main() -> None:
     cb = SVCCACallback(probe, freeze_training=True, freeze_threshold=0.98, freeze_patience=1,
                        max_frozen_fraction=0.5, max_datapoints=500, progress=False)
     watch = FrozenWatch(cb)
-    strategy = "ddp" if args.devices > 1 else "auto"
+    # freeze training under DDP: the strategy lets parameters go without gradients
+    strategy = "ddp_find_unused_parameters_true" if args.devices > 1 else "auto"
     trainer = pl.Trainer(
         default_root_dir=str(args.out), max_epochs=4, accelerator="cpu", devices=args.devices, strategy=strategy,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -84,7 +90,7 @@ def main() -> None:
         "captured_steps": cb.captured_steps,
         "param_digest": digest.hexdigest(),
         "frozen_unchanged": watch.unchanged(),
-        "find_unused_parameters": getattr(trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters"),
+        "find_unused_parameters": watch.find_unused_parameters,
         "matrices": json.loads(summary_path.read_text())["matrices"] if rank == 0 else None,
         "sharded": cb.sharded,
         # per-datapoint norms of each stored layer at step 0 (before any training): invariant to

@@ -439,7 +439,7 @@ def test_grid_is_chosen_where_the_curves_change_or_at_the_papers_fractions(run):
 def test_titles_tell_captures_apart_and_name_each_freeze(tmp_path, monkeypatch):
     """Issue 22: three early heatmaps were all titled "(0%)"; titles now carry the step and a
     precise fraction, and, once layers are frozen, each one's freeze step; curves mark them."""
-    import svcca_torch.board as board_module
+    import svcca_torch.plotting as board_module  # every view's figure is drawn by these functions
     from svcca_torch.plotting import FROZEN_MARK, format_fraction
 
     titles: Dict[str, List[str]] = {"matrix": [], "grid": []}

@@ -1,6 +1,6 @@
 """SVCCACallback under both Lightning packages (issue 21): ``import pytorch_lightning as pl``
 and ``import lightning.pytorch as L`` (the unified package) work alike: the callback is
-accepted, freeze training runs on one device, DDP gets find_unused_parameters, TensorBoard
+accepted, freeze training runs on one device, DDP is checked for find_unused_parameters, TensorBoard
 and other loggers get their views, and the callback's state is checkpointed."""
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def test_freeze_training_on_one_device_logs_and_checkpoints_under_each_package(t
     trainer.fit(_module(pkg), loader)
 
     assert cb.freeze_log, "freeze training froze nothing"
-    assert len(cb._boards) == 1  # the package's TensorBoardLogger is recognised
+    from svcca_torch.views import TensorBoardSink
+
+    assert [type(s) for s in cb.views.sinks].count(TensorBoardSink) == 1  # the package's TensorBoardLogger is recognised
     with open(csv_logger.log_dir + "/metrics.csv") as f:
         columns = next(csv.reader(f))
     assert any(c.startswith("svcca/to_previous/") for c in columns)
@@ -92,16 +94,14 @@ def test_freeze_training_on_one_device_logs_and_checkpoints_under_each_package(t
 
 
 @pytest.mark.parametrize("name", PACKAGES)
-def test_ddp_of_each_package_gets_find_unused_parameters(name):
-    """setup runs before the strategy wraps the model: checked here without launching DDP."""
+def test_ddp_of_each_package_is_checked_for_find_unused_parameters(tmp_path, name):
+    """Freeze training under either package's DDP: the wrapped model is checked at the start of
+    training (the strategy's settings are left alone) and the error names the fix."""
     pkg = _package(name)
-    _, probe = _data()
-    strategy = pkg.strategies.DDPStrategy()
-    trainer = pkg.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False)
-    SVCCACallback(probe, freeze_training=True).setup(trainer, _module(pkg), "fit")
-    assert strategy._ddp_kwargs["find_unused_parameters"] is True
-    with pytest.raises(ValueError, match="static_graph"):
-        SVCCACallback(probe, freeze_training=True).setup(
-            pkg.Trainer(strategy=pkg.strategies.DDPStrategy(static_graph=True), accelerator="cpu", devices=1,
-                        logger=False, enable_progress_bar=False), _module(pkg), "fit")
+    loader, probe = _data()
+    cb = SVCCACallback(probe, freeze_training=True, final_analysis=False, progress=False)
+    trainer = pkg.Trainer(default_root_dir=str(tmp_path), strategy=pkg.strategies.DDPStrategy(), accelerator="cpu",
+                          devices=1, max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          enable_checkpointing=False, callbacks=[cb])
+    with pytest.raises(ValueError, match="strategy='ddp_find_unused_parameters_true'"):
+        trainer.fit(_module(pkg), loader)
