@@ -18,7 +18,6 @@ to see the traceback instead.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -186,21 +185,7 @@ def _nan_none(x: Any) -> Any:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-#: The figures a run writes next to its store (SVCCACallback, DynamicsTracker).
-RUN_FIGURES = ("learning_dynamics", "convergence", "to_previous")
-
-
-class _NoWriter:
-    """A SummaryWriter that keeps nothing: :meth:`BoardLogger.log_final` with it only draws
-    the ``save_dir`` files."""
-
-    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    add_image = add_text = add_custom_scalars = add_scalar
-
-    def flush(self) -> None:
-        pass
+from .views.sinks import RUN_FIGURES  # noqa: E402  (tag -> the PNG a run writes next to its store)
 
 
 def _summary(home: Path) -> Dict[str, Any]:
@@ -215,7 +200,7 @@ def _summary(home: Path) -> Dict[str, Any]:
 def _run_figures(home: Path, steps: List[int]) -> Optional[Dict[str, Path]]:
     """The figures the run drew in ``home``, if they show the store as it is now: its
     ``svcca_summary.json`` (written with the figures) lists the store's captures. Else None."""
-    figs = {n: home / f"{n}.png" for n in RUN_FIGURES if (home / f"{n}.png").is_file()}
+    figs = {Path(f).stem: home / f for f in RUN_FIGURES.values() if (home / f).is_file()}
     if "learning_dynamics" not in figs or "convergence" not in figs:
         return None
     return figs if _summary(home).get("steps") == list(steps) else None
@@ -224,36 +209,23 @@ def _run_figures(home: Path, steps: List[int]) -> Optional[Dict[str, Path]]:
 def _draw_run_figures(store: Any, home: Path, fractions: Optional[Sequence[float]], out: Path,
                       device: Optional[str]) -> Dict[str, Path]:
     """Draw a run's figures as the run does: the analysis the tracker runs at the end
-    (:func:`~svcca_torch.tracker.shown_dynamics`), then the grid and the to-final curves
-    through the callback's own :meth:`BoardLogger.log_final` (the same choice of captures,
-    functions, layout, fonts and pixels as the run folder's PNGs, freezes marked from the
-    run's summary), the to-previous curves as :class:`DynamicsTracker` draws them.
-    ``fractions``: None for the run's grid, else the captures nearest these."""
-    from .board import BoardLogger
-    from .plotting import plot_convergence
-    from .tracker import shown_dynamics
-
-    class FilesOnly(BoardLogger):
-        def _room(self, tag: str, step: int) -> bool:  # no TensorBoard image: only the save_dir files are drawn
-            return False
+    (:func:`~svcca_torch.analysis.shown_dynamics`), then the views' run-folder figures
+    (:func:`svcca_torch.views.write_figures`: the same choice of captures, layout, fonts and
+    pixels as the run's PNGs, freezes marked from the run's summary). ``fractions``: None for
+    the run's grid, else the captures nearest these."""
+    from .analysis import FinalAnalysis, shown_dynamics
+    from .views import write_figures
 
     freeze = _summary(home).get("freeze")
     frozen = freeze.get("layer_freeze_steps") if isinstance(freeze, dict) else None
     frozen = {str(n): int(s) for n, s in frozen.items()} if isinstance(frozen, dict) else None
-    def accepts(fn: Any, name: str) -> bool:  # options of newer versions of these functions
-        return name in inspect.signature(fn).parameters
-
-    grid = {"grid": tuple(fractions)} if fractions and accepts(shown_dynamics, "grid") else {}
-    dyn = shown_dynamics(store, device=device, previous=len(store) > 1, **grid)
-    board = FilesOnly(_NoWriter(), "svcca", dyn.layers, **({} if fractions is None else {"fractions": fractions}))
-    marks = {"freeze_steps": frozen} if frozen and accepts(board.log_final, "freeze_steps") else {}
-    board.log_final(dyn, save_dir=out, **marks)
+    dyn = shown_dynamics(store, device=device, previous=len(store) > 1, grid=tuple(fractions or ()))
+    several = len(dyn.steps) > 1
+    write_figures(FinalAnalysis(dyn, dyn.curves(), dyn.to_previous()) if several else dyn, out,
+                  grid_fractions=fractions, freeze_steps=frozen, to_previous=several)
     figs = {"learning_dynamics": out / "learning_dynamics.png", "convergence": out / "convergence.png"}
-    if len(dyn.steps) > 1:
+    if several and (out / "to_previous.png").exists():
         figs["to_previous"] = out / "to_previous.png"
-        marks = {"freeze_steps": frozen} if frozen and accepts(plot_convergence, "freeze_steps") else {}
-        plot_convergence(dyn.to_previous(), ylabel="SVCCA similarity to previous capture", **marks).savefig(
-            figs["to_previous"], dpi=110)
     return figs
 
 
