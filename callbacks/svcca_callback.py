@@ -21,7 +21,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info  # the one both packages re-export
 
 from svcca_torch.freeze import FreezePolicy, LayerGroup
-from svcca_torch.recorder import ActivationRecorder, Inputs, _input_set, select_layers
+from svcca_torch.recorder import ActivationRecorder, _input_set, select_layers
 from svcca_torch.settings import TrackerSettings
 from svcca_torch.tracker import DynamicsTracker, TrackerEvents, check_probe, probe_size
 from svcca_torch.utils.validation import check_positive_int
@@ -29,6 +29,7 @@ from svcca_torch.views import PNGSink, TrainingViews
 from svcca_torch.views.encoding import cache_note
 
 from .logger_sinks import sinks_for
+from .sharding import record_sharded
 
 __all__ = ["SVCCACallback", "LIGHTNING_PACKAGES"]
 
@@ -280,7 +281,7 @@ class SVCCACallback(*_CALLBACK_BASES):  # type: ignore[misc]
                                 freeze_window=window, run_dir=self._resolve_run_dir(trainer), figures=False,
                                 explicit_schedule=explicit),
             broadcast=(lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else None,
-            sharded_record=(lambda rec, x: self._record_sharded(trainer, rec, x)) if self._sharded else None)
+            sharded_record=(lambda rec, x: record_sharded(trainer, rec, x)) if self._sharded else None)
         if self._restored is not None:
             tracker.load_state_dict(self._restored)
             self._restored = None
@@ -380,46 +381,6 @@ class SVCCACallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 "parameters" + (f", ~{100 * saved:.0f}% of backward FLOPs saved)" if saved is not None else ")"))
         if trainer.is_global_zero and self.views is not None:
             self.views.log(events)
-
-    # ------------------------------------------------------------------ DDP recording
-    def _record_sharded(self, trainer: "pl.Trainer", rec: ActivationRecorder,
-                        probe: Union[torch.Tensor, Inputs]) -> Optional[Dict[str, torch.Tensor]]:
-        """Every rank records a contiguous slice of the probe inputs (every input of a model of
-        several sliced alike, ``probe`` an :class:`~svcca_torch.recorder.Inputs`); the rows are
-        gathered with ``trainer.strategy.all_gather`` (all ranks) and assembled on rank 0 in
-        probe order. Rows are input-major, so the concatenation equals a single-process
-        recording without ``max_datapoints`` (each rank's row count is gathered first: token
-        layers keep as many rows per input as it has real tokens); ``rec.max_datapoints`` is
-        then applied as the recorder applies it (a fixed-seed subsample of all the rows)."""
-        from svcca_torch.functional.conv import conv_datapoint_indices
-
-        shard = ActivationRecorder(rec.model, rec.layers, grid=rec.grid, resize=rec.resize, max_datapoints=None,
-                                   batch_size=rec.batch_size, device=rec.device, max_tokens=rec.max_tokens,
-                                   layouts=dict(rec.layouts), padding_mask=rec.padding_mask)
-        inputs = probe if isinstance(probe, Inputs) else Inputs((probe,))
-        n, world, rank = inputs.rows, trainer.world_size, trainer.global_rank
-        chunk = -(-n // world)
-        counts = [max(0, min(n, (r + 1) * chunk) - r * chunk) for r in range(world)]
-        lo = rank * chunk
-        # a rank with no slice still runs one input, so every rank joins the same collectives
-        part = inputs.slice(lo, lo + counts[rank]) if counts[rank] else inputs.slice(0, 1)
-        acts = shard.record(part if isinstance(probe, Inputs) else part.args[0])
-        device = next((t.device for t in rec.model.parameters()), torch.device("cpu"))
-        mine = next(iter(acts.values())).shape[0] if counts[rank] else 0  # common rows: alike in every layer
-        rows = trainer.strategy.all_gather(torch.tensor([mine], device=device)).reshape(-1).tolist()
-        most = max(1, max(int(r) for r in rows))
-        out: Dict[str, torch.Tensor] = {}
-        for name, t in acts.items():
-            padded = torch.zeros(most, t.shape[1], dtype=t.dtype)
-            padded[:mine] = t[:mine]
-            parts = trainer.strategy.all_gather(padded.to(device))
-            if trainer.is_global_zero:
-                out[name] = torch.cat([parts[r, : int(rows[r])].cpu() for r in range(world)])
-        if not trainer.is_global_zero:
-            return None
-        total = int(sum(rows))
-        kept = conv_datapoint_indices(total, (1, 1), max_datapoints=rec.max_datapoints, seed=rec.seed)
-        return {k: v[kept] for k, v in out.items()} if kept is not None else out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

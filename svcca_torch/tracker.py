@@ -146,6 +146,11 @@ class DynamicsTracker:
         return self._probe.probe
 
     @property
+    def probe_batches(self) -> Probe:
+        """The probe as model-ready batches, digest-checked (:class:`svcca_torch.probe.Probe`)."""
+        return self._probe
+
+    @property
     def probe_checksum(self) -> Optional[str]:
         """SHA-1 of every probe input, in order (None before the first capture)."""
         return self._probe.checksum

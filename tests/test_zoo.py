@@ -222,10 +222,10 @@ def test_probes_of_two_inputs_tuple_dict_or_loader_record_the_same(tmp_path):
         tracker.start()
         bases[kind] = tracker.last_capture
         # the signal's partial recordings: every input sliced alike
-        first = list(tracker._probe.inputs(30))
+        first = list(tracker.probe_batches.inputs(30))
         assert sum(b.rows for b in first) == 30 and all(isinstance(b, Inputs) for b in first)
         assert all(t.shape[0] == b.rows for b in first for t in b.tensors())
-        head = tracker._probe.head(3)
+        head = tracker.probe_batches.head(3)
         assert isinstance(head, Inputs) and [t.shape[0] for t in head.tensors()] == [3, 3]
         tracker.close()
     for kind, got in bases.items():
@@ -304,6 +304,7 @@ def test_sharded_recording_slices_every_input_and_equals_one_process():
     numbers of token rows, ranks with uneven slices or none, and a max_datapoints subsample
     give what one process records."""
     from svcca_torch.callbacks import SVCCACallback
+    from svcca_torch.callbacks.sharding import record_sharded
 
     torch.manual_seed(0)
     model = TwoInputs().eval()
@@ -312,7 +313,7 @@ def test_sharded_recording_slices_every_input_and_equals_one_process():
         ids, mask = _pair(n, 3)
         rec = ActivationRecorder(model, max_datapoints=cap)
         expected = rec.record((ids, mask))
-        got = _threads(world, lambda r, t: cb._record_sharded(t, ActivationRecorder(
+        got = _threads(world, lambda r, t: record_sharded(t, ActivationRecorder(
             copy.deepcopy(model), rec.layers, max_datapoints=cap), Inputs((ids, mask))))
         assert all(g is None for g in got[1:])
         assert list(got[0]) == list(expected)
@@ -330,7 +331,7 @@ def test_sharded_recording_slices_every_input_and_equals_one_process():
     images = torch.randn(9, 3, 16, 16)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(576, 3)).eval()
     expected = ActivationRecorder(net, ["0", "2", "4"], max_datapoints=25).record(images)
-    got = _threads(2, lambda r, t: cb._record_sharded(t, ActivationRecorder(copy.deepcopy(net), ["0", "2", "4"],
+    got = _threads(2, lambda r, t: record_sharded(t, ActivationRecorder(copy.deepcopy(net), ["0", "2", "4"],
                                                                                max_datapoints=25), images))
     for layer, t in expected.items():
         torch.testing.assert_close(got[0][layer], t)
