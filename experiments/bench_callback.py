@@ -30,7 +30,8 @@ on a shared machine moves with the load, CPU time much less.
     python -m svcca_torch.experiments.bench_callback --freeze-only --augment --seeds 0   # augmentation side by side
 
 Writes ``bench_callback.json`` to ``--out``. ``--sections ddp`` (or ``ddp2``) times the cost
-of DDP's ``find_unused_parameters=True`` that freeze training turns on.
+of DDP's ``find_unused_parameters=True`` that freeze training needs
+(``strategy="ddp_find_unused_parameters_true"``).
 """
 from __future__ import annotations
 

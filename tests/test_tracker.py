@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+from pathlib import Path
 import os
 import math
 import warnings
@@ -686,3 +687,24 @@ def test_default_schedule_without_a_budget_takes_every_front_loaded_point(tmp_pa
     tracker = _settling_run(tmp_path, dict(max_overhead=None, final_analysis=False), monkeypatch, steps=200)
     # 1%, 1.4%, 2%, 2.8%, 4%, 5.7%, 8%, 11%, 16%, 23%, 32%, 45%, 64%, 91% of 200 steps
     assert tracker.captured_steps == [0, 2, 3, 4, 6, 8, 12, 16, 23, 32, 46, 64, 91, 128, 182, 200]
+
+
+def test_a_state_saved_by_0_2_resumes_with_the_same_decisions(tmp_path):
+    """``tests/data/tracker_state_0_2.json`` is ``state_dict()`` of svcca-torch 0.2 (95022bb)
+    after this very run; the split tracker takes the same decisions and resumes from it."""
+    settings = dict(freeze="adaptive", freeze_window=10, freeze_threshold=0.3, every_n_steps=10, max_overhead=None,
+                    final_analysis=False)
+    old = json.loads((Path(__file__).parent / "data" / "tracker_state_0_2.json").read_text())
+    model, tracker = _train(settings, tmp_path, epochs=4)
+    assert [(e["step"], e["groups"]) for e in tracker.freeze_log] == [(e["step"], e["groups"]) for e in old["freeze_log"]]
+    assert tracker.captured_steps == old["captured_steps"]
+    for now, then in zip(tracker.signal_log, old["signal_log"], strict=True):
+        assert now == pytest.approx(then, rel=1e-5, abs=1e-6)  # float32 recordings, float64 kernels
+    resumed = DynamicsTracker(model, _data()[1], run_dir=tmp_path, **settings)
+    resumed.load_state_dict(old)
+    resumed.start(step=old["captured_steps"][-1])
+    assert resumed.signal_log == old["signal_log"] and resumed.chance == old["chance"]
+    assert resumed.policy.frozen == old["policy"]["frozen"] and resumed.freeze_log == old["freeze_log"]
+    assert all(not p.requires_grad for g in resumed.groups if g.name in old["policy"]["frozen"] for p in g.parameters())
+    assert resumed.state_dict()["policy"]["signal"]["log"] == old["signal_log"]  # saved again in 0.3's shape
+    resumed.close()
