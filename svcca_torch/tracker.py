@@ -38,13 +38,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from torch import nn
 
 from .analysis import FinalAnalysis, analyse_run, shown_dynamics
-from .capture import EXAMPLES, CaptureError, Capturer, ShardedRecord, model_device
+from .capture import EXAMPLES, CaptureError, Capturer, ShardedRecord
 from .freeze import FreezePolicy, LayerGroup, PolicyRun, default_layer_groups, explicit_layer_groups, get_policy
 from .freeze.freezer import Freezer
 from .freeze.policy import Recording
 from .frozen_prefix import FrozenPrefix
 from .functional.svcca import ReducedBasis
 from .probe import Probe, check_probe, probe_size
+from . import resume
 from .recorder import ActivationRecorder, to_model
 from .schedule import LADDER, SHORT_RUN_SECONDS, CaptureSchedule, Clock
 from .settings import TrackerSettings
@@ -137,8 +138,7 @@ class DynamicsTracker:
         # the frozen prefix's output on the probe and, opted in, per training input (runtime only)
         self._frozen_prefix = FrozenPrefix(model, self.frozen_cache)
         self._started = False
-        self._restored: Optional[Dict[str, Any]] = None
-        self._pending: Dict[str, Any] = {}  # capture history loaded before setup
+        self._restored: Optional[Dict[str, Any]] = None  # a loaded state, applied by start()
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -167,7 +167,7 @@ class DynamicsTracker:
         return self.settings.cache_bytes
 
     def _history(self, name: str, empty: Any) -> Any:
-        return getattr(self.capturer, name) if self.capturer is not None else self._pending.get(name, empty)
+        return getattr(self.capturer, name) if self.capturer is not None else (self._restored or {}).get(name, empty)
 
     @property
     def captured_steps(self) -> List[int]:
@@ -193,7 +193,7 @@ class DynamicsTracker:
     def constant_layers(self) -> Dict[str, Dict[str, Any]]:
         """Layers constant over the probe at the first capture: when each first varied
         (:class:`svcca_torch.capture.ConstantLayers`)."""
-        return self.capturer.constant.layers if self.capturer is not None else self._pending.get("constant", {})
+        return self.capturer.constant.layers if self.capturer is not None else self._history("constant_layers", {})
 
     @property
     def schedule_log(self) -> Dict[str, List[Any]]:
@@ -208,7 +208,7 @@ class DynamicsTracker:
     def freeze_log(self) -> List[Dict[str, Any]]:
         """``{"step", "groups", "frozen_groups", "frozen_parameters", "backward_flops_saved",
         "reason"}`` per step that froze groups (:class:`svcca_torch.freeze.freezer.Freezer`)."""
-        return self.freezer.log if self.freezer is not None else self._pending.get("freezer", {}).get("freeze_log", [])
+        return self.freezer.log if self.freezer is not None else (self._restored or {}).get("freeze_log", [])
 
     @property
     def baseline_backward_flops(self) -> Optional[int]:
@@ -260,12 +260,11 @@ class DynamicsTracker:
         self.recorder.order_layers(self._probe.head(EXAMPLES))
         capturer = Capturer(self.model, self._probe, self.recorder, is_writer=self.is_writer,
                             sharded_record=self._sharded_record, owner=type(self).__name__)
-        for name in ("captured_steps", "to_previous"):
-            setattr(capturer, name, self._pending.pop(name, getattr(capturer, name)))
-        capturer.constant.layers = self._pending.pop("constant", {})
         self.capturer = capturer
         if st.freeze:
             self._setup_freeze()
+        if self._restored is not None:
+            resume.apply_history(self, self._restored)
 
     def _setup_freeze(self) -> None:
         assert self.recorder is not None and self.capturer is not None
@@ -287,7 +286,6 @@ class DynamicsTracker:
                                      broadcast=self._broadcast, owner=type(self).__name__))
         self.freezer = Freezer(self.model, self.groups, self.policy, lambda: self._probe.head(1),
                                is_writer=self.is_writer, on_freeze=self._update_cache)
-        self.freezer.load_state_dict(self._pending.pop("freezer", {}))
 
     def accounted(self) -> "contextlib.AbstractContextManager[None]":
         """``with tracker.accounted(): ...`` counts the time inside as the tracker's own, so
@@ -476,76 +474,26 @@ class DynamicsTracker:
         assert self.store is not None
         return analyse_run(self, self.store)
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ state (svcca_torch.resume)
     def state_dict(self) -> Dict[str, Any]:
         """JSON-serialisable state: capture history, probe digests, policy, freeze log."""
-        return {
-            "captured_steps": list(self.captured_steps),
-            "to_previous": [dict(e) for e in self.to_previous],
-            "probe_checksum": self.probe_checksum,
-            "probe_digests": list(self._probe.digests),
-            "run_dir": str(self.settings.run_dir),
-            "policy": None if self.policy is None else self.policy.state_dict(),
-            "freeze_window": self.settings.freeze_window,
-            "freeze_log": [dict(e) for e in self.freeze_log],
-            "baseline_backward_flops": self.baseline_backward_flops,
-            "schedule": self.schedule.state_dict(),
-            "constant_layers": {k: dict(v) for k, v in self.constant_layers.items()},
-        }
+        return resume.state_of(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (0.2 states too); applied by :meth:`start`, which
         re-freezes the groups and archives captures made after the resumed step."""
-        state = dict(state)
-        policy = state.get("policy")
-        if policy is not None and policy.get("kind") == "adaptive" and "signal" not in policy:  # a 0.2 state
-            state["policy"] = {**policy, "signal": {
-                "log": state.get("signal_log", []), "raw": state.get("signal_raw", []),
-                "stats": state.get("signal_stats", {}), "chance": state.get("chance"),
-                "chance_info": state.get("chance_info")}}
-        self._restored = state
-        history = {"captured_steps": list(state.get("captured_steps", [])),
-                   "to_previous": [dict(e) for e in state.get("to_previous", [])],
-                   "constant": {k: dict(v) for k, v in state.get("constant_layers", {}).items()}}
-        if self.capturer is None:
-            self._pending = history
-        else:
-            self.capturer.captured_steps, self.capturer.to_previous = history["captured_steps"], history["to_previous"]
-            self.capturer.constant.layers = history["constant"]
-        self._probe.digests = list(state.get("probe_digests", []))
-        freezing = {k: state.get(k) for k in ("freeze_log", "baseline_backward_flops") if k in state}
-        if self.freezer is not None:
-            self.freezer.load_state_dict(freezing)
-        else:
-            self._pending["freezer"] = freezing
-        self.schedule.load_state_dict(state.get("schedule", {}))
+        self._restored = resume.normalise(state)
+        self._probe.digests = list(self._restored.get("probe_digests", []))
+        self.schedule.load_state_dict(self._restored.get("schedule", {}))
+        if self.capturer is not None:
+            resume.apply_history(self, self._restored)
 
     def _restore(self, step: int) -> None:
         self._close_cache()
         self._frozen_prefix = FrozenPrefix(self.model, self.frozen_cache)  # kept outputs came from replaced weights
         state, self._restored = self._restored, None
-        if state is None:
-            return
-        assert self.capturer is not None
-        # captures after the checkpoint's step belong to a run that was not kept
-        self.capturer.keep_until(step)
-        if self.freezer is not None:
-            self.freezer.keep_until(step)
-        self.schedule.keep_until(step)
-        if state.get("policy") is not None:
-            if self.policy is None:
-                raise ValueError(
-                    f"the saved state holds a {state['policy']['kind']!r} freeze-training state but this "
-                    f"{type(self).__name__} has freeze_training=False; resume with the same settings.")
-            self.policy.load_state_dict(state["policy"])
-            self.policy.keep_until(step)
-            self.freezer.apply(step, silent=True)  # type: ignore[union-attr]
-        if self.store is not None and len(self.store):
-            self.archived = self.store.archive_after(step)
-            done = [c for c in self.store.checkpoints if c.step <= step]
-            if done:
-                self.capturer.last = self.store.load_checkpoint(done[-1], device=model_device(self.model))
-
+        if state is not None:
+            resume.resume_at(self, state, step)
 
 def _setting(name: str) -> property:
     def get(self: DynamicsTracker) -> Any:
