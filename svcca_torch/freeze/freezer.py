@@ -31,6 +31,7 @@ class Freezer:
         self._by_name = {g.name: g for g in groups}
         self.log: List[Dict[str, Any]] = []
         self.baseline_backward_flops: Optional[int] = None
+        self._applied = -1  # how many of the policy's frozen groups the last apply() saw (every step calls it)
 
     def measure_baseline(self) -> None:
         if self.baseline_backward_flops is None and self.is_writer:
@@ -42,6 +43,9 @@ class Freezer:
     def apply(self, step: int, silent: bool = False) -> Optional[Dict[str, Any]]:
         """Freeze every group the policy lists that is not frozen yet; the log entry (None
         when nothing froze, or ``silent``: re-freezing a resumed run's groups)."""
+        if len(self.policy.frozen) == self._applied:
+            return None  # nothing new decided since the last call
+        self._applied = len(self.policy.frozen)
         by_name = self._by_name
         # a group without parameters has nothing to freeze (and would count as newly frozen every time)
         newly = [n for n in self.policy.frozen if by_name[n].parameters() and not is_frozen(by_name[n])]
@@ -77,6 +81,8 @@ class Freezer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.log = [dict(e) for e in state.get("freeze_log", [])]
         self.baseline_backward_flops = state.get("baseline_backward_flops")
+        self._applied = -1
 
     def keep_until(self, step: int) -> None:
         self.log = [e for e in self.log if e["step"] <= step]
+        self._applied = -1
