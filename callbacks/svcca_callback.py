@@ -21,7 +21,8 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info  # the one both packages re-export
 
 from svcca_torch.freeze import FreezePolicy, LayerGroup
-from svcca_torch.recorder import ActivationRecorder, _input_set, select_layers
+from svcca_torch.recorder import ActivationRecorder, select_layers
+from svcca_torch.recorder.inputs import _input_set
 from svcca_torch.settings import TrackerSettings
 from svcca_torch.tracker import DynamicsTracker, TrackerEvents, check_probe, probe_size
 from svcca_torch.utils.validation import check_positive_int

@@ -14,7 +14,8 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .recorder import Inputs, _input_set, _iter_probe
+from .recorder import Inputs
+from .recorder.inputs import _input_set, _iter_probe
 from .utils.validation import check_probe
 
 __all__ = ["Probe", "probe_size", "check_probe"]

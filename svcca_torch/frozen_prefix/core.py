@@ -8,7 +8,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from ..recorder import Inputs, _modes_and_hooks_restored
+from ..recorder import Inputs
+from ..recorder.order import _modes_and_hooks_restored
 from .contract import (RandomStreams, StateWatch, bits_hash, forward_context, input_tensor, real_forward,
                        restore_forward, same, streams_kept, tensors)
 from .rows import Key, KeptRows, Level, SourceStats
