@@ -55,4 +55,4 @@ from .board import BoardLogger
 from .data import load_cifar10, load_digits_dataset, probe_set
 from .models import ConvNet, ResNet, resnet18_cifar, resnet_small
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

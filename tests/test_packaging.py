@@ -16,6 +16,15 @@ def test_setup_cfg_maps_experiments_into_the_package():
     assert "svcca_torch.experiments" in cfg["options"]["packages"].split()
 
 
+def test_every_subpackage_is_listed_so_a_regular_install_carries_it():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    found = {"svcca_torch." + ".".join(p.parent.relative_to(ROOT / "svcca_torch").parts)
+             for p in (ROOT / "svcca_torch").rglob("__init__.py") if p.parent != ROOT / "svcca_torch"}
+    assert found and found <= listed, f"not in setup.cfg's packages: {sorted(found - listed)}"
+
+
 def test_demo_imports_its_experiments_from_the_package():
     from svcca_torch.cli import _experiments, tensorboard_command
 
