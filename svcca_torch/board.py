@@ -46,32 +46,16 @@ class BoardLogger(TrainingViews):
             ``add_text`` and ``add_custom_scalars``, e.g. Lightning's ``TensorBoardLogger.experiment``).
         layer_runs: with ``layer_scalars``, one run per layer (default when ``writer`` is a
             ``SummaryWriter``); ``False``: one tag per layer in ``writer``'s run.
-        name, layers, total_steps, max_images, live_fractions, fractions, min_change, dpi,
-            font_size, keep, layer_scalars: as :class:`~svcca_torch.views.TrainingViews`.
+        name, layers, options: as :class:`~svcca_torch.views.TrainingViews` (``total_steps``,
+            ``max_images``, ``live_fractions``, ``fractions``, ``min_change``, ``dpi``,
+            ``font_size``, ``keep``, ``layer_scalars``).
     """
 
-    def __init__(
-        self,
-        writer: Any,
-        name: str = "svcca",
-        layers: Sequence[str] = (),
-        *,
-        total_steps: Optional[int] = None,
-        max_images: int = TENSORBOARD_IMAGES_PER_TAG,
-        live_fractions: Sequence[float] = LIVE_FRACTIONS,
-        fractions: Optional[Sequence[float]] = None,
-        min_change: float = 0.01,
-        dpi: int = 100,
-        font_size: float = 18.0,
-        keep: Union[int, float] = 0.99,
-        layer_scalars: bool = False,
-        layer_runs: Optional[bool] = None,
-    ) -> None:
+    def __init__(self, writer: Any, name: str = "svcca", layers: Sequence[str] = (), *,
+                 layer_runs: Optional[bool] = None, **options: Any) -> None:
         #: the TensorBoard sink every view goes to
         self.sink = TensorBoardSink(writer, layer_runs=layer_runs)
-        super().__init__([self.sink], name, layers, total_steps=total_steps, max_images=max_images,
-                         live_fractions=live_fractions, fractions=fractions, min_change=min_change, dpi=dpi,
-                         font_size=font_size, keep=keep, layer_scalars=layer_scalars)
+        super().__init__([self.sink], name, layers, **options)
 
     @property
     def writer(self) -> Any:
