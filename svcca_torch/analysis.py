@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -19,6 +18,7 @@ import torch
 from .dynamics import LayerCurves, LearningDynamics, convergence_order, learning_dynamics
 from .settings import TrackerSettings
 from .store import RepresentationStore
+from .utils.files import atomic_write
 from .utils.validation import NonFiniteError, ZeroVarianceError
 
 __all__ = ["FinalAnalysis", "analyse", "analyse_run", "shown_dynamics", "online_previous"]
@@ -120,9 +120,8 @@ def analyse(store: RepresentationStore, settings: TrackerSettings, summary: Dict
                               to_previous=bool(settings.freeze))
     finally:
         summary["failures"] = [dict(f) for f in failures]
-        tmp = run_dir / ".svcca_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, run_dir / "svcca_summary.json")
+        text = json.dumps(summary, indent=1).encode()
+        atomic_write(run_dir / "svcca_summary.json", lambda f: f.write(text))  # a link there is replaced
     return result
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .functional._linalg import gram
+from .utils.files import atomic_write as _atomic_write
 from .functional.svcca import KEEP_RULES, ReducedBasis, svd_reduce
 from .utils.validation import (
     check_activations,
@@ -127,34 +128,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:  # no hard links on this file system
         shutil.copy2(src, dst, follow_symlinks=False)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(file)`` to a new temporary sibling, flush to disk, then rename
-    (which replaces ``path``'s directory entry: a link there is replaced, never written through)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        if os.path.lexists(tmp):  # this PID's leftover; unlinking a link leaves its target alone
-            os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    try:  # make the rename itself durable (POSIX; directories cannot be opened on Windows)
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_originals(folder: Path, rels: Sequence[str]) -> None:

@@ -708,3 +708,22 @@ def test_a_state_saved_by_0_2_resumes_with_the_same_decisions(tmp_path):
     assert all(not p.requires_grad for g in resumed.groups if g.name in old["policy"]["frozen"] for p in g.parameters())
     assert resumed.state_dict()["policy"]["signal"]["log"] == old["signal_log"]  # saved again in 0.3's shape
     resumed.close()
+
+
+def test_the_run_folders_figures_and_summary_never_write_through_a_link(tmp_path):
+    """A link where the run writes its PNGs or svcca_summary.json is replaced, never written
+    through: the files it points to, outside the run folder, stay as they were."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    targets = {}
+    for name in ("learning_dynamics.png", "convergence.png", "svcca_summary.json"):
+        targets[name] = outside / name
+        targets[name].write_bytes(b"keep me")
+        (run / name).symlink_to(targets[name])
+    _train(dict(every_n_steps=STEPS_PER_EPOCH, max_overhead=None), run, epochs=1)
+    for name, target in targets.items():
+        assert target.read_bytes() == b"keep me", name
+        assert not (run / name).is_symlink() and (run / name).stat().st_size > 0, name
+    assert json.loads((run / "svcca_summary.json").read_text())["captured_steps"]

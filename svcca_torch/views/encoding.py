@@ -25,6 +25,7 @@ from matplotlib.image import imsave
 from ..dynamics import LayerCurves, LearningDynamics
 from .. import plotting  # the figures, looked up when drawn (one place to patch or extend)
 from ..plotting import checkpoint_label, freeze_note, remember_layout
+from ..utils.files import atomic_write
 
 __all__ = ["figure_to_array", "render", "save_png", "titled", "live_matrix", "curves", "to_final_matrix", "grid",
            "cache_note", "GRID_FONT_SCALE", "checkpoint_label"]
@@ -52,8 +53,9 @@ def render(draw: Callable[[], Optional[Figure]], *, dpi: int = 100, font_size: f
 
 
 def save_png(image: np.ndarray, path: Union[str, Path]) -> None:
-    """Write an ``(H, W, 3)`` uint8 image as a PNG file (the pixels as logged)."""
-    imsave(path, image)
+    """Write an ``(H, W, 3)`` uint8 image as a PNG file (the pixels as logged); written to a new
+    temporary sibling and renamed, so a link at ``path`` is replaced, never written through."""
+    atomic_write(Path(path), lambda f: imsave(f, image, format="png"))
 
 
 def titled(head: str, frozen_at: Mapping[str, int], layers: Sequence[str], short_names: Sequence[str],
