@@ -142,7 +142,7 @@ def calibrate(signal: "FreezeSignal", step: int) -> None:
 def _record_independent(signal: "FreezeSignal", layers: Sequence[str], images: Mapping[str, int], n_images: int
                         ) -> Dict[str, ReducedBasis]:
     """The signal's bases of ``layers`` on an independently initialised copy of the model
-    (see :meth:`_calibrate`); layers constant or not finite there are left out."""
+    (see :func:`calibrate`); layers constant or not finite there are left out."""
     assert signal.run.capture.recorder is not None
     restore = reinitialise(signal.run.model)
     try:

@@ -21,6 +21,7 @@ layer) and ``(N, L, D)`` for tokens.
 """
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -344,7 +345,7 @@ class FreezeSignal:
         return {"log": [dict(e) for e in self.log], "raw": [dict(e) for e in self.raw_log],
                 "stats": {k: (list(v) if isinstance(v, list) else v) for k, v in self.stats.items()},
                 "chance": None if self.chance is None else dict(self.chance),
-                "chance_info": json_copy(self.chance_info)}
+                "chance_info": json.loads(json.dumps(self.chance_info))}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.log = [dict(e) for e in state.get("log", [])]
@@ -359,8 +360,3 @@ class FreezeSignal:
         self.raw_log = [e for e in self.raw_log if e["step"] <= step]
         self._mark = None
         self.ref = None
-
-
-def json_copy(obj: Any) -> Any:
-    import json
-    return json.loads(json.dumps(obj))
